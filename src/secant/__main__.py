@@ -1,0 +1,5 @@
+import sys
+
+from secant.cli import main
+
+sys.exit(main())

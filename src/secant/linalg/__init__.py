@@ -1,0 +1,33 @@
+"""Pure tensor math shared by the optimizers: no modules, no optimizer state."""
+
+from secant.linalg.bfgs import bfgs_inverse_update, cautious_accept
+from secant.linalg.damping import double_damping, powell_damping, tau_coefficient, tau_damping
+from secant.linalg.lbfgs import (
+    History,
+    block_dot,
+    block_sum,
+    compact_apply,
+    new_history,
+    newest_gamma,
+    newest_pair,
+    push,
+    two_loop,
+)
+
+__all__ = [
+    "History",
+    "bfgs_inverse_update",
+    "block_dot",
+    "block_sum",
+    "cautious_accept",
+    "compact_apply",
+    "double_damping",
+    "new_history",
+    "newest_gamma",
+    "newest_pair",
+    "powell_damping",
+    "push",
+    "tau_coefficient",
+    "tau_damping",
+    "two_loop",
+]

@@ -1,0 +1,81 @@
+"""Curvature-pair damping rules.
+
+* :func:`tau_damping` — the mL-BFGS rule (Niu et al., TMLR 2023, §2.3 of ALGORITHMS.md): mix ``s``
+  into ``y`` so the curvature ratio ``r̂ = sᵀŷ / sᵀs`` lies in ``[σ_L, σ_H]``.
+* :func:`powell_damping` — Powell's rule (Powell 1978; Nocedal & Wright Proc. 18.2), written for a
+  generic pair so that both the classical form on ``B`` and the form on ``H`` used by the double
+  damping of K-BFGS (Goldfarb, Ren & Bahamou 2020) are one function.
+
+All functions work on the last dimension and broadcast over leading (batch) dimensions.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+
+def tau_coefficient(
+    sy: Tensor, ss: Tensor, sigma_low: float, sigma_high: float, tau_max: float
+) -> tuple[Tensor, Tensor]:
+    """Mixing weight ``τ`` of the mL-BFGS damping, from ``sᵀy`` and ``sᵀs``.
+
+    With ``r = sᵀy / sᵀs``::
+
+        τ = (1 − σ_L) / (1 − r)   if r < σ_L
+        τ = (σ_H − 1) / (r − 1)   if r > σ_H
+        τ = 1                      otherwise,   then τ ← min(τ, τ_max)
+
+    so that ``ŷ = τ y + (1 − τ) s`` has ``r̂ = 1 − τ (1 − r) ∈ [σ_L, σ_H]`` (requires
+    ``σ_L < 1 < σ_H``). Returns ``(τ, active)`` where ``active`` marks pairs whose ratio was out of
+    bounds. Non-finite ratios give a non-finite ``τ``; callers reject such pairs.
+    """
+    r = sy / ss
+    low = r < sigma_low
+    high = r > sigma_high
+    one = torch.ones_like(r)
+    tau = torch.where(low, (1.0 - sigma_low) / torch.where(low, 1.0 - r, one), one)
+    tau = torch.where(high, (sigma_high - 1.0) / torch.where(high, r - 1.0, one), tau)
+    tau = torch.where(torch.isfinite(r), tau.clamp(max=tau_max), r)
+    return tau, low | high
+
+
+def tau_damping(
+    s: Tensor, y: Tensor, sigma_low: float, sigma_high: float, tau_max: float
+) -> tuple[Tensor, Tensor]:
+    """Damped ``ŷ = τ y + (1 − τ) s`` for vectors on the last dimension; returns ``(ŷ, τ)``."""
+    tau, _ = tau_coefficient(
+        (s * y).sum(-1), (s * s).sum(-1), sigma_low, sigma_high, tau_max
+    )
+    t = tau.unsqueeze(-1)
+    return t * y + (1.0 - t) * s, tau
+
+
+def powell_damping(u: Tensor, w: Tensor, mu_vec: Tensor, mu: float) -> Tensor:
+    """Powell damping of ``w`` against ``u`` under the metric ``M`` (``mu_vec = M u``).
+
+    If ``uᵀw < μ uᵀMu``: ``θ = (1 − μ) uᵀMu / (uᵀMu − uᵀw)`` and ``w̃ = θ w + (1 − θ) M u``, which
+    gives ``uᵀw̃ = μ uᵀMu`` exactly; otherwise ``w̃ = w``.
+
+    * Classical form on ``B`` (damps ``y``): ``powell_damping(s, y, B s, μ)``.
+    * Form on ``H`` (damps ``s``): ``powell_damping(y, s, H y, μ)``.
+    """
+    uw = (u * w).sum(-1, keepdim=True)
+    umu = (u * mu_vec).sum(-1, keepdim=True)
+    active = uw < mu * umu
+    theta = torch.where(active, (1.0 - mu) * umu / torch.where(active, umu - uw, 1.0), 1.0)
+    return theta * w + (1.0 - theta) * mu_vec
+
+
+def double_damping(
+    s: Tensor, y: Tensor, hy: Tensor, mu1: float, mu2: float
+) -> tuple[Tensor, Tensor]:
+    """Double damping (DD) of K-BFGS: Powell on ``H`` (``s``), then Powell with ``B = I`` (``y``).
+
+    ``hy = H y`` for the current inverse approximation ``H``. Afterwards
+    ``s̃ᵀỹ ≥ μ2 ‖s̃‖²`` (equality when step 2 is active), so the BFGS update keeps ``H`` positive
+    definite. Paper constants: ``μ1 = 0.2``, ``μ2 = √λ``.
+    """
+    s_tilde = powell_damping(y, s, hy, mu1)
+    y_tilde = powell_damping(s_tilde, y, s_tilde, mu2)
+    return s_tilde, y_tilde

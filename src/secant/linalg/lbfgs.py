@@ -1,0 +1,217 @@
+"""L-BFGS histories for many blocks at once, stored as stacked ring buffers.
+
+Layout
+------
+A vector that spans ``B`` independent blocks (the diagonal blocks of a block-diagonal inverse
+Hessian approximation) is stored as ``[K, c]``: ``K`` chunks of ``c`` entries, each chunk owned by
+exactly one block (``chunk_block[k]``), blocks zero-padded to whole chunks. A history of ``m``
+pairs is one tensor ``z`` of shape ``[K, 2m, c]``: rows ``0..m-1`` hold the ``s`` vectors and rows
+``m..2m-1`` the ``y`` vectors of each ring slot. Every product with the history is then a single
+batched matmul over chunks followed by a small per-block reduction, so all blocks are handled
+by the same few kernels whatever their number or sizes.
+
+Right-hand sides are ``v`` of shape ``[K, r, c]`` (``r`` vectors at once; ``r = 1`` for a
+gradient, ``r = d_in + 1`` for the columns of a Kronecker factor's matrix argument).
+
+The per-block Gram matrix ``gram = Zᵀ Z`` (``[B, 2m, 2m]``) is kept up to date on every push,
+so the compact form needs no extra pass over the history. Slot ``head[b]`` is the next one to
+be written (the oldest pair once the ring is full); ``count[b]`` pairs are valid. Empty slots
+hold zeros.
+
+Both application routines compute ``H v`` for the L-BFGS inverse-Hessian approximation built from
+``H₀ = γ I`` and the valid pairs, oldest to newest:
+
+* :func:`two_loop` — the classic two-loop recursion (Nocedal 1980), ``2m`` sequential passes.
+* :func:`compact_apply` — the compact representation of Byrd, Nocedal & Schnabel (1994),
+  ``H = γI + [S, γY] M [S, γY]ᵀ`` with
+  ``M = [[R⁻ᵀ(D + γYᵀY)R⁻¹, −R⁻ᵀ], [−R⁻¹, 0]]``, ``R = triu(SᵀY)``, ``D = diag(SᵀY)``:
+  two passes over the history (projection and reconstruction) plus ``m×m`` triangular solves.
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import torch
+from torch import Tensor
+
+
+class History(NamedTuple):
+    """Ring-buffer L-BFGS history of ``m`` pairs for ``B`` blocks laid out in ``K`` chunks."""
+
+    z: Tensor  # [K, 2m, c]: s vectors in rows 0..m-1, y vectors in rows m..2m-1
+    gram: Tensor  # [B, 2m, 2m]: per-block Zᵀ Z
+    head: Tensor  # [B] int64: next slot to write
+    count: Tensor  # [B] int64: number of valid pairs
+    chunk_block: Tensor  # [K] int64: owning block of each chunk
+
+    @property
+    def size(self) -> int:
+        """History capacity ``m``."""
+        return self.z.shape[1] // 2
+
+    @property
+    def num_blocks(self) -> int:
+        return self.gram.shape[0]
+
+
+def new_history(
+    chunk_block: Tensor,
+    num_blocks: int,
+    history_size: int,
+    chunk_size: int,
+    dtype: torch.dtype = torch.float32,
+) -> History:
+    """An empty history (all slots zero) on ``chunk_block``'s device."""
+    if history_size < 1:
+        raise ValueError(f"history_size={history_size} must be >= 1")
+    device = chunk_block.device
+    m = history_size
+    return History(
+        z=torch.zeros(chunk_block.numel(), 2 * m, chunk_size, dtype=dtype, device=device),
+        gram=torch.zeros(num_blocks, 2 * m, 2 * m, dtype=dtype, device=device),
+        head=torch.zeros(num_blocks, dtype=torch.long, device=device),
+        count=torch.zeros(num_blocks, dtype=torch.long, device=device),
+        chunk_block=chunk_block,
+    )
+
+
+def block_sum(x: Tensor, chunk_block: Tensor, num_blocks: int) -> Tensor:
+    """Sum per-chunk quantities ``x[K, ...]`` into per-block ones ``[B, ...]``."""
+    out = x.new_zeros((num_blocks, *x.shape[1:]))
+    return out.index_add_(0, chunk_block, x)
+
+
+def block_dot(a: Tensor, b: Tensor, chunk_block: Tensor, num_blocks: int) -> Tensor:
+    """Per-block inner products of two chunked vectors ``[K, c]`` -> ``[B]``."""
+    return block_sum((a * b).sum(-1), chunk_block, num_blocks)
+
+
+def _slot_rows(h: History, slot: Tensor) -> Tensor:
+    """Per-chunk row index of per-block slot ``slot[B]``."""
+    return slot[h.chunk_block]
+
+
+def newest_pair(h: History) -> tuple[Tensor, Tensor]:
+    """The newest stored ``(s, y)`` of every block as chunked vectors ``[K, c]`` (zeros if none)."""
+    m = h.size
+    rows = _slot_rows(h, (h.head - 1) % m)
+    k = torch.arange(h.z.shape[0], device=h.z.device)
+    return h.z[k, rows], h.z[k, rows + m]
+
+
+def push(h: History, s: Tensor, y: Tensor, accept: Tensor) -> None:
+    """Append the pair ``(s, y)`` (chunked ``[K, c]``) in place to every block where ``accept[b]``.
+
+    A full ring evicts its oldest pair. Rejected blocks keep their history unchanged.
+    """
+    m = h.size
+    K = h.z.shape[0]
+    k = torch.arange(K, device=h.z.device)
+    rows = _slot_rows(h, h.head)
+    take = accept[h.chunk_block].unsqueeze(-1)
+    h.z[k, rows] = torch.where(take, s, h.z[k, rows])
+    h.z[k, rows + m] = torch.where(take, y, h.z[k, rows + m])
+    # Gram columns of the (possibly) rewritten slot, for every block.
+    new = torch.stack((h.z[k, rows], h.z[k, rows + m]), dim=-1)  # [K, c, 2]
+    cols = block_sum(torch.bmm(h.z, new), h.chunk_block, h.num_blocks)  # [B, 2m, 2]
+    b = torch.arange(h.num_blocks, device=h.z.device)
+    for j, idx in enumerate((h.head, h.head + m)):
+        h.gram[b, :, idx] = cols[:, :, j]
+        h.gram[b, idx, :] = cols[:, :, j]
+    h.head.copy_(torch.where(accept, (h.head + 1) % m, h.head))
+    h.count.copy_(torch.where(accept, (h.count + 1).clamp(max=m), h.count))
+
+
+def newest_gamma(h: History) -> Tensor:
+    """Standard scaling ``γ = sᵀy / yᵀy`` of each block's newest pair; 1 where a block is empty."""
+    m = h.size
+    j = (h.head - 1) % m
+    b = torch.arange(h.num_blocks, device=h.z.device)
+    sy = h.gram[b, j, j + m]
+    yy = h.gram[b, j + m, j + m]
+    return torch.where(h.count > 0, sy / torch.where(h.count > 0, yy, 1.0), 1.0)
+
+
+def _chronology(h: History) -> tuple[Tensor, Tensor]:
+    """Slots in age order (oldest first) and their validity, both ``[B, m]``.
+
+    Empty slots come first; they hold zeros and so never couple to valid ones.
+    """
+    m = h.size
+    pos = torch.arange(m, device=h.z.device)
+    order = (h.head.unsqueeze(1) + pos) % m
+    valid = pos.unsqueeze(0) >= (m - h.count).unsqueeze(1)
+    return order, valid
+
+
+def _project(h: History, v: Tensor) -> Tensor:
+    """Per-block products ``[Sᵀ v, Yᵀ v]`` for ``v [K, r, c]`` -> ``[B, r, 2m]``."""
+    return block_sum(torch.bmm(v, h.z.transpose(1, 2)), h.chunk_block, h.num_blocks)
+
+
+def _reconstruct(h: History, v: Tensor, gamma: Tensor, coef: Tensor) -> Tensor:
+    """``γ v + Z-combination`` with per-block, per-slot coefficients ``coef [B, r, 2m]``."""
+    g = gamma[h.chunk_block].view(-1, 1, 1)
+    return torch.baddbmm(g * v, coef[h.chunk_block], h.z)
+
+
+def compact_apply(h: History, v: Tensor, gamma: Tensor) -> Tensor:
+    """``H v`` by the compact (Byrd–Nocedal–Schnabel) form; ``v [K, r, c]``, ``gamma [B]``.
+
+    ``Hv = γ v + S p − γ Y q`` with ``q = R⁻¹ Sᵀv`` and ``p = R⁻ᵀ (D q + γ YᵀY q − γ Yᵀv)``.
+    Empty blocks return ``γ v``.
+    """
+    m = h.size
+    order, valid = _chronology(h)
+    proj = _project(h, v)  # [B, r, 2m]
+    idx_r = order.unsqueeze(1).expand(-1, v.shape[1], -1)
+    u_s = proj[..., :m].gather(2, idx_r).transpose(1, 2)  # [B, m, r] chronological
+    u_y = proj[..., m:].gather(2, idx_r).transpose(1, 2)
+    rows = order.unsqueeze(2).expand(-1, -1, m)
+    cols = order.unsqueeze(1).expand(-1, m, -1)
+    sy = h.gram[:, :m, m:].gather(1, rows).gather(2, cols)  # s_i·y_j, chronological
+    yy = h.gram[:, m:, m:].gather(1, rows).gather(2, cols)
+    d = torch.where(valid, sy.diagonal(dim1=1, dim2=2), 0.0)
+    r_mat = sy.triu(1) * (valid.unsqueeze(1) & valid.unsqueeze(2)) + torch.diag_embed(
+        torch.where(valid, d, 1.0)
+    )
+    g = gamma.view(-1, 1, 1)
+    q = torch.linalg.solve_triangular(r_mat, u_s, upper=True)
+    t = d.unsqueeze(2) * q + g * (yy @ q) - g * u_y
+    p = torch.linalg.solve_triangular(r_mat.transpose(1, 2), t, upper=False)
+    coef = torch.zeros_like(proj)  # [B, r, 2m]
+    coef.scatter_(2, idx_r, p.transpose(1, 2))
+    coef.scatter_(2, idx_r + m, (-g * q).transpose(1, 2))
+    return _reconstruct(h, v, gamma, coef)
+
+
+def two_loop(h: History, v: Tensor, gamma: Tensor) -> Tensor:
+    """``H v`` by the two-loop recursion; same arguments and result as :func:`compact_apply`."""
+    m = h.size
+    order, valid = _chronology(h)
+    K = h.z.shape[0]
+    k = torch.arange(K, device=h.z.device)
+    b = torch.arange(h.num_blocks, device=h.z.device)
+    q = v.clone()
+    alphas: list[Tensor] = []
+    rhos: list[Tensor] = []
+    for i in reversed(range(m)):  # newest -> oldest
+        slot = order[:, i]
+        sy = h.gram[b, slot, slot + m]
+        rho = torch.where(valid[:, i], 1.0 / torch.where(valid[:, i], sy, 1.0), 0.0)
+        s = h.z[k, slot[h.chunk_block]].unsqueeze(-1)  # [K, c, 1]
+        y = h.z[k, slot[h.chunk_block] + m].unsqueeze(1)  # [K, 1, c]
+        a = rho.unsqueeze(1) * block_sum(torch.bmm(q, s).squeeze(-1), h.chunk_block, len(b))
+        q = q - a[h.chunk_block].unsqueeze(-1) * y
+        alphas.append(a)
+        rhos.append(rho)
+    r = gamma[h.chunk_block].view(-1, 1, 1) * q
+    for i in range(m):  # oldest -> newest
+        slot = order[:, i]
+        a, rho = alphas[m - 1 - i], rhos[m - 1 - i]
+        s = h.z[k, slot[h.chunk_block]].unsqueeze(1)
+        y = h.z[k, slot[h.chunk_block] + m].unsqueeze(-1)
+        beta = rho.unsqueeze(1) * block_sum(torch.bmm(r, y).squeeze(-1), h.chunk_block, len(b))
+        r = r + (a - beta)[h.chunk_block].unsqueeze(-1) * s
+    return r
