@@ -20,9 +20,8 @@ def dense_bfgs(h, s, y):
     """Product form (I − ρ s yᵀ) H (I − ρ y sᵀ) + ρ s sᵀ."""
     rho = 1.0 / (s @ y)
     eye = torch.eye(len(s))
-    return (eye - rho * torch.outer(s, y)) @ h @ (eye - rho * torch.outer(y, s)) + rho * torch.outer(
-        s, s
-    )
+    left = eye - rho * torch.outer(s, y)
+    return left @ h @ left.T + rho * torch.outer(s, s)
 
 
 def dense_lbfgs_matrix(pairs, gamma):
