@@ -1,0 +1,313 @@
+"""MomentumLBFGS against independent references: torch.optim.SGD (O-M8), a dense float64
+re-implementation of the clean algorithm (O-M6), exact quadratic secants (O-M4)."""
+
+import io
+
+import pytest
+import torch
+from torch import nn
+
+from secant import MomentumLBFGS
+
+
+def quadratic(n=12, cond=1e3, seed=0, dtype=torch.float64):
+    gen = torch.Generator().manual_seed(seed)
+    q, _ = torch.linalg.qr(torch.randn(n, n, generator=gen, dtype=dtype))
+    a = q @ torch.diag(torch.logspace(0, torch.log10(torch.tensor(cond)).item(), n,
+                                      dtype=dtype)) @ q.T / cond
+    b = torch.randn(n, generator=gen, dtype=dtype)
+    return a, b
+
+
+def split_params(n, sizes, dtype=torch.float64, seed=1):
+    gen = torch.Generator().manual_seed(seed)
+    x = torch.randn(n, generator=gen, dtype=dtype)
+    return [nn.Parameter(c.clone()) for c in torch.split(x, sizes)]
+
+
+def set_quadratic_grads(params, a, b, noise=None):
+    x = torch.cat([p.detach() for p in params])
+    g = a @ x - b
+    if noise is not None:
+        g = g + noise
+    for p, gp in zip(params, torch.split(g, [p.numel() for p in params])):
+        p.grad = gp.clone()
+
+
+# ---------------------------------------------------------------- O-M8
+@pytest.mark.parametrize("wd", [0.0, 1e-2])
+def test_warmup_equals_sgd_with_momentum(wd):
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Linear(5, 7), nn.Tanh(), nn.Linear(7, 3))
+    ref = nn.Sequential(nn.Linear(5, 7), nn.Tanh(), nn.Linear(7, 3))
+    ref.load_state_dict(net.state_dict())
+    groups = lambda m: [{"params": m[0].parameters(), "lr": 0.05},  # noqa: E731
+                        {"params": m[2].parameters()}]
+    T = 6
+    opt = MomentumLBFGS(groups(net), lr=0.1, momentum=0.9, weight_decay=wd, update_period=T)
+    sgd = torch.optim.SGD(groups(ref), lr=0.1, momentum=0.9, weight_decay=wd)
+    x, y = torch.randn(32, 5), torch.randn(32, 3)
+    for _ in range(2 * T - 1):
+        for m, o in ((net, opt), (ref, sgd)):
+            o.zero_grad()
+            nn.functional.mse_loss(m(x), y).backward()
+            o.step()
+    for p, q in zip(net.parameters(), ref.parameters()):
+        torch.testing.assert_close(p, q, rtol=0, atol=0)
+    assert opt.diagnostics()["pairs_accepted"] == 0
+
+
+# ---------------------------------------------------------------- O-M6 reference
+def reference_mlbfgs(x0, blocks, grad_fn, steps, lr, mu, beta, T, m, sigma_l, sigma_h, tau0,
+                     step_rule):
+    """Dense float64 mL-BFGS (clean form): per-block dense BFGS matrices from γI."""
+    x = x0.clone()
+    u = torch.zeros_like(x)
+    idx = [torch.arange(s, e) for s, e in blocks]
+    pairs = [[] for _ in blocks]
+    mx = mg = px = pg = None
+    for t in range(1, steps + 1):
+        g = grad_fn(x, t)
+        mx = x.clone() if t == 1 else beta * mx + (1 - beta) * x
+        mg = g.clone() if t == 1 else beta * mg + (1 - beta) * g
+        if t % T == 0:
+            if t >= 2 * T:
+                for b, ib in enumerate(idx):
+                    s, y = (mx - px)[ib], (mg - pg)[ib]
+                    r = (s @ y) / (s @ s)
+                    tau = 1.0
+                    if r < sigma_l:
+                        tau = (1 - sigma_l) / (1 - r)
+                    elif r > sigma_h:
+                        tau = (sigma_h - 1) / (r - 1)
+                    tau = min(tau, tau0)
+                    pairs[b] = (pairs[b] + [(s, tau * y + (1 - tau) * s)])[-m:]
+            px, pg = mx.clone(), mg.clone()
+        d = g.clone()
+        if t >= 2 * T:
+            for b, ib in enumerate(idx):
+                if not pairs[b]:
+                    continue
+                s_n, y_n = pairs[b][-1]
+                h = (s_n @ y_n) / (y_n @ y_n) * torch.eye(len(ib), dtype=x.dtype)
+                for s, y in pairs[b]:
+                    rho = 1 / (s @ y)
+                    left = torch.eye(len(ib), dtype=x.dtype) - rho * torch.outer(s, y)
+                    h = left @ h @ left.T + rho * torch.outer(s, s)
+                d[ib] = h @ g[ib]
+            if step_rule == "grad_norm":
+                d = d * (g.norm() / d.norm())
+        u = mu * u + d
+        x = x - lr * u
+    return x
+
+
+@pytest.mark.parametrize("blocks,step_rule", [("group", "none"), ("tensor", "none"),
+                                              ("tensor", "grad_norm")])
+def test_matches_dense_reference(blocks, step_rule):
+    """O-M6: one block == full-model L-BFGS; several blocks == per-block L-BFGS."""
+    n, sizes = 12, [5, 4, 3]
+    a, b = quadratic(n)
+    gen = torch.Generator().manual_seed(7)
+    noise = [0.05 * torch.randn(n, generator=gen, dtype=torch.float64) for _ in range(60)]
+    params = split_params(n, sizes)
+    x0 = torch.cat([p.detach() for p in params])
+    hp = dict(lr=0.5, momentum=0.5, beta=0.8, update_period=3, history_size=4)
+    opt = MomentumLBFGS(params, **hp, blocks=blocks, step_rule=step_rule, chunk_size=2)
+    for t in range(60):
+        set_quadratic_grads(params, a, b, noise[t])
+        opt.step()
+    bounds = [(0, n)] if blocks == "group" else [(0, 5), (5, 9), (9, 12)]
+    ref = reference_mlbfgs(x0, bounds, lambda x, t: a @ x - b + noise[t - 1], 60,
+                           hp["lr"], hp["momentum"], hp["beta"], hp["update_period"],
+                           hp["history_size"], 0.01, 1.5, 0.99, step_rule)
+    torch.testing.assert_close(torch.cat([p.detach() for p in params]), ref, rtol=1e-9,
+                               atol=1e-10)
+    assert opt.diagnostics()["pairs_accepted"] > 0
+
+
+# ---------------------------------------------------------------- O-M4
+@pytest.mark.parametrize("normalized,reset,exact", [(True, False, True), (False, True, False)])
+def test_momentum_pairs_are_exact_secants(normalized, reset, exact):
+    """Clean EMAs keep Mg = A·Mθ − b for any trajectory, so stored y = A s exactly (undamped
+    settings); the released code's un-normalised, reset EMAs do not."""
+    n = 8
+    a, b = quadratic(n, cond=10.0)
+    params = split_params(n, [n])
+    opt = MomentumLBFGS(params, lr=0.3, beta=0.7, update_period=2, history_size=5,
+                        damping=0.0, sigma_low=0.0, sigma_high=1e12, step_rule="none",
+                        ema_normalized=normalized, grad_ema_reset=reset)
+    gen = torch.Generator().manual_seed(3)
+    worst = 0.0
+    for _ in range(20):
+        set_quadratic_grads(params, a, b)
+        opt.step()
+        with torch.no_grad():  # a noisy trajectory: perturb the weights between steps
+            params[0].add_(0.01 * torch.randn(n, generator=gen, dtype=torch.float64))
+        st = opt.state["mlbfgs"]
+        mx, mg = st["param_ema"].reshape(-1)[:n], st["grad_ema"].reshape(-1)[:n]
+        worst = max(worst, float((mg - (a @ mx - b)).abs().max()))
+    st = opt.state["mlbfgs"]
+    count = int(st["count"][0])
+    assert count == 5
+    z = st["history"][0]  # single chunk: [2m, c]
+    for j in range(count):
+        s, y = z[j, :n], z[5 + j, :n]
+        err = float((y - a @ s).norm() / (a @ s).norm())
+        assert (err < 1e-10) == exact
+    assert (worst < 1e-12) == exact
+
+
+# ---------------------------------------------------------------- resume
+def make_run(seed=0):
+    torch.manual_seed(seed)
+    net = nn.Sequential(nn.Linear(6, 16), nn.ReLU(), nn.Linear(16, 2))
+    return net
+
+
+def train(net, opt, steps, start):
+    for t in range(start, start + steps):
+        gen = torch.Generator().manual_seed(t)
+        x = torch.randn(16, 6, generator=gen)
+        opt.zero_grad()
+        nn.functional.mse_loss(net(x), x[:, :2].sin()).backward()
+        opt.step()
+
+
+@pytest.mark.parametrize("kw", [{}, {"step_rule": "kl_clip", "pair_momentum": 0.5},
+                                {"ema_normalized": False, "grad_ema_reset": True}])
+def test_state_dict_resume_is_exact(kw):
+    hp = dict(lr=0.05, update_period=3, history_size=3, beta=0.9, weight_decay=1e-3, **kw)
+    full = make_run()
+    opt = MomentumLBFGS(full.parameters(), **hp)
+    train(full, opt, 25, 0)
+
+    part = make_run()
+    opt1 = MomentumLBFGS(part.parameters(), **hp)
+    train(part, opt1, 11, 0)
+    buf = io.BytesIO()
+    torch.save({"model": part.state_dict(), "opt": opt1.state_dict()}, buf)
+    buf.seek(0)
+    ckpt = torch.load(buf, weights_only=True)
+    fresh = make_run(seed=123)
+    fresh.load_state_dict(ckpt["model"])
+    opt2 = MomentumLBFGS(fresh.parameters(), **hp)
+    opt2.load_state_dict(ckpt["opt"])
+    train(fresh, opt2, 14, 11)
+    for p, q in zip(full.parameters(), fresh.parameters()):
+        assert torch.equal(p, q)
+    assert opt2.diagnostics()["pairs_accepted"] == opt.diagnostics()["pairs_accepted"] > 0
+
+
+def test_load_rejects_mismatched_state():
+    net = make_run()
+    opt = MomentumLBFGS(net.parameters(), history_size=3)
+    other = MomentumLBFGS(make_run().parameters(), history_size=4)
+    with pytest.raises(ValueError, match="history"):
+        other.load_state_dict(opt.state_dict())
+
+
+# ---------------------------------------------------------------- arguments
+@pytest.mark.parametrize("kw,name", [
+    ({"lr": -1.0}, "lr"), ({"history_size": 0}, "history_size"),
+    ({"update_period": 0}, "update_period"), ({"beta": 1.0}, "beta"), ({"beta": -0.1}, "beta"),
+    ({"sigma_low": 1.0}, "sigma_low"), ({"sigma_high": 1.0}, "sigma_high"),
+    ({"momentum": 1.0}, "momentum"), ({"weight_decay": -1e-3}, "weight_decay"),
+    ({"damping": 1.0}, "damping"), ({"step_rule": "clip"}, "step_rule"),
+    ({"blocks": "layer"}, "blocks"), ({"kl_clip": 0.0}, "kl_clip"),
+    ({"pair_momentum": 1.0}, "pair_momentum"),
+])
+def test_bad_arguments_raise(kw, name):
+    with pytest.raises(ValueError, match=name):
+        MomentumLBFGS(make_run().parameters(), **kw)
+
+
+def test_blocks_must_partition_and_stay_in_a_group():
+    net = make_run()
+    ps = list(net.parameters())
+    with pytest.raises(ValueError, match="partition"):
+        MomentumLBFGS(ps, blocks=[ps[:2]])
+    with pytest.raises(ValueError, match="group"):
+        MomentumLBFGS([{"params": ps[:2]}, {"params": ps[2:]}], blocks=[ps[1:3], ps[:1], ps[3:]])
+    MomentumLBFGS(ps, blocks=[ps[:2], ps[2:]])
+
+
+# ---------------------------------------------------------------- robustness
+def test_nonfinite_gradient_is_skipped_and_state_kept():
+    net = make_run()
+    opt = MomentumLBFGS(net.parameters(), lr=0.05, update_period=2, history_size=3, beta=0.9)
+    train(net, opt, 9, 0)
+    before = [p.detach().clone() for p in net.parameters()]
+    state = {k: v.clone() for k, v in opt.state["mlbfgs"].items() if torch.is_tensor(v)}
+    for p in net.parameters():
+        p.grad = torch.zeros_like(p)
+    next(net.parameters()).grad[0, 0] = float("nan")
+    opt.step()
+    for p, q in zip(net.parameters(), before):
+        assert torch.equal(p, q)
+    for k, v in state.items():
+        assert torch.equal(opt.state["mlbfgs"][k], v), k
+    diag = opt.diagnostics()
+    assert diag["skipped_steps"] == 1 and diag["step"] == 9
+    train(net, opt, 5, 9)
+    assert all(torch.isfinite(p).all() for p in net.parameters())
+    assert opt.diagnostics()["step"] == 14
+
+
+def test_degenerate_pair_is_rejected_per_block():
+    """A block that does not move (lr = 0) gives s = 0: its pairs are rejected and counted."""
+    net = make_run()
+    ps = list(net.parameters())
+    opt = MomentumLBFGS([{"params": ps[:2]}, {"params": ps[2:], "lr": 0.0}], lr=0.05,
+                        update_period=2, history_size=3, beta=0.5, blocks="group")
+    train(net, opt, 12, 0)
+    d = opt.diagnostics()
+    assert d["pairs_accepted_per_block"] == [5, 0]
+    assert d["pairs_rejected_per_block"] == [0, 5]
+    assert d["history_length"] == [3, 0]
+
+
+def test_params_without_grad_are_untouched():
+    net = make_run()
+    opt = MomentumLBFGS(net.parameters(), lr=0.1, update_period=2)
+    frozen = net[2].weight.detach().clone()
+    for _ in range(8):
+        opt.zero_grad()
+        net(torch.randn(4, 6)).sum().backward()
+        net[2].weight.grad = None
+        opt.step()
+    assert torch.equal(net[2].weight, frozen)
+
+
+def test_lr_scheduler_drives_the_step():
+    torch.manual_seed(0)
+    net, ref = make_run(), make_run()
+    opt = MomentumLBFGS(net.parameters(), lr=0.1, update_period=50)
+    sgd = torch.optim.SGD(ref.parameters(), lr=0.1, momentum=0.9)
+    scheds = [torch.optim.lr_scheduler.StepLR(o, step_size=3, gamma=0.5) for o in (opt, sgd)]
+    for t in range(10):
+        for m, o in ((net, opt), (ref, sgd)):
+            o.zero_grad()
+            m(torch.ones(2, 6) * t).square().mean().backward()
+            o.step()
+        for s in scheds:
+            s.step()
+    assert opt.param_groups[0]["lr"] == pytest.approx(0.1 * 0.5**3)
+    for p, q in zip(net.parameters(), ref.parameters()):
+        torch.testing.assert_close(p, q, rtol=0, atol=0)
+
+
+def test_closure_is_called_and_loss_returned():
+    net = make_run()
+    opt = MomentumLBFGS(net.parameters())
+    x = torch.randn(4, 6)
+
+    def closure():
+        opt.zero_grad()
+        loss = net(x).square().mean()
+        loss.backward()
+        return loss
+
+    loss = opt.step(closure)
+    assert torch.is_tensor(loss) and loss.ndim == 0
+    assert opt.diagnostics()["last_step_norm"] > 0
