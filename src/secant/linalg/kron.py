@@ -1,0 +1,132 @@
+"""Kronecker-factored curvature: applies, factored Tikhonov damping, inverses, KL-clipping.
+
+A layer with weight matrix ``W̃ ∈ R^{d_out × d_in}`` (bias as the last column when there is one)
+has a curvature block approximated by ``A ⊗ G`` (column-major ``vec``), ``A`` of size ``d_in``
+(input side) and ``G`` of size ``d_out`` (pre-activation side). By the Kronecker identity
+``(A ⊗ G) vec(X) = vec(G X Aᵀ)``, so with symmetric factors
+
+    ``(A ⊗ G)⁻¹ vec(X) = vec(G⁻¹ X A⁻¹)``
+
+(row-major flattening, as ``Tensor.reshape`` does, swaps the order: ``(G ⊗ A)``). Everything
+here is pure tensor math on matrices, batched over leading dimensions where it makes sense.
+Decompositions run in at least float32 (half inputs are promoted, results cast back).
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import Tensor
+
+
+def compute_dtype(dtype: torch.dtype) -> torch.dtype:
+    """The dtype factor decompositions run in: ``dtype`` promoted to at least float32."""
+    return torch.promote_types(dtype, torch.float32)
+
+
+def kron_apply(left: Tensor, x: Tensor, right: Tensor) -> Tensor:
+    """``left · X · right`` for ``X [..., d_out, d_in]``: ``(rightᵀ ⊗ left) vec(X)`` column-major.
+
+    With ``left = H_g`` and ``right = H_a`` (symmetric) this is the K-BFGS / K-FAC direction
+    ``(H_a ⊗ H_g) vec(∇)``.
+    """
+    return left @ x @ right
+
+
+def factored_pi(a: Tensor, g: Tensor, eps: float = 1e-12) -> Tensor:
+    """π of factored Tikhonov damping (Martens & Grosse 2015, §6.3).
+
+    ``π = sqrt((tr A / dim A) / (tr G / dim G))``, the trace-norm choice that splits ``λ`` between
+    the factors as ``(A + π√λ I) ⊗ (G + √λ/π I)``. Traces are clamped at ``eps`` so an all-zero
+    factor gives a finite π. Batched over leading dimensions.
+    """
+    ta = a.diagonal(dim1=-2, dim2=-1).mean(-1).clamp(min=eps)
+    tg = g.diagonal(dim1=-2, dim2=-1).mean(-1).clamp(min=eps)
+    return (ta / tg).sqrt()
+
+
+def factored_shifts(a: Tensor, g: Tensor, damping: float, use_pi: bool = True
+                    ) -> tuple[Tensor, Tensor]:
+    """Diagonal shifts ``(π√λ, √λ/π)`` added to ``A`` and ``G``; π = 1 when ``use_pi`` is false.
+
+    The product of the damped factors is
+    ``A⊗G + √λ(π⁻¹ A⊗I + π I⊗G) + λ I`` — not ``A⊗G + λI`` (oracle O-K2).
+    """
+    root = math.sqrt(damping)
+    if use_pi:
+        pi = factored_pi(a, g)
+    else:
+        pi = torch.ones(a.shape[:-2], dtype=a.dtype, device=a.device)
+    return pi * root, root / pi
+
+
+def damped_inverse(m: Tensor, shift: Tensor | float) -> Tensor:
+    """``(M + shift·I)⁻¹`` of a symmetric PSD ``M [..., n, n]`` by Cholesky, in >= float32.
+
+    ``shift`` is a float or a tensor broadcastable to ``M``'s batch shape. If the Cholesky
+    factorisation fails (not positive definite in floating point) the result is NaN so callers
+    can reject it without a host sync.
+    """
+    dt = compute_dtype(m.dtype)
+    mm = m.to(dt)
+    if isinstance(shift, Tensor):
+        shift = shift.to(dt)[..., None, None]
+    eye = torch.eye(m.shape[-1], dtype=dt, device=m.device)
+    chol, info = torch.linalg.cholesky_ex(mm + shift * eye)
+    inv = torch.cholesky_inverse(chol)
+    bad = (info != 0)[..., None, None]
+    inv = torch.where(bad, torch.full_like(inv, float("nan")), inv)
+    return inv.to(m.dtype)
+
+
+def sym_eigh(m: Tensor, floor: float = 1e-10) -> tuple[Tensor, Tensor]:
+    """Eigendecomposition ``M = Q diag(d) Qᵀ`` of a symmetric PSD matrix, in >= float32.
+
+    Eigenvalues below ``floor`` are set to 0 (as the reference K-FAC code does: they are rounding
+    noise of a PSD matrix). Returns ``(d, Q)`` in the input dtype.
+    """
+    dt = compute_dtype(m.dtype)
+    mm = m.to(dt)
+    d, q = torch.linalg.eigh(0.5 * (mm + mm.transpose(-1, -2)))
+    d = torch.where(d < floor, torch.zeros_like(d), d)
+    return d.to(m.dtype), q.to(m.dtype)
+
+
+def eigen_apply(q_g: Tensor, d_g: Tensor, x: Tensor, q_a: Tensor, d_a: Tensor,
+                denom_shift: float | Tensor = 0.0, shift_g: Tensor | float = 0.0,
+                shift_a: Tensor | float = 0.0) -> Tensor:
+    """``Q_G [(Q_Gᵀ X Q_A) / D] Q_Aᵀ`` with ``D = (d_G + shift_g)(d_A + shift_a)ᵀ + denom_shift``.
+
+    * ``denom_shift = λ``, shifts 0: exact Tikhonov ``(A⊗G + λI)⁻¹ vec X`` (oracle O-F1; the
+      alecwangcq reference K-FAC).
+    * ``shift_g = √λ/π``, ``shift_a = π√λ``: factored damping
+      ``((A + π√λI) ⊗ (G + √λ/π I))⁻¹ vec X``.
+    """
+    if isinstance(shift_g, Tensor):
+        shift_g = shift_g[..., None]
+    if isinstance(shift_a, Tensor):
+        shift_a = shift_a[..., None]
+    if isinstance(denom_shift, Tensor):
+        denom_shift = denom_shift[..., None, None]
+    dg = d_g + shift_g
+    da = d_a + shift_a
+    denom = dg.unsqueeze(-1) * da.unsqueeze(-2) + denom_shift
+    inner = q_g.transpose(-1, -2) @ x @ q_a
+    return q_g @ (inner / denom) @ q_a.transpose(-1, -2)
+
+
+def kl_clip_scale(grads: list[Tensor], directions: list[Tensor], lr: float, kappa: float
+                  ) -> Tensor:
+    """KL-clipping factor ν (Ba, Grosse & Martens 2017).
+
+    ``ν = min(1, sqrt(κ / (η² Σ_l ⟨∇W_l, P_l⟩)))``; ν = 1 when the sum is not positive. After
+    scaling, ``η² ν² Σ⟨∇W, P⟩ ≤ κ`` (oracle O-F3). Returns a 0-d tensor (no host sync).
+    """
+    if not grads:
+        return torch.ones(())
+    vdot = torch.stack([(g * p).sum() for g, p in zip(grads, directions)]).sum()
+    quad = vdot * (lr * lr)
+    nu = torch.where(quad > 0, (kappa / quad.clamp(min=torch.finfo(quad.dtype).tiny)).sqrt(),
+                     torch.ones_like(quad))
+    return nu.clamp(max=1.0)

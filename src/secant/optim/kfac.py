@@ -1,0 +1,311 @@
+"""K-FAC (Martens & Grosse 2015; convolutions: Grosse & Martens 2016), the Kronecker-factored
+baseline of the K-BFGS paper (ALGORITHMS.md §5)."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from secant.layers import (
+    add_to_params,
+    grad_matrix,
+    homogeneous_inputs,
+    matrix_shape,
+    param_matrix,
+)
+from secant.linalg.kron import (
+    damped_inverse,
+    eigen_apply,
+    factored_shifts,
+    kl_clip_scale,
+    sym_eigh,
+)
+from secant.optim.layer_optimizer import LayerOptimizer, check, check_finite_nonneg
+
+INVERSE_METHODS = ("eigen", "cholesky")
+DAMPING_MODES = ("factored", "exact")
+FISHER_TYPES = ("empirical", "sampled")
+
+
+def factor_statistics(module: nn.Module, x: Tensor, g: Tensor) -> tuple[Tensor, Tensor]:
+    """One batch's K-FAC factors of a layer from its input ``x`` and pre-activation grads ``g``.
+
+    With homogeneous inputs ``ā [N, T, d_in+1]`` (``T`` spatial positions, 1 for a plain Linear
+    layer) and ``g [N, T, d_out]`` the gradient of the *batch-mean* loss (so ``N·g`` is the
+    per-example gradient)::
+
+        A = 1/(N T) Σ_{n,t} ā ā ᵀ          G = 1/N Σ_{n,t} (N g)(N g)ᵀ
+
+    i.e. ``A`` is the mean over examples and positions, ``G`` the mean over examples of the sum
+    over positions — the KFC factors ``Ω/|T| ⊗ |T|Γ`` of Grosse & Martens (2016), whose product
+    equals ``Ω ⊗ Γ``. For one example of a Linear layer ``A ⊗ G`` is the exact Fisher block
+    (oracle O-F2).
+    """
+    a = homogeneous_inputs(module, x)
+    n = a.shape[0]
+    rows = a.reshape(-1, a.shape[-1])
+    big_a = rows.T @ rows / rows.shape[0]
+    gr = g.reshape(-1, g.shape[-1])
+    big_g = (gr.T @ gr) * n
+    return big_a, big_g
+
+
+class KFAC(LayerOptimizer):
+    r"""K-FAC for the ``nn.Linear`` / ``nn.Conv2d`` layers of ``model``.
+
+    Per supported layer with weight matrix ``W̃ = [W, b]`` (bias = homogeneous coordinate, conv
+    weights flattened as ``F.unfold`` patches), every ``factor_update_period`` steps (from the
+    first) the factors are updated from the step's forward/backward as exponential moving
+    averages with weight ``ε_k = min(1 − 1/k, factor_decay)`` (Martens & Grosse 2015 §5; ``k`` =
+    number of factor updates, so the first update takes the batch statistic as is)::
+
+        A ← ε A + (1 − ε) Â,     G ← ε G + (1 − ε) Ĝ           (see :func:`factor_statistics`)
+
+    Every ``inverse_update_period`` steps (from the first) the damped inverses are recomputed in
+    at least float32. Direction, with ``X = ∇W̃ + wd·W̃`` (weight decay as an L2 term, so it is
+    preconditioned too)::
+
+        damping_mode="factored":  P = (G + √λ/π I)⁻¹ X (A + π√λ I)⁻¹,  π = sqrt((trA/dA)/(trG/dG))
+        damping_mode="exact":     vec P = (A ⊗ G + λI)⁻¹ vec X   (eigen path only; the
+                                  ``alecwangcq/KFAC-Pytorch`` reference)
+
+    ``inverse_method="eigen"`` stores ``A = Q_A diag(d_A) Q_Aᵀ`` (eigenvalues < 1e-10 set to 0)
+    and applies ``Q_G[(Q_Gᵀ X Q_A) / ((d_G + s_G)(d_A + s_A)ᵀ + λ_exact)]Q_Aᵀ``;
+    ``"cholesky"`` stores the two damped inverses (factored damping only). π and the shifts are
+    fixed at each inverse update, so changing ``damping`` takes effect at the next one.
+
+    KL-clipping (Ba, Grosse & Martens 2017): ``ν = min(1, sqrt(κ / (η² Σ_l ⟨X_l, P_l⟩)))`` over all
+    layers (``kl_clip=None`` disables it). Heavy-ball momentum (as the reference code): ``u ← μ u +
+    ν P``, ``W̃ ← W̃ − η u``.
+
+    Fisher: ``fisher="empirical"`` (default) uses the pre-activation gradients of the training
+    loss the closure / your loop back-propagates. ``fisher="sampled"`` uses targets drawn from
+    the model's predictive distribution: ``fisher_loss(output)`` (for instance
+    :func:`secant.layers.sampled_bce_with_logits`) is evaluated on the model's output inside the
+    forward pass on factor-update steps and differentiated w.r.t. the layer outputs only (one
+    extra partial backward, no effect on ``.grad``). The model's forward must return a Tensor.
+
+    Parameters of unsupported modules (``param_groups[1]``) get heavy-ball SGD with the same
+    ``momentum`` and ``weight_decay`` (the same iterates as :class:`torch.optim.SGD`).
+
+    Use: ``loss.backward(); opt.step()`` or ``loss = opt.step(closure)`` (the closure zeroes
+    grads, computes the loss, calls ``backward()`` and returns the loss). On factor-update steps
+    every registered layer must take part in exactly one forward (in grad mode) and backward
+    between two steps; evaluation between steps must run under ``torch.no_grad()``.
+
+    Args (defaults from ``alecwangcq/KFAC-Pytorch`` and ``gpauloski/kfac-pytorch``, ALGORITHMS.md
+    §5.2):
+        model: the model; its supported layers are found by ``named_modules()``.
+        lr: learning rate η (1e-3).
+        damping: Tikhonov damping λ (1e-3).
+        momentum: heavy-ball μ (0.9).
+        weight_decay: L2 coefficient (0; the reference applies it after preconditioning).
+        factor_decay: EMA cap ``ε`` of the factors (0.95).
+        factor_update_period: steps between factor updates, ``T_cov`` (10).
+        inverse_update_period: steps between inverse updates, ``T_inv`` (100).
+        kl_clip: κ (1e-3) or ``None``.
+        inverse_method: ``"eigen"`` (default, as both references) or ``"cholesky"``.
+        damping_mode: ``"factored"`` (default; Martens & Grosse) or ``"exact"``.
+        fisher: ``"empirical"`` (default) or ``"sampled"`` (needs ``fisher_loss``).
+        fisher_loss: function of the model output returning the batch-mean loss at sampled targets.
+        exclude: supported modules to leave to the first-order fallback.
+        fallback_lr: ``lr`` of the fallback group (default: ``lr``).
+    """
+
+    state_key = "kfac"
+
+    def __init__(
+        self,
+        model: nn.Module,
+        lr: float = 1e-3,
+        damping: float = 1e-3,
+        momentum: float = 0.9,
+        weight_decay: float = 0.0,
+        factor_decay: float = 0.95,
+        factor_update_period: int = 10,
+        inverse_update_period: int = 100,
+        kl_clip: float | None = 1e-3,
+        *,
+        inverse_method: str = "eigen",
+        damping_mode: str = "factored",
+        fisher: str = "empirical",
+        fisher_loss: Callable[[Tensor], Tensor] | None = None,
+        exclude: Iterable[nn.Module] = (),
+        fallback_lr: float | None = None,
+    ) -> None:
+        check(isinstance(damping, (int, float)) and damping > 0 and damping < float("inf"),
+              "damping", damping, "a finite value > 0")
+        check(isinstance(momentum, (int, float)) and 0.0 <= momentum < 1.0, "momentum",
+              momentum, "a value in [0, 1)")
+        check_finite_nonneg("weight_decay", weight_decay)
+        check(isinstance(factor_decay, (int, float)) and 0.0 <= factor_decay < 1.0,
+              "factor_decay", factor_decay, "a value in [0, 1)")
+        for name, v in (("factor_update_period", factor_update_period),
+                        ("inverse_update_period", inverse_update_period)):
+            check(isinstance(v, int) and not isinstance(v, bool) and v >= 1, name, v,
+                  "an integer >= 1")
+        check(kl_clip is None or (isinstance(kl_clip, (int, float)) and kl_clip > 0),
+              "kl_clip", kl_clip, "None or a value > 0")
+        check(inverse_method in INVERSE_METHODS, "inverse_method", inverse_method,
+              f"one of {INVERSE_METHODS}")
+        check(damping_mode in DAMPING_MODES, "damping_mode", damping_mode,
+              f"one of {DAMPING_MODES}")
+        check(not (damping_mode == "exact" and inverse_method != "eigen"), "damping_mode",
+              damping_mode, "'factored' with inverse_method='cholesky'")
+        check(fisher in FISHER_TYPES, "fisher", fisher, f"one of {FISHER_TYPES}")
+        check((fisher == "sampled") == (fisher_loss is not None), "fisher_loss", fisher_loss,
+              "a callable exactly when fisher='sampled'")
+        self.inverse_method = inverse_method
+        self.damping_mode = damping_mode
+        self.factor_decay = factor_decay
+        self.factor_update_period = factor_update_period
+        self.inverse_update_period = inverse_update_period
+        self.kl_clip = kl_clip
+        self.fisher_loss = fisher_loss
+        defaults = dict(lr=lr, damping=damping, momentum=momentum, weight_decay=weight_decay)
+        super().__init__(model, defaults, exclude=exclude, fallback_lr=fallback_lr)
+        self._arm()
+
+    # ------------------------------------------------------------------ state
+    def _fresh_layer_state(self, module: nn.Module) -> dict[str, Any]:
+        d_out, d_in = matrix_shape(module)
+        w = module.weight
+        kw = dict(dtype=w.dtype, device=w.device)
+        st: dict[str, Any] = {
+            "A": torch.eye(d_in, **kw),
+            "G": torch.eye(d_out, **kw),
+            "momentum": torch.zeros(d_out, d_in, **kw),
+            "shift_a": torch.zeros((), **kw),
+            "shift_g": torch.zeros((), **kw),
+            "stats_rejected": torch.zeros((), dtype=torch.long, device=w.device),
+            "inverses_rejected": torch.zeros((), dtype=torch.long, device=w.device),
+            "kl_clip_active": torch.zeros((), dtype=torch.long, device=w.device),
+        }
+        if self.inverse_method == "eigen":
+            st.update(d_A=torch.ones(d_in, **kw), Q_A=torch.eye(d_in, **kw),
+                      d_G=torch.ones(d_out, **kw), Q_G=torch.eye(d_out, **kw))
+        else:
+            st.update(A_inv=torch.eye(d_in, **kw), G_inv=torch.eye(d_out, **kw))
+        return st
+
+    def _fresh_state(self) -> dict[str, Any]:
+        st = super()._fresh_state()
+        st["factor_updates"] = 0
+        return st
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        super().load_state_dict(state_dict)
+        self._arm()
+
+    def _is_factor_step(self, k: int) -> bool:
+        return (k - 1) % self.factor_update_period == 0
+
+    def _arm(self) -> None:
+        """Capture the next step's forward/backward if that step updates the factors."""
+        if self.kron_group is not None and self._is_factor_step(self._st["step"] + 1):
+            self.capture.start(fisher_loss=self.fisher_loss)
+        else:
+            self.capture.stop()
+
+    # ------------------------------------------------------------------ step
+    @torch.no_grad()
+    def step(self, closure: Callable[[], Any] | None = None) -> Any:
+        """One K-FAC step; ``closure`` (optional) zeroes grads, computes the loss, calls
+        ``backward()`` and returns the loss, which ``step`` returns."""
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        st = self._st
+        k = st["step"] + 1
+        group = self.kron_group
+        if group is not None:
+            if self._is_factor_step(k):
+                self._update_factors(self.capture.collect())
+            else:
+                self.capture.stop()
+            if (k - 1) % self.inverse_update_period == 0:
+                self._update_inverses(group["damping"])
+            self._layer_step(group)
+        self._fallback_step("heavy_ball")
+        st["step"] = k
+        self._arm()
+        return loss
+
+    def _update_factors(self, records: dict[str, Any]) -> None:
+        st = self._st
+        st["factor_updates"] += 1
+        eps = min(1.0 - 1.0 / st["factor_updates"], self.factor_decay)
+        for name, module, ls in zip(self.layer_names, self.layers, st["layers"]):
+            rec = records[name]
+            a_new, g_new = factor_statistics(module, rec.x, rec.g)
+            ok = torch.isfinite(a_new).all() & torch.isfinite(g_new).all()
+            ls["A"].copy_(torch.where(ok, eps * ls["A"] + (1 - eps) * a_new, ls["A"]))
+            ls["G"].copy_(torch.where(ok, eps * ls["G"] + (1 - eps) * g_new, ls["G"]))
+            ls["stats_rejected"] += ~ok
+
+    def _update_inverses(self, damping: float) -> None:
+        for ls in self._st["layers"]:
+            a, g = ls["A"], ls["G"]
+            if self.damping_mode == "factored":
+                sa, sg = factored_shifts(a, g, damping)
+            else:
+                sa = sg = torch.zeros((), dtype=a.dtype, device=a.device)
+            if self.inverse_method == "eigen":
+                d_a, q_a = sym_eigh(a)
+                d_g, q_g = sym_eigh(g)
+                new = {"d_A": d_a, "Q_A": q_a, "d_G": d_g, "Q_G": q_g}
+            else:
+                new = {"A_inv": damped_inverse(a, sa), "G_inv": damped_inverse(g, sg)}
+            ok = torch.stack([torch.isfinite(t).all() for t in new.values()]).all()
+            for key, val in new.items():
+                ls[key].copy_(torch.where(ok, val, ls[key]))
+            ls["shift_a"].copy_(torch.where(ok, sa, ls["shift_a"]))
+            ls["shift_g"].copy_(torch.where(ok, sg, ls["shift_g"]))
+            ls["inverses_rejected"] += ~ok
+
+    def _direction(self, ls: dict[str, Any], x: Tensor, damping: float) -> Tensor:
+        if self.inverse_method == "cholesky":
+            return ls["G_inv"] @ x @ ls["A_inv"]
+        exact = damping if self.damping_mode == "exact" else 0.0
+        return eigen_apply(ls["Q_G"], ls["d_G"], x, ls["Q_A"], ls["d_A"], exact,
+                           ls["shift_g"], ls["shift_a"])
+
+    def _layer_step(self, group: dict[str, Any]) -> None:
+        st = self._st
+        lr, wd, mu = group["lr"], group["weight_decay"], group["momentum"]
+        xs, ps = [], []
+        for module, ls in zip(self.layers, st["layers"]):
+            x = grad_matrix(module)
+            if wd:
+                x.add_(param_matrix(module), alpha=wd)
+            xs.append(x)
+            ps.append(self._direction(ls, x, group["damping"]))
+        if self.kl_clip is not None:
+            nu = kl_clip_scale(xs, ps, lr, self.kl_clip)
+            active = nu < 1
+        else:
+            nu, active = None, None
+        for module, ls, p in zip(self.layers, st["layers"], ps):
+            u = ls["momentum"]
+            u.mul_(mu).add_(p if nu is None else p * nu)
+            add_to_params(module, u, -lr)
+            if active is not None:
+                ls["kl_clip_active"] += active
+
+    # ------------------------------------------------------------------ reporting
+    def diagnostics(self) -> dict[str, Any]:
+        """Per-layer counters (this call synchronises with the device): non-finite factor
+        statistics rejected, failed inverse updates rejected, steps where KL-clipping scaled the
+        update; plus totals and the step / factor-update counts."""
+        st = self._st
+        out: dict[str, Any] = {"step": st["step"], "factor_updates": st["factor_updates"],
+                               "layers": self.layer_names}
+        for key in ("stats_rejected", "inverses_rejected", "kl_clip_active"):
+            per = [int(ls[key]) for ls in st["layers"]]
+            out[key + "_per_layer"] = per
+            out[key] = max(per) if key == "kl_clip_active" and per else sum(per)
+        return out
