@@ -1,0 +1,403 @@
+"""Neumann optimizer: oracles O-N1..O-N5 (ALGORITHMS.md §6) and the optimizer contract.
+
+References are independent of the optimizer code: dense float64 matrix powers (O-N1),
+torch.optim.SGD (Nesterov / burn-in), autograd for the regulariser gradient, and a plain
+flat-vector transcription of Algorithm 2 (ALGORITHMS.md §4.4) with the documented decisions.
+"""
+
+import io
+import math
+
+import pytest
+import torch
+
+from secant import Neumann
+from secant.linalg.neumann_series import (
+    mu_schedule,
+    neumann_inner_loop,
+    regulariser_coefficient,
+    reset_steps,
+)
+
+torch.set_default_dtype(torch.float64)
+
+SHAPES = ((5, 4), (4,), (3,))
+N = sum(math.prod(s) for s in SHAPES)  # 27 scalar parameters
+
+
+def make_params(seed=0, dtype=torch.float64):
+    gen = torch.Generator().manual_seed(seed)
+    return [torch.randn(s, generator=gen, dtype=dtype).requires_grad_() for s in SHAPES]
+
+
+def _problem(seed=1):
+    gen = torch.Generator().manual_seed(seed)
+    q, _ = torch.linalg.qr(torch.randn(N, N, generator=gen))
+    h = q @ torch.diag(torch.linspace(-0.2, 3.0, N)) @ q.T  # indefinite: non-convex
+    noise = torch.randn(200, N, generator=gen)
+    return h, noise
+
+
+H, NOISE = _problem()
+
+
+def loss_flat(x, t):
+    """Non-convex stochastic objective: indefinite quadratic + quartic + noisy linear term."""
+    return 0.5 * x @ H.to(x.dtype) @ x + 0.05 * (x**4).sum() - NOISE[t % 200].to(x.dtype) @ x
+
+
+def grad_flat(x, t):
+    x = x.detach().clone().requires_grad_()
+    (g,) = torch.autograd.grad(loss_flat(x, t), x)
+    return g
+
+
+def flat(params):
+    return torch.cat([p.detach().reshape(-1) for p in params])
+
+
+def set_grads(params, t):
+    for p in params:
+        p.grad = None
+    loss_flat(torch.cat([p.reshape(-1) for p in params]), t).backward()
+
+
+def reg_grad_autograd(w, v, alpha, beta_eff):
+    """∇_w [(α/3)‖w−v‖³ + β/‖w−v‖] with v fixed, by autograd (0 at w = v: the guard)."""
+    if torch.equal(w, v):
+        return torch.zeros_like(w)
+    w = w.detach().clone().requires_grad_()
+    r = torch.linalg.vector_norm(w - v)
+    (g,) = torch.autograd.grad(alpha / 3 * r**3 + beta_eff / r, w)
+    return g
+
+
+def reference(w0, steps, lr_fn, alpha, beta_eff, gamma, mu_fn, burn_in, resets, skip=()):
+    """Algorithm 2 (ALGORITHMS.md §4.4) on one flat vector, decisions (i)–(v) as documented."""
+    w, m, v, mu = w0.clone(), torch.zeros_like(w0), w0.clone(), 0.0
+    t = 0
+    for k in range(1, steps + 1):
+        if k in skip:
+            continue
+        t += 1
+        g, lr = grad_flat(w, k), lr_fn(t)
+        if t <= burn_in:
+            w = w - lr * g
+            continue
+        s = t - burn_in
+        if s == 1:
+            v = w.clone()
+        mu = mu_fn(s)
+        if s in resets:
+            m = -lr * g
+            continue
+        d = g + reg_grad_autograd(w, v, alpha, beta_eff)
+        m = mu * m - lr * d
+        w = w + mu * m - lr * d
+        v = gamma * v + (1 - gamma) * w
+    return w, m, v, mu
+
+
+def run(opt, params, steps, sched=None, nan_at=()):
+    for k in range(1, steps + 1):
+        set_grads(params, k)
+        if k in nan_at:
+            params[1].grad[0] = float("nan")
+        opt.step()
+        if sched is not None:
+            sched.step()
+
+
+def test_o_n1_neumann_inner_loop_is_richardson():
+    gen = torch.Generator().manual_seed(3)
+    n = 8
+    q, _ = torch.linalg.qr(torch.randn(n, n, generator=gen))
+    a = q @ torch.diag(torch.logspace(-1, 0.5, n)) @ q.T
+    b, w = torch.randn(n, generator=gen), torch.randn(n, generator=gen)
+    lr = 0.9 / torch.linalg.eigvalsh(a).max().item()
+    g = a @ w - b
+    eye = torch.eye(n)
+    for k in (0, 1, 5, 20):
+        m = neumann_inner_loop(lambda x: a @ x - b, w, lr, k)
+        want = -(eye - torch.linalg.matrix_power(eye - lr * a, k + 1)) @ torch.linalg.solve(a, g)
+        torch.testing.assert_close(lr * m, want, rtol=1e-12, atol=1e-12)
+    m = neumann_inner_loop(lambda x: a @ x - b, w, lr, 2000)
+    torch.testing.assert_close(w + lr * m, torch.linalg.solve(a, b), rtol=1e-10, atol=1e-10)
+
+
+@pytest.mark.parametrize("dtype,tol", [(torch.float64, 1e-12), (torch.float32, 1e-5)])
+def test_o_n2_equals_nesterov_sgd(dtype, tol):
+    mu = 0.85
+    p_ref, p_neu = make_params(dtype=dtype), make_params(dtype=dtype)
+    sgd = torch.optim.SGD([{"params": p_ref[:2]}, {"params": p_ref[2:], "lr": 0.01}], lr=0.03,
+                          momentum=mu, nesterov=True)
+    neu = Neumann([{"params": p_neu[:2]}, {"params": p_neu[2:], "lr": 0.01}], lr=0.03,
+                  alpha=0.0, beta=0.0, mu_min=mu, mu_max=mu, burn_in_steps=0, reset_period=None)
+    for k in range(1, 51):
+        for ps, opt in ((p_ref, sgd), (p_neu, neu)):
+            set_grads(ps, k)
+            opt.step()
+        for a, b in zip(p_ref, p_neu):
+            torch.testing.assert_close(b, a, rtol=tol, atol=tol)
+    assert flat(p_ref).abs().max() < 1e3  # the run stayed bounded
+
+
+def test_o_n3_regulariser_coefficient_matches_autograd():
+    gen = torch.Generator().manual_seed(4)
+    for scale in (1e-3, 0.3, 7.0):
+        w, v = torch.randn(30, generator=gen), torch.randn(30, generator=gen)
+        v = w + scale * (v - w)
+        alpha, beta = 0.2, 0.05
+        c = regulariser_coefficient(torch.linalg.vector_norm(w - v), alpha, beta, 1e-12)
+        torch.testing.assert_close(c * (w - v), reg_grad_autograd(w, v, alpha, beta),
+                                   rtol=1e-12, atol=0)
+    zero = regulariser_coefficient(torch.tensor(0.0), 0.2, 0.05, 1e-12)
+    assert zero.item() == 0.0
+
+
+def test_o_n3_step_uses_global_regulariser_with_beta_times_n():
+    params = make_params()
+    alpha, beta, lr, mu = 0.3, 1e-3, 0.05, 0.7
+    opt = Neumann(params, lr=lr, alpha=alpha, beta=beta, mu_min=mu, mu_max=mu, gamma=0.9)
+    run(opt, params, 1)  # first Neumann step: v <- w, no reset
+    gen = torch.Generator().manual_seed(5)
+    for p in params:  # arbitrary state: m random, v near w
+        opt.state[p]["m"].copy_(torch.randn(p.shape, generator=gen))
+        opt.state[p]["v"].copy_(p.detach() + 0.2 * torch.randn(p.shape, generator=gen))
+    w, m = flat(params), torch.cat([opt.state[p]["m"].reshape(-1) for p in params])
+    v = torch.cat([opt.state[p]["v"].reshape(-1) for p in params])
+    run_step = 2
+    set_grads(params, run_step)
+    g = torch.cat([p.grad.reshape(-1) for p in params])
+    opt.step()
+    assert opt.beta_effective == beta * N
+    d = g + reg_grad_autograd(w, v, alpha, beta * N)
+    m_new = mu * m - lr * d
+    w_new = w + mu * m_new - lr * d
+    torch.testing.assert_close(flat(params), w_new, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(torch.cat([opt.state[p]["m"].reshape(-1) for p in params]), m_new)
+    v_new = torch.cat([opt.state[p]["v"].reshape(-1) for p in params])
+    torch.testing.assert_close(v_new, 0.9 * v + 0.1 * w_new, rtol=1e-12, atol=1e-12)
+    # negative control: the regulariser really moved the step
+    assert (d - g).abs().max() > 1e-3
+
+
+def test_o_n4_mu_schedule_and_reset_schedule():
+    assert mu_schedule(100, 100, 0.5, 0.9) == pytest.approx(0.5)
+    assert mu_schedule(900, 100, 0.5, 0.9) == pytest.approx(0.9)
+    assert mu_schedule(300, 100, 0.5, 0.9) == pytest.approx(0.75)
+    assert mu_schedule(1, 100, 0.5, 0.9) == 0.5 and mu_schedule(10**6, 100, 0.5, 0.9) == 0.9
+    assert all(mu_schedule(s, 7, 0.3, 0.3) == 0.3 for s in range(1, 50))
+    assert reset_steps(10, 5) == [1, 11, 31, 71, 151]
+    assert Neumann.paper_periods(40) == {"burn_in_steps": 200, "reset_period": 400,
+                                         "mu_period": 40}
+
+
+def test_o_n4_full_trajectory_matches_reference_with_scheduler():
+    """Burn-in, μ schedule, resets at 1, 1+K, 1+3K, 1+7K, cubic + repulsive terms, v EMA, lr
+    scheduler, and the undisplaced weights w − μ m, against the flat transcription."""
+    steps, burn, k_reset, period = 32, 3, 3, 4
+    alpha, beta, gamma = 0.05, 2e-6, 0.8
+    params = make_params()
+    w0 = flat(params)
+    opt = Neumann(params, lr=0.04, alpha=alpha, beta=beta, gamma=gamma, mu_min=0.5, mu_max=0.9,
+                  burn_in_steps=burn, reset_period=k_reset, mu_period=period)
+    sched = torch.optim.lr_scheduler.StepLR(opt, step_size=5, gamma=0.7)
+    run(opt, params, steps, sched)
+
+    def lr_fn(t):
+        return 0.04 * 0.7 ** ((t - 1) // 5)
+
+    def mu_fn(s):
+        return min(0.9, max(0.5, 1 - 1 / (1 + s / period)))
+
+    resets = {1, 4, 10, 22}  # 1, 1+K, 1+3K, 1+7K with K = 3
+    w, m, v, mu = reference(w0, steps, lr_fn, alpha, beta * N, gamma, mu_fn, burn, resets)
+    torch.testing.assert_close(flat(params), w, rtol=1e-10, atol=1e-12)
+    torch.testing.assert_close(torch.cat([opt.state[p]["v"].reshape(-1) for p in params]), v,
+                               rtol=1e-10, atol=1e-12)
+    before = [p.detach().clone() for p in params]
+    with opt.undisplaced():
+        torch.testing.assert_close(flat(params), w - mu * m, rtol=1e-10, atol=1e-12)
+    assert all(torch.equal(a, b) for a, b in zip(before, params))
+    diag = opt.diagnostics()
+    assert diag["resets"] == 4 and diag["next_reset"] == 46 and diag["mu"] == mu_fn(steps - burn)
+    assert 0.5 <= diag["mu"] <= 0.9
+    # negative control: without the regulariser the trajectory differs
+    w0_run = reference(w0, steps, lr_fn, 0.0, 0.0, gamma, mu_fn, burn, resets)[0]
+    assert (w0_run - w).abs().max() > 1e-4
+
+
+def test_o_n4_reset_sets_m_and_moves_nothing():
+    params = make_params()
+    opt = Neumann(params, lr=0.05, alpha=0.0, beta=0.0, reset_period=2, mu_period=1)
+    run(opt, params, 2)  # step 1 reset, step 2 ordinary; next reset at 3
+    w, vs = flat(params), [opt.state[p]["v"].clone() for p in params]
+    set_grads(params, 3)
+    grads = [p.grad.clone() for p in params]
+    opt.step()
+    assert torch.equal(flat(params), w)
+    assert all(torch.equal(opt.state[p]["v"], v) for p, v in zip(params, vs))
+    assert all(torch.equal(opt.state[p]["m"], -0.05 * g) for p, g in zip(params, grads))
+
+
+def test_burn_in_is_plain_sgd_and_v_starts_at_w():
+    p_ref, p_neu = make_params(), make_params()
+    sgd = torch.optim.SGD(p_ref, lr=0.02)
+    neu = Neumann(p_neu, lr=0.02, burn_in_steps=6, reset_period=5)
+    for k in range(1, 7):
+        for ps, opt in ((p_ref, sgd), (p_neu, neu)):
+            set_grads(ps, k)
+            opt.step()
+        assert all(torch.equal(a, b) for a, b in zip(p_ref, p_neu))
+    assert neu.diagnostics()["neumann_step"] == 0
+    set_grads(p_neu, 7)
+    w = flat(p_neu)
+    neu.step()  # first Neumann step: a reset, v <- copy of w
+    assert torch.equal(torch.cat([neu.state[p]["v"].reshape(-1) for p in p_neu]), w)
+
+
+def test_o_n5_no_nan_when_w_equals_v_and_no_aliasing():
+    params = make_params()
+    opt = Neumann(params, lr=0.05, alpha=1e-2, beta=1e-3)
+    for p in params:
+        assert opt.state[p]["v"].data_ptr() != p.data_ptr()
+    run(opt, params, 5)
+    for p in params:  # force w = v exactly
+        opt.state[p]["v"].copy_(p.detach())
+    m = [opt.state[p]["m"].clone() for p in params]
+    mu = opt.diagnostics()["mu"]
+    set_grads(params, 6)
+    grads, w = [p.grad.clone() for p in params], [p.detach().clone() for p in params]
+    opt.step()
+    assert all(torch.isfinite(p).all() for p in params)
+    for p, w0, m0, g in zip(params, w, m, grads):  # the guard drops the regulariser
+        m_new = mu * m0 - 0.05 * g
+        torch.testing.assert_close(p.detach(), w0 + mu * m_new - 0.05 * g)
+    sd = opt.state_dict()
+    opt2 = Neumann(params, lr=0.05, alpha=1e-2, beta=1e-3)
+    opt2.load_state_dict(sd)
+    for p in params:
+        assert opt2.state[p]["v"].data_ptr() not in (p.data_ptr(), opt.state[p]["v"].data_ptr())
+
+
+def test_nonfinite_gradients_are_skipped_and_counted():
+    kw = dict(lr=0.03, alpha=0.05, beta=2e-6, gamma=0.8, burn_in_steps=2, reset_period=3,
+              mu_period=4)
+    params = make_params()
+    w0 = flat(params)
+    opt = Neumann(params, **kw)
+    run(opt, params, 4)
+    state = {p: {k: t.clone() for k, t in opt.state[p].items()} for p in params}
+    w = flat(params)
+    set_grads(params, 5)
+    params[0].grad[1, 2] = float("inf")
+    opt.step()
+    assert torch.equal(flat(params), w)
+    assert all(torch.equal(opt.state[p][k], state[p][k]) for p in params for k in ("m", "v"))
+    assert opt.diagnostics()["skipped_steps"] == 1 and opt.diagnostics()["step"] == 4
+    for k in range(6, 16):
+        set_grads(params, k)
+        opt.step()
+
+    def mu_fn(s):
+        return min(0.9, max(0.5, s / (s + 4)))
+
+    ref = reference(w0, 15, lambda t: 0.03, 0.05, 2e-6 * N, 0.8, mu_fn, 2, {1, 4, 10},
+                    skip={5})[0]
+    torch.testing.assert_close(flat(params), ref, rtol=1e-10, atol=1e-12)
+
+
+@pytest.mark.parametrize("split", [2, 5, 9])
+def test_exact_resume_bitwise(split):
+    kw = dict(lr=0.03, alpha=0.05, beta=2e-6, gamma=0.8, burn_in_steps=3, reset_period=2,
+              mu_period=3)
+    total = 14
+    params = make_params()
+    opt = Neumann(params, **kw)
+    sched = torch.optim.lr_scheduler.ExponentialLR(opt, gamma=0.95)
+    run(opt, params, total, sched)
+
+    p1 = make_params()
+    opt1 = Neumann(p1, **kw)
+    sched1 = torch.optim.lr_scheduler.ExponentialLR(opt1, gamma=0.95)
+    for k in range(1, split + 1):
+        set_grads(p1, k)
+        opt1.step()
+        sched1.step()
+    buf = io.BytesIO()
+    torch.save({"p": [p.detach() for p in p1], "opt": opt1.state_dict(),
+                "sched": sched1.state_dict()}, buf)
+    buf.seek(0)
+    ckpt = torch.load(buf, weights_only=True)
+    p2 = [t.clone().requires_grad_() for t in ckpt["p"]]
+    opt2 = Neumann(p2, **kw)
+    sched2 = torch.optim.lr_scheduler.ExponentialLR(opt2, gamma=0.95)
+    opt2.load_state_dict(ckpt["opt"])
+    sched2.load_state_dict(ckpt["sched"])
+    for k in range(split + 1, total + 1):
+        set_grads(p2, k)
+        opt2.step()
+        sched2.step()
+    assert all(torch.equal(a, b) for a, b in zip(params, p2))
+    assert all(torch.equal(opt.state[a][k], opt2.state[b][k])
+               for a, b in zip(params, p2) for k in ("m", "v"))
+    assert opt.diagnostics() == opt2.diagnostics()
+
+
+def test_state_dict_is_a_snapshot():
+    params = make_params()
+    opt = Neumann(params, lr=0.03, reset_period=2)
+    run(opt, params, 3)
+    sd = opt.state_dict()
+    step = sd["state"]["neumann"]["step"]
+    run(opt, params, 2)
+    assert sd["state"]["neumann"]["step"] == step == 3
+    with pytest.raises(ValueError, match="Neumann"):
+        opt.load_state_dict(torch.optim.SGD(params, lr=0.1).state_dict())
+
+
+def test_undisplaced_context_restores_and_blocks_step():
+    params = make_params()
+    opt = Neumann(params, lr=0.05, mu_min=0.8, mu_max=0.8)
+    run(opt, params, 4)
+    before = [p.detach().clone() for p in params]
+    with pytest.raises(KeyError):
+        with opt.undisplaced():
+            assert not torch.equal(params[0], before[0])
+            with pytest.raises(RuntimeError, match="undisplaced"):
+                opt.step()
+            raise KeyError("boom")
+    assert all(torch.equal(a, b) for a, b in zip(before, params))
+
+
+def test_works_with_closure_and_no_grad_params():
+    params = make_params()
+    extra = torch.ones(2, requires_grad=True)  # never gets a gradient
+    opt = Neumann([*params, extra], lr=0.05)
+
+    def closure():
+        opt.zero_grad()
+        loss = loss_flat(torch.cat([p.reshape(-1) for p in params]), 1)
+        loss.backward()
+        return loss
+
+    loss = opt.step(closure)
+    assert loss is not None and torch.isfinite(loss)
+    assert torch.equal(extra, torch.ones(2)) and opt.num_params == N + 2
+
+
+@pytest.mark.parametrize("kwargs", [
+    dict(lr=-0.1), dict(lr=float("nan")), dict(alpha=-1.0), dict(beta=-1e-5),
+    dict(beta=float("inf")), dict(gamma=1.0), dict(gamma=-0.1), dict(mu_min=-0.1),
+    dict(mu_min=0.6, mu_max=0.5), dict(mu_max=1.0), dict(burn_in_steps=-1),
+    dict(burn_in_steps=2.5), dict(reset_period=0), dict(reset_period=1.5), dict(mu_period=0),
+    dict(reg_eps=-1.0),
+])
+def test_bad_arguments(kwargs):
+    name = next(iter(kwargs)) if "mu_max" not in kwargs else "mu_max"
+    args = {"lr": 0.1, **kwargs}
+    with pytest.raises(ValueError, match=f"{name}="):
+        Neumann(make_params(), **args)
+    with pytest.raises(ValueError, match="steps_per_epoch="):
+        Neumann.paper_periods(0)
