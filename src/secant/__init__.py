@@ -1,7 +1,7 @@
 """secant: practical stochastic quasi-Newton optimizers for deep learning in PyTorch."""
 
-from secant.optim import MomentumLBFGS, Neumann
+from secant.optim import KBFGS, KBFGSL, KFAC, MomentumLBFGS, Neumann
 
 __version__ = "0.1.0"
 
-__all__ = ["MomentumLBFGS", "Neumann", "__version__"]
+__all__ = ["KBFGS", "KBFGSL", "KFAC", "MomentumLBFGS", "Neumann", "__version__"]
