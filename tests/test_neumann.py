@@ -84,9 +84,7 @@ def reference(w0, steps, lr_fn, alpha, beta_eff, gamma, mu_fn, burn_in, resets, 
         if t <= burn_in:
             w = w - lr * g
             continue
-        s = t - burn_in
-        if s == 1:
-            v = w.clone()
+        s = t - burn_in  # v = copy(w0) throughout the burn-in (decision iii)
         mu = mu_fn(s)
         if s in resets:
             m = -lr * g
@@ -159,7 +157,7 @@ def test_o_n3_step_uses_global_regulariser_with_beta_times_n():
     params = make_params()
     alpha, beta, lr, mu = 0.3, 1e-3, 0.05, 0.7
     opt = Neumann(params, lr=lr, alpha=alpha, beta=beta, mu_min=mu, mu_max=mu, gamma=0.9)
-    run(opt, params, 1)  # first Neumann step: v <- w, no reset
+    run(opt, params, 1)  # first Neumann step (no reset)
     gen = torch.Generator().manual_seed(5)
     for p in params:  # arbitrary state: m random, v near w
         opt.state[p]["m"].copy_(torch.randn(p.shape, generator=gen))
@@ -241,8 +239,9 @@ def test_o_n4_reset_sets_m_and_moves_nothing():
     assert all(torch.equal(opt.state[p]["m"], -0.05 * g) for p, g in zip(params, grads))
 
 
-def test_burn_in_is_plain_sgd_and_v_starts_at_w():
+def test_burn_in_is_plain_sgd_and_v_stays_at_w0():
     p_ref, p_neu = make_params(), make_params()
+    w0 = flat(p_neu)
     sgd = torch.optim.SGD(p_ref, lr=0.02)
     neu = Neumann(p_neu, lr=0.02, burn_in_steps=6, reset_period=5)
     for k in range(1, 7):
@@ -252,9 +251,9 @@ def test_burn_in_is_plain_sgd_and_v_starts_at_w():
         assert all(torch.equal(a, b) for a, b in zip(p_ref, p_neu))
     assert neu.diagnostics()["neumann_step"] == 0
     set_grads(p_neu, 7)
-    w = flat(p_neu)
-    neu.step()  # first Neumann step: a reset, v <- copy of w
-    assert torch.equal(torch.cat([neu.state[p]["v"].reshape(-1) for p in p_neu]), w)
+    neu.step()  # first Neumann step: a reset; v is still the copy of w0 taken at construction
+    assert torch.equal(torch.cat([neu.state[p]["v"].reshape(-1) for p in p_neu]), w0)
+    assert neu.diagnostics()["distance_to_average"] > 0.01
 
 
 def test_o_n5_no_nan_when_w_equals_v_and_no_aliasing():

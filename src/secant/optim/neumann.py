@@ -63,10 +63,13 @@ class Neumann(Optimizer):
           defined in the non-reset branch). As in the paper, the undisplaced point ``w − μ m``
           therefore jumps at a reset, because ``m`` changes while ``w`` does not.
     (ii)  ``v`` is *not* updated on reset steps (literal reading; ``w`` does not move there).
-    (iii) ``v`` is a separate buffer, never a view of the weights; it is set to a copy of ``w``
-          at the first Neumann step (after the burn-in), so ``r = 0`` there. The regulariser is
-          guarded: where ``‖r‖ ≤ reg_eps`` it is dropped (coefficient 0), so ``w = v`` gives
-          no NaN.
+    (iii) ``v`` is a separate buffer, never a view of the weights: ``v ← copy(w₀)`` at
+          construction, as in Algorithm 2, and it is *not* re-set at the end of the burn-in
+          (ALGORITHMS.md suggested ``v ← w`` there; measured, that makes ``‖r‖`` one step long
+          at the first regularised step, and the repulsive push ``η β n/‖r‖²`` then blew up a
+          210k-parameter autoencoder; with ``v = w₀`` the burn-in distance keeps ``‖r‖`` away
+          from 0). The regulariser is guarded: where ``‖r‖ ≤ reg_eps`` it is dropped
+          (coefficient 0), so ``w = v`` gives no NaN.
     (iv)  ``t`` of the μ schedule counts epochs in the paper; here ``s / mu_period`` with
           ``s`` the Neumann step (burn-in excluded), continuous rather than floored.
     (v)   "K starts at 10 epochs and doubles after every reset": resets ``K, 3K, 7K, 15K, …``
@@ -220,9 +223,6 @@ class Neumann(Optimizer):
 
         s = t - self.burn_in_steps
         mu = gst["mu"] = mu_schedule(s, self.mu_period, self.mu_min, self.mu_max)
-        if s == 1:  # (iii): v starts as a copy of the weights at the first Neumann step
-            torch._foreach_copy_([self.state[p]["v"] for p in self._params], self._params)
-
         if s == gst["next_reset"]:  # (i), (ii): only m changes
             for group, params in zip(self.param_groups, active):
                 if params:
