@@ -1,0 +1,399 @@
+"""K-BFGS / K-BFGS(L): oracles O-K3..O-K8 (ALGORITHMS.md §6), full steps against an independent
+dense float64 reimplementation, K-BFGS(L) = K-BFGS below capacity, Conv2d pairs against an
+explicit computation, exact resume, errors."""
+
+import io
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from secant import KBFGS, KBFGSL
+from secant.linalg import bfgs_inverse_update, double_damping
+
+D = torch.float64
+
+
+def dense_bfgs(h, s, y):
+    rho = 1.0 / (s @ y)
+    left = torch.eye(len(s), dtype=D) - rho * torch.outer(s, y)
+    return left @ h @ left.T + rho * torch.outer(s, s)
+
+
+def mlp(seed=0, sizes=(5, 4, 3)):
+    torch.manual_seed(seed)
+    layers = []
+    for i in range(len(sizes) - 1):
+        layers += [nn.Linear(sizes[i], sizes[i + 1]), nn.Tanh()]
+    return nn.Sequential(*layers[:-1]).to(D)
+
+
+def batches(n_steps, n=9, seed=11):
+    g = torch.Generator().manual_seed(seed)
+    return [(torch.randn(n, 5, generator=g, dtype=D), torch.randint(0, 3, (n,), generator=g))
+            for _ in range(n_steps)]
+
+
+def make_closure(opt, model, x, y, calls=None):
+    def closure():
+        if calls is not None:
+            calls.append(1)
+        opt.zero_grad()
+        loss = F.cross_entropy(model(x), y)
+        loss.backward()
+        return loss
+    return closure
+
+
+def wt(lin):
+    return torch.cat((lin.weight.detach(), lin.bias.detach()[:, None]), 1)
+
+
+# ---------------------------------------------------------------- oracles on the math
+def test_ok3_double_damping_invariants():
+    gen = torch.Generator().manual_seed(0)
+    mu1, mu2 = 0.2, math.sqrt(0.3)
+    n = 6
+    for _ in range(300):
+        q = torch.randn(n, n, generator=gen, dtype=D)
+        h = q @ q.T + 0.1 * torch.eye(n, dtype=D)
+        s = torch.randn(n, generator=gen, dtype=D)
+        y = torch.randn(n, generator=gen, dtype=D) * 10 ** torch.empty(1, dtype=D).uniform_(
+            -2, 2, generator=gen)
+        hy = h @ y
+        s1 = s if s @ y >= mu1 * (y @ hy) else None
+        st, yt = double_damping(s, y, hy, mu1, mu2)
+        if s1 is None:  # step 1 active: equality on H
+            assert float(st @ y) == pytest.approx(float(mu1 * (y @ hy)), rel=1e-9)
+        assert float(st @ yt) >= float(mu2 * (st @ st)) * (1 - 1e-12)
+        h_new = dense_bfgs(h, st, yt)
+        assert torch.linalg.eigvalsh(h_new).min() > 0
+    # pairs satisfying both conditions are unchanged
+    s = torch.randn(n, generator=gen, dtype=D)
+    y = s.clone()
+    st, yt = double_damping(s, y, y, mu1, mu2)
+    assert torch.equal(st, s) and torch.equal(yt, y)
+
+
+def test_ok5_hessian_action_bfgs_fixed_point_and_convergence():
+    gen = torch.Generator().manual_seed(1)
+    n, lam = 6, 0.1
+    q = torch.randn(n, n, generator=gen, dtype=D)
+    a = q @ q.T / n
+    target = torch.linalg.inv(a + lam * torch.eye(n, dtype=D))
+    v = torch.randn(n, generator=gen, dtype=D)
+    s = target @ v
+    fixed = bfgs_inverse_update(target, s, (a + lam * torch.eye(n, dtype=D)) @ s)
+    torch.testing.assert_close(fixed, target, rtol=1e-12, atol=1e-12)
+    h = torch.eye(n, dtype=D)
+    for _ in range(2000):
+        v = torch.randn(n, generator=gen, dtype=D)
+        s = h @ v
+        h = bfgs_inverse_update(h, s, a @ s + lam * s)
+    assert (h - target).abs().max() < 1e-10
+
+
+def test_ok8_parameter_counts_of_paper_autoencoders():
+    def count(sizes):
+        return sum(sum(p.numel() for p in nn.Linear(i, o).parameters())
+                   for i, o in zip(sizes[:-1], sizes[1:]))
+
+    assert count([784, 1000, 500, 250, 30, 250, 500, 1000, 784]) == 2_837_314
+    assert count([625, 2000, 1000, 500, 30, 500, 1000, 2000, 625]) == 7_537_655
+    assert count([784, 400, 200, 100, 50, 25, 6, 25, 50, 100, 200, 400, 784]) == 842_340
+
+
+# ---------------------------------------------------------------- dense reference
+def forward_stats(model, x, y):
+    lins = [m for m in model if isinstance(m, nn.Linear)]
+    acts, hs = [], []
+    z = x
+    for i, lin in enumerate(lins):
+        a = torch.cat((z, torch.ones(len(x), 1, dtype=D)), 1)
+        w = wt(lin).requires_grad_()
+        h = a @ w.T
+        h.retain_grad()
+        acts.append((a.detach(), w))
+        hs.append(h)
+        z = torch.tanh(h) if i < len(lins) - 1 else h
+    loss = F.cross_entropy(z, y)
+    loss.backward()
+    n = len(x)
+    return float(loss.detach()), [(a, h.detach(), h.grad * n, w.grad.clone())
+                         for (a, w), h in zip(acts, hs)]
+
+
+def reference_run(model, data, lr, lam, rho=0.9, wd=1e-5, beta=0.9, c=0.9, mu1=0.2,
+                  eps=1e-4):
+    lins = [m for m in model if isinstance(m, nn.Linear)]
+    r = math.sqrt(lam)
+    st = None
+    losses = []
+    for x, y in data:
+        loss, s1 = forward_stats(model, x, y)
+        losses.append(loss)
+        if st is None:
+            st = []
+            for a, h, _g, gw in s1:
+                big_a = a.T @ a / len(a)
+                st.append(dict(A=big_a, Ha=torch.linalg.inv(big_a + r * torch.eye(len(big_a),
+                                                                                  dtype=D)),
+                               Hg=torch.eye(h.shape[1], dtype=D), m=torch.zeros_like(gw),
+                               sb=torch.zeros(h.shape[1], dtype=D),
+                               yb=torch.zeros(h.shape[1], dtype=D)))
+        else:
+            for ls, (a, _, _, _) in zip(st, s1):
+                ls["A"] = beta * ls["A"] + (1 - beta) * a.T @ a / len(a)
+        for ls, lin, (_, _, _, gw) in zip(st, lins, s1):
+            ls["m"] = rho * ls["m"] + (1 - rho) * (gw + wd * wt(lin))
+            p = ls["Hg"] @ ls["m"] @ ls["Ha"]
+            with torch.no_grad():
+                lin.weight -= lr * p[:, :-1]
+                lin.bias -= lr * p[:, -1]
+        _, s2 = forward_stats(model, x, y)
+        for ls, (a, h1, g1, _), (_, h2, g2, _) in zip(st, s1, s2):
+            s, yv = h2.mean(0) - h1.mean(0), g2.mean(0) - g1.mean(0)
+            ls["sb"] = c * ls["sb"] + (1 - c) * s
+            ls["yb"] = c * ls["yb"] + (1 - c) * yv
+            s, yv = ls["sb"], ls["yb"]
+            hy = ls["Hg"] @ yv
+            if s @ yv < mu1 * (yv @ hy):
+                th = (1 - mu1) * (yv @ hy) / (yv @ hy - s @ yv)
+                s = th * s + (1 - th) * hy
+            if s @ yv < r * (s @ s):
+                th = (1 - r) * (s @ s) / (s @ s - s @ yv)
+                yv = th * yv + (1 - th) * s
+            if s @ yv > eps * (s @ s) * g1.mean(0).norm():
+                ls["Hg"] = dense_bfgs(ls["Hg"], s, yv)
+            v = a.mean(0)
+            sa = ls["Ha"] @ v
+            ya = (ls["A"] + r * torch.eye(len(v), dtype=D)) @ sa
+            if sa @ ya > eps * (sa @ sa) * v.norm():
+                ls["Ha"] = dense_bfgs(ls["Ha"], sa, ya)
+    return losses, st
+
+
+@pytest.mark.parametrize("cls", [KBFGS, KBFGSL])
+def test_steps_match_dense_reference(cls):
+    data = batches(4)
+    model, ref = mlp(3, (5, 6, 4, 3)), mlp(3, (5, 6, 4, 3))
+    opt = cls(model, lr=0.5, damping=0.1)
+    losses = [float(opt.step(make_closure(opt, model, x, y)).detach()) for x, y in data]
+    ref_losses, ref_st = reference_run(ref, data, lr=0.5, lam=0.1)
+    assert losses == pytest.approx(ref_losses, rel=1e-12)
+    for m, r in zip([m for m in model if isinstance(m, nn.Linear)],
+                    [m for m in ref if isinstance(m, nn.Linear)]):
+        torch.testing.assert_close(wt(m), wt(r), rtol=1e-10, atol=1e-12)
+    for ls, rs in zip(opt.state["kbfgs"]["layers"], ref_st):
+        torch.testing.assert_close(ls["H_a"], rs["Ha"], rtol=1e-9, atol=1e-11)
+        torch.testing.assert_close(ls["A"], rs["A"])
+        if cls is KBFGS:
+            torch.testing.assert_close(ls["H_g"], rs["Hg"], rtol=1e-9, atol=1e-11)
+    d = opt.diagnostics()
+    assert d["g_pairs_accepted"] + d["g_pairs_rejected"] == 4 * 3
+
+
+def test_kbfgsl_equals_kbfgs_below_capacity():
+    data = batches(7, seed=5)
+    m1, m2 = mlp(4), mlp(4)
+    o1, o2 = KBFGS(m1, lr=0.3, damping=0.3), KBFGSL(m2, lr=0.3, damping=0.3, history_size=10)
+    for x, y in data:
+        o1.step(make_closure(o1, m1, x, y))
+        o2.step(make_closure(o2, m2, x, y))
+    for p1, p2 in zip(m1.parameters(), m2.parameters()):
+        torch.testing.assert_close(p1, p2, rtol=1e-10, atol=1e-12)
+    assert o2.diagnostics()["history_length"] == o1.diagnostics()["g_pairs_accepted_per_layer"]
+
+
+def test_ok4_output_layer_with_half_mse_keeps_hg_identity():
+    torch.manual_seed(6)
+    model = nn.Sequential(nn.Linear(4, 3), nn.Tanh(), nn.Linear(3, 4)).to(D)
+    opt = KBFGS(model, lr=0.2, damping=0.3)
+    g = torch.Generator().manual_seed(2)
+    for _ in range(5):
+        x = torch.randn(8, 4, generator=g, dtype=D)
+
+        def closure(x=x):
+            opt.zero_grad()
+            loss = 0.5 * (model(x) - x).pow(2).sum(1).mean()
+            loss.backward()
+            return loss
+
+        opt.step(closure)
+    out = opt.state["kbfgs"]["layers"][1]
+    torch.testing.assert_close(out["s_bar"], out["y_bar"], rtol=1e-12, atol=1e-14)
+    torch.testing.assert_close(out["H_g"], torch.eye(4, dtype=D), rtol=0, atol=1e-12)
+    assert opt.diagnostics()["dd_step1_active_per_layer"][1] == 0
+    assert opt.diagnostics()["dd_step2_active_per_layer"][1] == 0
+
+
+def test_ok6_homogeneous_coordinate_after_warm_start_and_ema():
+    model = mlp(1)
+    data = batches(4, n=6)
+    opt = KBFGS(model, lr=0.1)
+    assert opt.warm_start(data) == 4
+    xs = torch.stack([x.mean(0) for x, _ in data]).mean(0)
+    a = opt.state["kbfgs"]["layers"][0]["A"]
+    assert float(a[-1, -1]) == pytest.approx(1.0, abs=1e-14)
+    torch.testing.assert_close(a[-1, :-1], xs)
+    want = sum(torch.cat((x, torch.ones(6, 1, dtype=D)), 1).T @
+               torch.cat((x, torch.ones(6, 1, dtype=D)), 1) / 6 for x, _ in data) / 4
+    torch.testing.assert_close(a, want)
+    first = a.clone()
+    for x, y in data[:2]:
+        opt.step(make_closure(opt, model, x, y))
+    a = opt.state["kbfgs"]["layers"][0]["A"]
+    assert float(a[-1, -1]) == pytest.approx(1.0, abs=1e-14)
+    # warm-started: the first step skips the EMA; the second applies it with β = 0.9
+    x1 = data[1][0]
+    ah = torch.cat((x1, torch.ones(6, 1, dtype=D)), 1)
+    torch.testing.assert_close(a, 0.9 * first + 0.1 * ah.T @ ah / 6)
+
+
+def test_ok7_cautious_skip_and_history_cap():
+    model = mlp(2)
+    opt = KBFGSL(model, lr=0.0, history_size=3)  # s = y = 0: every G pair is rejected
+    for x, y in batches(3):
+        opt.step(make_closure(opt, model, x, y))
+    d = opt.diagnostics()
+    assert d["g_pairs_accepted"] == 0 and d["g_pairs_rejected"] == 6
+    assert d["history_length"] == [0, 0]
+    opt2 = KBFGSL(mlp(2), lr=0.3, history_size=3)
+    for x, y in batches(6):
+        opt2.step(make_closure(opt2, opt2.model, x, y))
+    d2 = opt2.diagnostics()
+    assert d2["g_pairs_accepted"] >= 8
+    assert max(d2["history_length"]) == 3
+    assert KBFGSL(mlp()).history_size == 100
+
+
+def test_non_finite_pair_is_rejected_and_counted():
+    model = mlp(2)
+    opt = KBFGS(model, lr=0.1)
+    x, y = batches(1)[0]
+    opt.step(make_closure(opt, model, x, y))
+    before = [ls["H_g"].clone() for ls in opt.state["kbfgs"]["layers"]]
+    sb = opt.state["kbfgs"]["layers"][0]["s_bar"].clone()
+    calls = []
+
+    def closure():
+        calls.append(1)
+        opt.zero_grad()
+        xx = x if len(calls) == 1 else x.clone().fill_(float("nan"))
+        loss = F.cross_entropy(model(xx), y)
+        loss.backward()
+        return loss
+
+    opt.step(closure)
+    ls = opt.state["kbfgs"]["layers"]
+    assert torch.equal(ls[0]["H_g"], before[0]) and torch.equal(ls[0]["s_bar"], sb)
+    assert opt.diagnostics()["g_pairs_rejected_per_layer"] == [1, 1]
+
+
+def test_closure_required_called_twice_returns_pass1_loss():
+    model = mlp()
+    opt = KBFGS(model)
+    with pytest.raises(RuntimeError, match="needs a closure"):
+        opt.step()
+    x, y = batches(1)[0]
+    with torch.no_grad():
+        want = float(F.cross_entropy(model(x), y))
+    calls = []
+    loss = opt.step(make_closure(opt, model, x, y, calls))
+    assert len(calls) == 2
+    assert float(loss.detach()) == want
+
+
+def test_conv2d_pairs_use_spatial_means():
+    torch.manual_seed(8)
+    conv = nn.Conv2d(2, 3, 3, padding=1).to(D)
+    model = nn.Sequential(conv, nn.Tanh(), nn.Flatten(), nn.Linear(3 * 16, 2)).to(D)
+    x = torch.randn(5, 2, 4, 4, dtype=D)
+    y = torch.randint(0, 2, (5,))
+    opt = KBFGSL(model, lr=0.05, damping=0.3, pair_decay=0.0)
+    snap = [p.detach().clone() for p in model.parameters()]
+
+    def explicit(params):
+        params = [p.detach().clone().requires_grad_() for p in params]
+        w, b, lw, lb = params
+        h = F.conv2d(x, w, b, padding=1)
+        h.retain_grad()
+        F.cross_entropy(F.linear(torch.tanh(h).flatten(1), lw, lb), y).backward()
+        return h.detach(), h.grad * len(x)
+
+    h1, g1 = explicit(snap)
+    cols = F.unfold(x, 3, padding=1).transpose(1, 2)
+    a = torch.cat((cols, torch.ones(5, 16, 1, dtype=D)), -1).reshape(-1, 19)
+    opt.step(make_closure(opt, model, x, y))
+    h2, g2 = explicit([p.detach() for p in model.parameters()])
+    ls = opt.state["kbfgs"]["layers"][0]
+    torch.testing.assert_close(ls["s_bar"], h2.mean(dim=(0, 2, 3)) - h1.mean(dim=(0, 2, 3)))
+    torch.testing.assert_close(ls["y_bar"], (g2 - g1).sum(dim=(2, 3)).mean(0))
+    torch.testing.assert_close(ls["A"], a.T @ a / a.shape[0])
+
+
+def test_unsupported_layer_trains_with_ema_fallback():
+    torch.manual_seed(9)
+    model = nn.Sequential(nn.Linear(5, 8), nn.LayerNorm(8), nn.Tanh(), nn.Linear(8, 3)).to(D)
+    opt = KBFGS(model, lr=0.3, weight_decay=0.0)
+    assert [g["kind"] for g in opt.param_groups] == ["kronecker", "fallback"]
+    norm = model[1]
+    x, y = batches(1, n=32)[0]
+    losses = [float(opt.step(make_closure(opt, model, x, y)).detach()) for _ in range(20)]
+    assert losses[-1] < 0.9 * losses[0]
+    # the fallback rule on one step: θ ← θ − lr (0.9 ĝ + 0.1 ∇), ∇ the pass-1 gradient
+    ema = [b.clone() for b in opt.state["kbfgs"]["fallback"]]
+    snap = [p.detach().clone() for p in norm.parameters()]
+    opt.zero_grad()
+    F.cross_entropy(model(x), y).backward()
+    grads = [p.grad.clone() for p in norm.parameters()]
+    opt.step(make_closure(opt, model, x, y))
+    for p, b, g, p0 in zip(norm.parameters(), ema, grads, snap):
+        torch.testing.assert_close(p.detach(), p0 - 0.3 * (0.9 * b + 0.1 * g))
+
+
+@pytest.mark.parametrize("cls", [KBFGS, KBFGSL])
+def test_exact_resume_into_fresh_model(cls):
+    data = batches(7)
+    kw = dict(lr=0.3, damping=0.2)
+    if cls is KBFGSL:
+        kw["history_size"] = 3
+    m_full = mlp(7)
+    o_full = cls(m_full, **kw)
+    o_full.warm_start(data[:2])
+    full = [float(o_full.step(make_closure(o_full, m_full, x, y)).detach()) for x, y in data]
+    m_a = mlp(7)
+    o_a = cls(m_a, **kw)
+    o_a.warm_start(data[:2])
+    for x, y in data[:4]:
+        o_a.step(make_closure(o_a, m_a, x, y))
+    buf = io.BytesIO()
+    torch.save({"model": m_a.state_dict(), "opt": o_a.state_dict()}, buf)
+    buf.seek(0)
+    ck = torch.load(buf, weights_only=True)
+    m_b = mlp(99)
+    m_b.load_state_dict(ck["model"])
+    o_b = cls(m_b, **kw)
+    o_b.load_state_dict(ck["opt"])
+    rest = [float(o_b.step(make_closure(o_b, m_b, x, y)).detach()) for x, y in data[4:]]
+    assert rest == full[4:]
+    for p1, p2 in zip(m_full.parameters(), m_b.parameters()):
+        assert torch.equal(p1, p2)
+
+
+@pytest.mark.parametrize("kw, name", [
+    (dict(lr=-0.1), "lr=-0.1"), (dict(damping=0), "damping=0"),
+    (dict(momentum=1.0), "momentum=1.0"), (dict(stat_decay=-0.1), "stat_decay=-0.1"),
+    (dict(pair_decay=1), "pair_decay=1"), (dict(mu1=0.0), "mu1=0.0"),
+    (dict(weight_decay=float("nan")), "weight_decay=nan"),
+])
+def test_bad_arguments(kw, name):
+    for cls in (KBFGS, KBFGSL):
+        with pytest.raises(ValueError, match=name.replace(".", r"\.")):
+            cls(mlp(), **kw)
+    with pytest.raises(ValueError, match="history_size=0"):
+        KBFGSL(mlp(), history_size=0)
+    with pytest.raises(ValueError, match="model="):
+        KBFGS(list(mlp().parameters()))
