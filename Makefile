@@ -13,7 +13,7 @@ $(VENV)/.installed: pyproject.toml
 	touch $@
 
 bench: $(VENV)/.installed
-	$(VENV)/bin/secant demo
+	$(VENV)/bin/secant bench
 
 lint: $(VENV)/.installed
 	$(PY) -m ruff check src tests benchmarks
