@@ -1,0 +1,145 @@
+"""Data generators and on-disk loaders of the benchmark harness."""
+
+import gzip
+import math
+import struct
+
+import numpy as np
+import pytest
+import torch
+
+from secant.bench import data as D
+from secant.bench.data import BenchError
+
+
+def test_curves_deterministic_per_seed_and_in_unit_interval():
+    a = D.curves_images(40, seed=3)
+    b = D.curves_images(40, seed=3)
+    c = D.curves_images(40, seed=4)
+    assert a.shape == (40, 784) and a.dtype == torch.float32
+    assert torch.equal(a, b)
+    assert not torch.equal(a, c)
+    assert a.min() >= 0.0 and a.max() <= 1.0
+    # chunking does not change the result
+    assert torch.equal(a, D.curves_images(40, seed=3, chunk=7))
+
+
+def test_curves_pass_through_their_three_points():
+    n, seed = 20, 11
+    imgs = D.curves_images(n, seed).view(n, 28, 28)
+    pts = np.random.default_rng(seed).uniform(2.0, 25.0, size=(n, 3, 2))  # same stream
+    for i in range(n):
+        for x, y in pts[i]:
+            # the pixel centre nearest to a defining point is within (0.5, 0.5) of the curve,
+            # so its intensity is at least exp(-0.5 / (2 * 0.7**2)) for the thinnest pen
+            assert imgs[i, round(y), round(x)] >= math.exp(-0.5 / (2 * 0.7**2)) - 0.03
+    # thin strokes: most of the image is dark
+    assert imgs.mean() < 0.2
+
+
+def test_curves_dataset_split_sizes():
+    assert D.CURVES_TRAIN == 20_000 and D.CURVES_TEST == 10_000
+
+
+def _idx_bytes(arr: np.ndarray) -> bytes:
+    return struct.pack(">BBBB", 0, 0, 0x08, arr.ndim) + struct.pack(
+        f">{arr.ndim}I", *arr.shape) + arr.astype(np.uint8).tobytes()
+
+
+@pytest.mark.parametrize("gz", [False, True])
+def test_read_idx_roundtrip(tmp_path, gz):
+    arr = np.arange(2 * 28 * 28, dtype=np.uint8).reshape(2, 28, 28)
+    raw = _idx_bytes(arr)
+    path = tmp_path / ("x.idx" + (".gz" if gz else ""))
+    path.write_bytes(gzip.compress(raw) if gz else raw)
+    out = D.read_idx(path)
+    assert out.shape == (2, 28, 28)
+    assert np.array_equal(out, arr)
+
+
+def test_read_idx_rejects_truncated_and_garbage(tmp_path):
+    arr = np.zeros((3, 28, 28), dtype=np.uint8)
+    path = tmp_path / "t.idx"
+    path.write_bytes(_idx_bytes(arr)[:-10])
+    with pytest.raises(BenchError, match="truncated"):
+        D.read_idx(path)
+    path.write_bytes(b"\x01\x02\x03")
+    with pytest.raises(BenchError, match="not an IDX file"):
+        D.read_idx(path)
+
+
+def test_load_mnist_from_idx_files(tmp_path):
+    tr = np.full((4, 28, 28), 255, dtype=np.uint8)
+    tr[1] = 51  # 51 / 255 = 0.2
+    te = np.zeros((2, 28, 28), dtype=np.uint8)
+    (tmp_path / "train-images-idx3-ubyte.gz").write_bytes(gzip.compress(_idx_bytes(tr)))
+    (tmp_path / "t10k-images-idx3-ubyte").write_bytes(_idx_bytes(te))
+    x_train, x_test = D.load_mnist(tmp_path)
+    assert x_train.shape == (4, 784) and x_test.shape == (2, 784)
+    assert x_train[0].eq(1.0).all() and torch.allclose(x_train[1], torch.full((784,), 0.2))
+    assert x_test.eq(0).all()
+
+
+def test_load_mnist_names_missing_files(tmp_path):
+    with pytest.raises(BenchError, match="t10k-images-idx3-ubyte"):
+        (tmp_path / "train-images-idx3-ubyte").write_bytes(
+            _idx_bytes(np.zeros((1, 28, 28), np.uint8)))
+        D.load_mnist(tmp_path)
+    with pytest.raises(BenchError, match="--data-dir"):
+        D.load_mnist(None)
+
+
+def _cifar_records(labels, fill):
+    out = bytearray()
+    for lab, f in zip(labels, fill):
+        out.append(lab)
+        img = np.zeros((3, 32, 32), dtype=np.uint8)
+        img[0], img[1], img[2] = f, (f + 1) % 256, (f + 2) % 256  # R, G, B planes
+        out += img.tobytes()
+    return bytes(out)
+
+
+def test_read_cifar_batch_layout(tmp_path):
+    path = tmp_path / "data_batch_1.bin"
+    path.write_bytes(_cifar_records([3, 9], [10, 200]))
+    x, y = D.read_cifar_batch(path)
+    assert y.tolist() == [3, 9]
+    assert x.shape == (2, 3, 32, 32) and x.dtype == torch.uint8
+    assert x[0, 0].eq(10).all() and x[0, 1].eq(11).all() and x[1, 2].eq(202).all()
+
+
+def test_read_cifar_batch_rejects_truncated(tmp_path):
+    path = tmp_path / "data_batch_1.bin"
+    path.write_bytes(_cifar_records([1, 2], [0, 0])[:-1])
+    with pytest.raises(BenchError, match="truncated"):
+        D.read_cifar_batch(path)
+
+
+def test_load_cifar10_normalises_and_finds_subfolder(tmp_path):
+    base = tmp_path / "cifar-10-batches-bin"
+    base.mkdir()
+    for name in D.CIFAR_TRAIN_FILES + D.CIFAR_TEST_FILES:
+        (base / name).write_bytes(_cifar_records([1, 2, 3], [255, 0, 100]))
+    x_tr, y_tr, x_te, y_te = D.load_cifar10(tmp_path)
+    assert x_tr.shape == (15, 3, 32, 32) and x_te.shape == (3, 3, 32, 32)
+    assert y_tr.tolist() == [1, 2, 3] * 5
+    # hand-computed: red plane of the first image is 255 -> (1 - 0.4914) / 0.2470
+    assert x_tr[0, 0, 0, 0].item() == pytest.approx((1.0 - 0.4914) / 0.2470, rel=1e-6)
+    with pytest.raises(BenchError, match="test_batch.bin"):
+        (base / "test_batch.bin").unlink()
+        D.load_cifar10(tmp_path)
+
+
+def test_digits_split():
+    x_tr, y_tr, x_te, y_te = D.load_digits_split()
+    assert len(x_tr) == 1297 and len(x_te) == 500
+    assert x_tr.min() >= 0 and x_tr.max() <= 1
+    assert set(y_te.tolist()) == set(range(10))
+
+
+def test_quadratic_spectrum():
+    h, x_tr, x_te = D.quadratic_deep()
+    eig = torch.linalg.eigvalsh(h.double())
+    assert (eig[:90] >= -1e-4).all() and (eig[:90] <= 1 + 1e-4).all()
+    assert (eig[90:] >= 30 - 1e-3).all() and (eig[90:] <= 60 + 1e-3).all()
+    assert x_tr.shape == (1000, 100) and x_te.shape == (1000, 100)
