@@ -297,7 +297,7 @@ def test_non_finite_statistics_rejected_and_counted():
     bad[0, 0] = float("inf")
     opt.step(closure_for(opt, model, bad, y))
     after = opt.state["kfac"]["layers"]
-    assert torch.equal(after[0]["A"], before[0]) and torch.isfinite(after[0]["Q_A"]).all()
+    assert torch.equal(after[0]["A"], before[0]) and torch.isfinite(after[0]["A_inv"]).all()
     assert opt.diagnostics()["stats_rejected_per_layer"][0] == 1
 
 

@@ -9,6 +9,7 @@ import torch
 from secant.linalg.kron import (
     damped_inverse,
     eigen_apply,
+    eigen_inverse,
     factored_pi,
     factored_shifts,
     kl_clip_scale,
@@ -106,6 +107,14 @@ def test_eigen_path_factored_equals_dense_factored(gen):
     dense = torch.kron(a + sa * torch.eye(5, dtype=D), g + sg * torch.eye(4, dtype=D))
     want = unvec_f(torch.linalg.solve(dense, vec_f(x)), 4, 5)
     torch.testing.assert_close(got, want, rtol=1e-9, atol=1e-10)
+
+
+def test_eigen_inverse_equals_dense_inverse(gen):
+    a = spd(5, gen)
+    d, q = sym_eigh(a)
+    torch.testing.assert_close(eigen_inverse(d, q, 0.2),
+                               torch.linalg.inv(a + 0.2 * torch.eye(5, dtype=D)),
+                               rtol=1e-10, atol=1e-12)
 
 
 def test_damped_inverse_cholesky(gen):

@@ -93,6 +93,13 @@ def sym_eigh(m: Tensor, floor: float = 1e-10) -> tuple[Tensor, Tensor]:
     return d.to(m.dtype), q.to(m.dtype)
 
 
+def eigen_inverse(d: Tensor, q: Tensor, shift: Tensor | float) -> Tensor:
+    """``Q diag(1 / (d + shift)) Qᵀ = (M + shift·I)⁻¹`` from ``M``'s eigendecomposition."""
+    if isinstance(shift, Tensor):
+        shift = shift[..., None]
+    return (q / (d + shift).unsqueeze(-2)) @ q.transpose(-1, -2)
+
+
 def eigen_apply(q_g: Tensor, d_g: Tensor, x: Tensor, q_a: Tensor, d_a: Tensor,
                 denom_shift: float | Tensor = 0.0, shift_g: Tensor | float = 0.0,
                 shift_a: Tensor | float = 0.0) -> Tensor:

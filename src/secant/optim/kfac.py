@@ -19,6 +19,7 @@ from secant.layers import (
 from secant.linalg.kron import (
     damped_inverse,
     eigen_apply,
+    eigen_inverse,
     factored_shifts,
     kl_clip_scale,
     sym_eigh,
@@ -72,10 +73,13 @@ class KFAC(LayerOptimizer):
         damping_mode="exact":     vec P = (A ⊗ G + λI)⁻¹ vec X   (eigen path only; the
                                   ``alecwangcq/KFAC-Pytorch`` reference)
 
-    ``inverse_method="eigen"`` stores ``A = Q_A diag(d_A) Q_Aᵀ`` (eigenvalues < 1e-10 set to 0)
-    and applies ``Q_G[(Q_Gᵀ X Q_A) / ((d_G + s_G)(d_A + s_A)ᵀ + λ_exact)]Q_Aᵀ``;
-    ``"cholesky"`` stores the two damped inverses (factored damping only). π and the shifts are
-    fixed at each inverse update, so changing ``damping`` takes effect at the next one.
+    ``inverse_method="eigen"`` decomposes ``A = Q_A diag(d_A) Q_Aᵀ`` (eigenvalues < 1e-10 set
+    to 0); ``"cholesky"`` factorises the damped factors (factored damping only). With factored
+    damping both store the two damped inverses ``(A + π√λI)⁻¹``, ``(G + √λ/π I)⁻¹`` (so a step
+    costs two matrix products per layer); with exact damping the eigenbases are stored and the
+    step is ``Q_G[(Q_Gᵀ X Q_A) / (d_G d_Aᵀ + λ)]Q_Aᵀ`` (four products). π and the shifts are fixed
+    at each inverse update, so with factored damping a change of ``damping`` takes effect at
+    the next one.
 
     KL-clipping (Ba, Grosse & Martens 2017): ``ν = min(1, sqrt(κ / (η² Σ_l ⟨X_l, P_l⟩)))`` over all
     layers (``kl_clip=None`` disables it). Heavy-ball momentum (as the reference code): ``u ← μ u +
@@ -184,7 +188,7 @@ class KFAC(LayerOptimizer):
             "inverses_rejected": torch.zeros((), dtype=torch.long, device=w.device),
             "kl_clip_active": torch.zeros((), dtype=torch.long, device=w.device),
         }
-        if self.inverse_method == "eigen":
+        if self.damping_mode == "exact":
             st.update(d_A=torch.ones(d_in, **kw), Q_A=torch.eye(d_in, **kw),
                       d_G=torch.ones(d_out, **kw), Q_G=torch.eye(d_out, **kw))
         else:
@@ -257,7 +261,11 @@ class KFAC(LayerOptimizer):
             if self.inverse_method == "eigen":
                 d_a, q_a = sym_eigh(a)
                 d_g, q_g = sym_eigh(g)
-                new = {"d_A": d_a, "Q_A": q_a, "d_G": d_g, "Q_G": q_g}
+                if self.damping_mode == "exact":
+                    new = {"d_A": d_a, "Q_A": q_a, "d_G": d_g, "Q_G": q_g}
+                else:
+                    new = {"A_inv": eigen_inverse(d_a, q_a, sa),
+                           "G_inv": eigen_inverse(d_g, q_g, sg)}
             else:
                 new = {"A_inv": damped_inverse(a, sa), "G_inv": damped_inverse(g, sg)}
             ok = torch.stack([torch.isfinite(t).all() for t in new.values()]).all()
@@ -268,11 +276,9 @@ class KFAC(LayerOptimizer):
             ls["inverses_rejected"] += ~ok
 
     def _direction(self, ls: dict[str, Any], x: Tensor, damping: float) -> Tensor:
-        if self.inverse_method == "cholesky":
+        if self.damping_mode == "factored":
             return ls["G_inv"] @ x @ ls["A_inv"]
-        exact = damping if self.damping_mode == "exact" else 0.0
-        return eigen_apply(ls["Q_G"], ls["d_G"], x, ls["Q_A"], ls["d_A"], exact,
-                           ls["shift_g"], ls["shift_a"])
+        return eigen_apply(ls["Q_G"], ls["d_G"], x, ls["Q_A"], ls["d_A"], damping)
 
     def _layer_step(self, group: dict[str, Any]) -> None:
         st = self._st
