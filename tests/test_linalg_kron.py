@@ -148,3 +148,24 @@ def test_of3_kl_clip(gen):
     assert float(kl_clip_scale(grads, dirs, 1e-4, kappa)) == 1.0
     # non-positive curvature sum: no clipping
     assert float(kl_clip_scale(grads, [-d for d in dirs], lr, kappa)) == 1.0
+
+
+def test_sym_eigh_retries_in_float64(gen, monkeypatch):
+    a = spd(4, gen).float()
+    real = torch.linalg.eigh
+    dtypes = []
+
+    def flaky(m):
+        dtypes.append(m.dtype)
+        if m.dtype == torch.float32:
+            raise torch.linalg.LinAlgError("no convergence")
+        return real(m)
+
+    monkeypatch.setattr(torch.linalg, "eigh", flaky)
+    d, q = sym_eigh(a)
+    assert dtypes == [torch.float32, torch.float64] and d.dtype == torch.float32
+    torch.testing.assert_close(q @ torch.diag(d) @ q.T, a, rtol=1e-5, atol=1e-5)
+    monkeypatch.setattr(torch.linalg, "eigh", lambda m: (_ for _ in ()).throw(
+        torch.linalg.LinAlgError("never")))
+    d, q = sym_eigh(a)
+    assert torch.isnan(d).all() and torch.isnan(q).all()

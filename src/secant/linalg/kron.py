@@ -84,11 +84,23 @@ def sym_eigh(m: Tensor, floor: float = 1e-10) -> tuple[Tensor, Tensor]:
     """Eigendecomposition ``M = Q diag(d) Qᵀ`` of a symmetric PSD matrix, in >= float32.
 
     Eigenvalues below ``floor`` are set to 0 (as the reference K-FAC code does: they are rounding
-    noise of a PSD matrix). Returns ``(d, Q)`` in the input dtype.
+    noise of a PSD matrix). LAPACK's float32 solver fails to converge on some large, nearly
+    singular factors (seen on 1000×1000 autoencoder factors); the decomposition is then redone
+    in float64, and if that fails too the result is NaN (callers reject it). Returns ``(d, Q)``
+    in the input dtype.
     """
     dt = compute_dtype(m.dtype)
-    mm = m.to(dt)
-    d, q = torch.linalg.eigh(0.5 * (mm + mm.transpose(-1, -2)))
+    for attempt in (dt, torch.float64):
+        mm = m.to(attempt)
+        try:
+            d, q = torch.linalg.eigh(0.5 * (mm + mm.transpose(-1, -2)))
+            break
+        except torch.linalg.LinAlgError:
+            continue
+    else:
+        nan = float("nan")
+        return torch.full(m.shape[:-1], nan, dtype=m.dtype, device=m.device), \
+            torch.full_like(m, nan)
     d = torch.where(d < floor, torch.zeros_like(d), d)
     return d.to(m.dtype), q.to(m.dtype)
 
