@@ -87,8 +87,9 @@ def _common(p: argparse.ArgumentParser) -> None:
                    help="local data: MNIST IDX files (mnist), CIFAR-10 binary batches (cifar10)")
     p.add_argument("--synthetic", action="store_true",
                    help="cifar10*: random CIFAR-shaped data (throughput only)")
-    p.add_argument("--threads", type=_positive_int, metavar="N",
-                   help="torch CPU threads (default: torch's choice)")
+    p.add_argument("--threads", type=_positive_int, default=1, metavar="N",
+                   help="torch CPU threads (default 1: on a shared CPU, more threads than free "
+                   "cores make step times erratic; raise it on an idle machine)")
     p.add_argument("--evals", type=_positive_int, default=20, metavar="N",
                    help="evaluations per run on the fixed subsets (default 20)")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
