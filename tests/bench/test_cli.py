@@ -4,16 +4,19 @@ import importlib.util
 import json
 
 import pytest
+import torch
 
 from secant.cli import main
 
 
 def test_bench_smoke_writes_all_outputs(tmp_path, capsys):
     out = tmp_path / "res"
+    torch.set_num_threads(2)
     rc = main(["bench", "--problem", "digits", "--optimizers", "sgd,adam,mlbfgs",
                "--budget-seconds", "0.4", "--evals", "3", "--out", str(out), "--no-progress",
                "--lr", "adam=0.002"])
     assert rc == 0
+    assert torch.get_num_threads() == 2  # --threads (default 1) is restored afterwards
     for name in ("results.json", "loss_vs_step.png", "loss_vs_time.png", "report.md"):
         assert (out / name).is_file() and (out / name).stat().st_size > 0
     res = json.loads((out / "results.json").read_text())

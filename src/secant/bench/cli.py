@@ -289,8 +289,11 @@ def tune(args: argparse.Namespace, argv_text: str) -> int:
 
 def dispatch(args: argparse.Namespace, argv: list[str]) -> int:
     argv_text = "secant " + shlex.join(argv)
+    threads = torch.get_num_threads()
     try:
         return bench(args, argv_text) if args.command == "bench" else tune(args, argv_text)
     except BenchError as exc:
         print(f"secant {args.command}: error: {exc}", file=sys.stderr)
         return 2
+    finally:
+        torch.set_num_threads(threads)  # leave the caller's setting as it was
