@@ -46,7 +46,7 @@ class Blocks:
         self.layout = BlockLayout([[d] for d in self.dummies], chunk)
 
     def pack(self, vecs):
-        buf = self.layout.new_buffer(torch.float64)
+        buf = self.layout.new_buffer()
         for v, view in zip(vecs, self.layout.views(buf)):
             view.copy_(v)
         return buf

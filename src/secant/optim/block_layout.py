@@ -3,6 +3,11 @@
 A :class:`BlockLayout` places blocks of parameters one after the other in a ``[K, c]`` buffer,
 each block padded to whole chunks of ``c`` entries, and hands out per-parameter views into any
 buffer of that shape, so that ``torch._foreach_*`` ops act on parameters and flat state alike.
+
+For distributed training the blocks are split into ``shards`` (one per rank). Shard ``r`` holds
+chunks ``[r·K_s, r·K_s + K_r)`` with ``K_s`` the largest shard's chunk count; the rest of its
+section is zero padding. A rank's own slice is then exactly what it contributes to an
+``all_gather_into_tensor`` whose output is a full-layout buffer.
 """
 
 from __future__ import annotations
@@ -14,44 +19,65 @@ from torch import Tensor
 
 
 class BlockLayout:
-    """Chunked flat layout of ``blocks`` (each a sequence of parameters)."""
+    """Chunked flat layout of ``blocks`` (each a sequence of parameters), split into shards."""
 
-    def __init__(self, blocks: Sequence[Sequence[Tensor]], chunk_size: int) -> None:
+    def __init__(
+        self,
+        blocks: Sequence[Sequence[Tensor]],
+        chunk_size: int,
+        shards: Sequence[Sequence[int]] | None = None,
+    ) -> None:
         if chunk_size < 1:
             raise ValueError(f"chunk_size={chunk_size} must be >= 1")
-        largest = max((sum(p.numel() for p in b) for b in blocks), default=1)
+        shards = [list(range(len(blocks)))] if shards is None else [list(s) for s in shards]
+        self.block_sizes = [sum(p.numel() for p in b) for b in blocks]
         # No wider than the largest block, rounded up to a multiple of 64 entries.
-        self.chunk_size = min(chunk_size, -(-largest // 64) * 64)
+        self.chunk_size = c = min(chunk_size, -(-max(self.block_sizes, default=1) // 64) * 64)
+        chunks = [max(1, -(-n // c)) for n in self.block_sizes]
+        self.shard_size = max((sum(chunks[b] for b in s) for s in shards), default=0)
         self.params: list[Tensor] = []
         self.offsets: list[int] = []
-        chunk_block: list[int] = []
-        offset = 0
-        for b, block in enumerate(blocks):
-            start = offset
-            for p in block:
-                self.params.append(p)
-                self.offsets.append(offset)
-                offset += p.numel()
-            chunks = max(1, -(-(offset - start) // self.chunk_size))
-            chunk_block += [b] * chunks
-            offset = start + chunks * self.chunk_size
+        self.block_chunks: list[range] = [range(0)] * len(blocks)
+        chunk_block = [0] * (self.shard_size * len(shards))
+        self.shards = shards
+        for r, shard in enumerate(shards):
+            k = r * self.shard_size
+            for b in shard:
+                offset = k * c
+                for p in blocks[b]:
+                    self.params.append(p)
+                    self.offsets.append(offset)
+                    offset += p.numel()
+                self.block_chunks[b] = range(k, k + chunks[b])
+                chunk_block[k : k + chunks[b]] = [b] * chunks[b]
+                k += chunks[b]
         self._index = {id(p): i for i, p in enumerate(self.params)}
         self.num_blocks = len(blocks)
-        self.block_sizes = [sum(p.numel() for p in b) for b in blocks]
         device = self.params[0].device if self.params else torch.device("cpu")
+        self.dtype = self.params[0].dtype if self.params else torch.float32
         self.chunk_block = torch.tensor(chunk_block, dtype=torch.long, device=device)
-        self.shape = (len(chunk_block), self.chunk_size)
+        self.shape = (len(chunk_block), c)
 
-    def new_buffer(self, dtype: torch.dtype | None = None) -> Tensor:
-        """A zero ``[K, c]`` buffer on the parameters' device."""
-        dtype = dtype or (self.params[0].dtype if self.params else torch.float32)
-        return torch.zeros(self.shape, dtype=dtype, device=self.chunk_block.device)
+    def shard_chunks(self, rank: int) -> slice:
+        """Chunks owned by shard ``rank`` (without its padding)."""
+        start = rank * self.shard_size
+        return slice(start, start + sum(len(self.block_chunks[b]) for b in self.shards[rank]))
 
-    def views(self, buf: Tensor, params: Sequence[Tensor] | None = None) -> list[Tensor]:
-        """Views of ``buf`` shaped like ``params`` (default: all parameters, in layout order)."""
+    def new_buffer(self, chunks: int | None = None) -> Tensor:
+        """A zero ``[chunks, c]`` buffer (default: the full layout) on the parameters' device."""
+        rows = self.shape[0] if chunks is None else chunks
+        return torch.zeros(rows, self.chunk_size, dtype=self.dtype, device=self.chunk_block.device)
+
+    def views(self, buf: Tensor, params: Sequence[Tensor] | None = None,
+              first_chunk: int = 0) -> list[Tensor]:
+        """Views of ``buf`` shaped like ``params`` (default: all parameters, in layout order).
+
+        ``buf`` may be a slice of the layout that starts at chunk ``first_chunk``.
+        """
         flat = buf.view(-1)
+        origin = first_chunk * self.chunk_size
         out = []
         for p in self.params if params is None else params:
-            o = self.offsets[self._index[id(p)]]
+            o = self.offsets[self._index[id(p)]] - origin
             out.append(flat[o : o + p.numel()].view_as(p))
         return out

@@ -8,9 +8,11 @@ from collections.abc import Callable, Iterable, Sequence
 from typing import Any
 
 import torch
+import torch.distributed as dist
 from torch import Tensor
 from torch.optim import Optimizer
 
+from secant.distributed import all_gather_rows, assign_blocks, check_consistent, resolve_group
 from secant.linalg import (
     History,
     block_dot,
@@ -114,6 +116,7 @@ class MomentumLBFGS(Optimizer):
         grad_ema_reset: bool = False,
         pair_momentum: float = 0.0,
         chunk_size: int = 4096,
+        process_group: dist.ProcessGroup | None = None,
     ) -> None:
         _check(isinstance(history_size, int) and history_size >= 1, "history_size",
                history_size, "an integer >= 1")
@@ -151,9 +154,27 @@ class MomentumLBFGS(Optimizer):
         self.pair_momentum = pair_momentum
         resolved = self._resolve_blocks(blocks)
         self._block_group = self._group_of_blocks(resolved)
-        self._layout = BlockLayout(resolved, chunk_size)
+        self._group, self._rank, self._world = resolve_group(process_group)
+        sizes = [sum(p.numel() for p in b) for b in resolved]
+        shards = assign_blocks(sizes, self._world) if self._group else None
+        lay = self._layout = BlockLayout(resolved, chunk_size, shards)
+        if self._group is not None:
+            setup = (f"{[tuple(p.shape) for p in lay.params]} {sizes} m={history_size} "
+                     f"T={update_period} c={lay.chunk_size} {lay.dtype}")
+            check_consistent(setup, self._group, lay.chunk_block.device,
+                             "the parameters, blocks or MomentumLBFGS settings")
+        # This rank's curvature state: its own blocks' chunks only.
+        self._own = lay.shard_chunks(self._rank)
+        own_blocks = lay.shards[self._rank]
+        local = {b: i for i, b in enumerate(own_blocks)}
+        self._own_chunk_block = torch.tensor(
+            [local[int(b)] for b in lay.chunk_block[self._own]], dtype=torch.long,
+            device=lay.chunk_block.device)
+        self._own_params = [p for b in own_blocks for p in resolved[b]]
+        self._chunk_group = torch.tensor(self._block_group, dtype=torch.long,
+                                         device=lay.chunk_block.device)[lay.chunk_block]
         self.state[_STATE] = self._fresh_state()
-        self._scratch = self._layout.new_buffer()
+        self._scratch = lay.new_buffer()
         self._view_cache: dict[str, list[Tensor]] = {}
 
     # ------------------------------------------------------------------ set-up
@@ -186,21 +207,23 @@ class MomentumLBFGS(Optimizer):
 
     def _fresh_state(self) -> dict[str, Any]:
         lay = self._layout
-        hist_shape = (lay.shape[0], 2 * self.history_size, lay.shape[1])
-        counters = torch.zeros(lay.num_blocks, dtype=torch.long, device=lay.chunk_block.device)
+        k_own = self._own.stop - self._own.start
+        n_own = len(lay.shards[self._rank])
+        m2 = 2 * self.history_size
+        dev = lay.chunk_block.device
+        counters = torch.zeros(n_own, dtype=torch.long, device=dev)
         return {
             "step": 0,
             "skipped_steps": 0,
+            "shard": [self._rank, self._world],
             "last_lrs": [0.0] * len(self.param_groups),
-            "param_ema": lay.new_buffer(),
-            "grad_ema": lay.new_buffer(),
-            "param_snapshot": lay.new_buffer(),
-            "grad_snapshot": lay.new_buffer(),
+            "param_ema": lay.new_buffer(k_own),
+            "grad_ema": lay.new_buffer(k_own),
+            "param_snapshot": lay.new_buffer(k_own),
+            "grad_snapshot": lay.new_buffer(k_own),
             "momentum_buffer": lay.new_buffer(),
-            "history": torch.zeros(hist_shape, dtype=lay.new_buffer().dtype,
-                                   device=lay.chunk_block.device),
-            "gram": torch.zeros(lay.num_blocks, 2 * self.history_size, 2 * self.history_size,
-                                dtype=lay.new_buffer().dtype, device=lay.chunk_block.device),
+            "history": torch.zeros(k_own, m2, lay.chunk_size, dtype=lay.dtype, device=dev),
+            "gram": torch.zeros(n_own, m2, m2, dtype=lay.dtype, device=dev),
             "head": counters.clone(),
             "count": counters.clone(),
             "pairs_accepted": counters.clone(),
@@ -213,6 +236,9 @@ class MomentumLBFGS(Optimizer):
         fresh = self._fresh_state()
         if saved is None or set(saved) != set(fresh):
             raise ValueError("state_dict was not saved by a MomentumLBFGS optimizer")
+        if list(saved["shard"]) != fresh["shard"]:
+            raise ValueError(f"state_dict holds the shard (rank, world) = {saved['shard']}, this "
+                             f"optimizer is {fresh['shard']}: each rank loads its own state")
         for key, ref in fresh.items():
             if isinstance(ref, Tensor) and saved[key].shape != ref.shape:
                 raise ValueError(f"state_dict entry {key!r} has shape {tuple(saved[key].shape)},"
@@ -227,16 +253,17 @@ class MomentumLBFGS(Optimizer):
         self._view_cache.clear()
 
     # ------------------------------------------------------------------ helpers
-    def _views(self, name: str) -> list[Tensor]:
+    def _own_views(self, name: str) -> list[Tensor]:
+        """Views of this rank's curvature buffer ``name`` shaped like its own parameters."""
         if name not in self._view_cache:
-            buf = self._scratch if name == "scratch" else self.state[_STATE][name]
-            self._view_cache[name] = self._layout.views(buf)
+            self._view_cache[name] = self._layout.views(
+                self.state[_STATE][name], self._own_params, self._own.start)
         return self._view_cache[name]
 
     def _history(self) -> History:
         st = self.state[_STATE]
         return History(st["history"], st["gram"], st["head"], st["count"],
-                       self._layout.chunk_block)
+                       self._own_chunk_block)
 
     def _ema(self, ema: Tensor | list[Tensor], x: Tensor | list[Tensor]) -> None:
         if isinstance(ema, Tensor):
@@ -247,23 +274,39 @@ class MomentumLBFGS(Optimizer):
             torch._foreach_mul_(ema, self.beta)
             torch._foreach_add_(ema, x)
 
+    def _update_curvature(self, t: int, g_own: Tensor) -> None:
+        """EMAs every step; every T steps a new pair (from step 2T) and new snapshots."""
+        st = self.state[_STATE]
+        T = self.update_period
+        if t == 1:
+            torch._foreach_copy_(self._own_views("param_ema"), self._own_params)
+            st["grad_ema"].copy_(g_own)
+        else:
+            self._ema(self._own_views("param_ema"), self._own_params)
+            self._ema(st["grad_ema"], g_own)
+        if t % T == 0:
+            if t >= 2 * T:
+                self._form_pair()
+            st["param_snapshot"].copy_(st["param_ema"])
+            st["grad_snapshot"].copy_(st["grad_ema"])
+            if self.grad_ema_reset:
+                st["grad_ema"].copy_(g_own)
+
     def _form_pair(self) -> None:
         st = self.state[_STATE]
-        lay = self._layout
         h = self._history()
         s = st["param_ema"] - st["param_snapshot"]
         y = st["grad_ema"] - st["grad_snapshot"]
         if self.pair_momentum > 0.0:
             s_prev, y_prev = newest_pair(h)
-            a = torch.where(h.count > 0, self.pair_momentum, 0.0)[lay.chunk_block].unsqueeze(1)
+            a = torch.where(h.count > 0, self.pair_momentum, 0.0)[h.chunk_block].unsqueeze(1)
             s = (1.0 - a) * s + a * s_prev
             y = (1.0 - a) * y + a * y_prev
-        nb = lay.num_blocks
-        ss = block_dot(s, s, lay.chunk_block, nb)
-        sy = block_dot(s, y, lay.chunk_block, nb)
+        ss = block_dot(s, s, h.chunk_block, h.num_blocks)
+        sy = block_dot(s, y, h.chunk_block, h.num_blocks)
         tau, active = tau_coefficient(sy, ss, self.sigma_low, self.sigma_high, self.tau_max)
         accept = torch.isfinite(tau) & (ss > 0)
-        t = torch.where(accept, tau, 0.0)[lay.chunk_block].unsqueeze(1)
+        t = torch.where(accept, tau, 0.0)[h.chunk_block].unsqueeze(1)
         push(h, s, t * y + (1.0 - t) * s, accept)
         st["pairs_accepted"] += accept
         st["pairs_rejected"] += ~accept
@@ -279,10 +322,9 @@ class MomentumLBFGS(Optimizer):
             assert g_norm is not None
             return d * (g_norm / d_norm.clamp(min=torch.finfo(d.dtype).tiny))
         assert g is not None
-        lay = self._layout
-        lrs = torch.tensor([self.param_groups[i]["lr"] for i in self._block_group],
-                           dtype=d.dtype, device=d.device)
-        gd = (lrs**2 * block_dot(g, d, lay.chunk_block, lay.num_blocks)).sum()
+        lrs = torch.tensor([group["lr"] for group in self.param_groups], dtype=d.dtype,
+                           device=d.device)[self._chunk_group]
+        gd = (lrs**2 * (g * d).sum(-1)).sum()
         nu = torch.where(gd > 0, (self.kl_clip / gd.clamp(min=1e-300)).sqrt(), 1.0).clamp(max=1)
         return d * nu
 
@@ -296,8 +338,10 @@ class MomentumLBFGS(Optimizer):
                 loss = closure()
         st = self.state[_STATE]
         lay = self._layout
-        d = self._scratch
-        d_views = self._views("scratch")
+        d = self._scratch  # full layout: gradient, then direction
+        if "scratch" not in self._view_cache:
+            self._view_cache["scratch"] = lay.views(d)
+        d_views = self._view_cache["scratch"]
         with_grad = [p.grad is not None for p in lay.params]
         if not any(with_grad):
             return loss
@@ -312,30 +356,24 @@ class MomentumLBFGS(Optimizer):
             return loss
 
         t = st["step"] = st["step"] + 1
-        T = self.update_period
-        if t == 1:
-            torch._foreach_copy_(self._views("param_ema"), lay.params)
-            st["grad_ema"].copy_(d)
-        else:
-            self._ema(self._views("param_ema"), lay.params)
-            self._ema(st["grad_ema"], d)
-        if t % T == 0:
-            if t >= 2 * T:
-                self._form_pair()
-            st["param_snapshot"].copy_(st["param_ema"])
-            st["grad_snapshot"].copy_(st["grad_ema"])
-            if self.grad_ema_reset:
-                st["grad_ema"].copy_(d)
+        if self._own_params:  # a rank may own no block
+            self._update_curvature(t, d[self._own])
 
         active = [[p for p in g["params"] if p.grad is not None] for g in self.param_groups]
         for group, params in zip(self.param_groups, active):
             if group["weight_decay"] != 0 and params:
                 torch._foreach_add_(lay.views(d, params), params, alpha=group["weight_decay"])
-        if t >= 2 * T:
+        if t >= 2 * self.update_period:
             raw = d.clone() if self.step_rule == "kl_clip" else None
             g_norm = torch.linalg.vector_norm(d) if self.step_rule == "grad_norm" else None
             h = self._history()
-            d = compact_apply(h, d.unsqueeze(1), newest_gamma(h)).squeeze(1)
+            own_dir = d[self._own]
+            if self._own_params:
+                own_dir = compact_apply(h, own_dir.unsqueeze(1), newest_gamma(h)).squeeze(1)
+            if self._group is None:
+                d = own_dir
+            else:
+                d = all_gather_rows(own_dir, lay.shard_size, self._group)
             d = self._apply_step_rule(d, g_norm, raw)
         u = st["momentum_buffer"]
         for i, (group, params) in enumerate(zip(self.param_groups, active)):

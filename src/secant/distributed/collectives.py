@@ -1,0 +1,53 @@
+"""Process-group resolution, set-up consistency checks and the direction all-gather."""
+
+from __future__ import annotations
+
+import zlib
+
+import torch
+import torch.distributed as dist
+from torch import Tensor
+
+# torch >= 2.10 names it all_gather_single; older releases all_gather_into_tensor.
+_all_gather = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
+
+
+def resolve_group(process_group: dist.ProcessGroup | None) -> tuple[
+        dist.ProcessGroup | None, int, int]:
+    """``(group, rank, world)``; ``(None, 0, 1)`` when not running distributed.
+
+    With ``process_group=None`` the default group is used if ``torch.distributed`` is
+    initialised with more than one rank.
+    """
+    if process_group is None:
+        if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+            return None, 0, 1
+        process_group = dist.group.WORLD
+    return process_group, dist.get_rank(process_group), dist.get_world_size(process_group)
+
+
+def check_consistent(description: str, group: dist.ProcessGroup, device: torch.device,
+                     what: str) -> None:
+    """Raise ``ValueError`` on every rank if the ranks' ``description`` strings differ.
+
+    One small all-gather of a checksum; it runs under the process group's timeout, so a rank
+    that never arrives fails the others instead of hanging forever.
+    """
+    mine = torch.tensor([zlib.crc32(description.encode())], dtype=torch.long, device=device)
+    world = dist.get_world_size(group)
+    every = torch.empty(world, dtype=torch.long, device=device)
+    _all_gather(every, mine, group=group)
+    if not bool((every == every[0]).all()):
+        ranks = [r for r in range(world) if every[r] != every[0]]
+        raise ValueError(f"ranks disagree on {what}: rank(s) {ranks} differ from rank 0 "
+                         f"(this rank: {description[:200]})")
+
+
+def all_gather_rows(own: Tensor, rows_per_rank: int, group: dist.ProcessGroup) -> Tensor:
+    """Concatenate every rank's ``own [k_r, c]`` (zero-padded to ``rows_per_rank``) into
+    ``[world · rows_per_rank, c]``, identical on every rank."""
+    padded = own.new_zeros(rows_per_rank, own.shape[1])
+    padded[: own.shape[0]] = own
+    out = own.new_empty(dist.get_world_size(group) * rows_per_rank, own.shape[1])
+    _all_gather(out, padded, group=group)
+    return out

@@ -1,0 +1,129 @@
+"""Sharded MomentumLBFGS under DDP (gloo, 2 and 3 processes) against the single-process run on
+the same global batch."""
+
+import io
+import os
+
+import pytest
+import torch
+import torch.distributed as dist
+from dist_harness import spawn
+from torch import nn
+from torch.nn.parallel import DistributedDataParallel as DDP
+
+from secant import MomentumLBFGS
+
+GLOBAL_BATCH = 24
+HP = dict(lr=0.05, momentum=0.9, weight_decay=1e-3, history_size=3, update_period=2, beta=0.8)
+CURVATURE = ("param_ema", "grad_ema", "param_snapshot", "grad_snapshot", "history", "gram")
+
+
+def model():
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Linear(16, 16), nn.Tanh(), nn.Linear(16, 16), nn.Tanh(),
+                         nn.Linear(16, 16), nn.Tanh(), nn.Linear(16, 16)).double()
+
+
+def batch(step):
+    gen = torch.Generator().manual_seed(step)
+    x = torch.randn(GLOBAL_BATCH, 16, generator=gen, dtype=torch.float64)
+    return x, x.flip(1).sin()
+
+
+def train(net, opt, steps, start=0, rank=0, world=1):
+    for t in range(start, start + steps):
+        x, y = batch(t)
+        shard = slice(rank * GLOBAL_BATCH // world, (rank + 1) * GLOBAL_BATCH // world)
+        opt.zero_grad()
+        nn.functional.mse_loss(net(x[shard]), y[shard]).backward()
+        opt.step()
+
+
+def curvature_bytes(opt):
+    st = opt.state["mlbfgs"]
+    return sum(st[k].numel() * st[k].element_size() for k in CURVATURE)
+
+
+def single_process(steps, **kw):
+    net = model()
+    opt = MomentumLBFGS(net.parameters(), **HP, **kw)
+    train(net, opt, steps)
+    return [p.detach() for p in net.parameters()], curvature_bytes(opt)
+
+
+def _worker_match(rank, world, out_dir, steps, kw):
+    net = DDP(model())
+    opt = MomentumLBFGS(net.parameters(), **HP, **kw)
+    train(net, opt, steps, rank=rank, world=world)
+    torch.save({"params": [p.detach() for p in net.parameters()],
+                "curvature": curvature_bytes(opt), "diag": opt.diagnostics()},
+               os.path.join(out_dir, f"rank{rank}.pt"))
+
+
+@pytest.mark.parametrize("world,kw", [(2, {}), (3, {}), (2, {"step_rule": "kl_clip"}),
+                                      (3, {"blocks": "group"})])
+def test_sharded_run_matches_single_process(tmp_path, world, kw):
+    steps = 12
+    spawn(world, _worker_match, str(tmp_path), steps, kw)
+    ref, single_bytes = single_process(steps, **kw)
+    results = [torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in range(world)]
+    for res in results:
+        for p, q in zip(res["params"], ref):
+            torch.testing.assert_close(p, q, rtol=1e-10, atol=1e-12)
+    accepted = sum(r["diag"]["pairs_accepted"] for r in results)
+    assert accepted > 0
+    if kw.get("blocks") == "group":  # one block, three ranks: two ranks own nothing
+        assert sorted(r["curvature"] for r in results)[:2] == [0, 0]
+    else:
+        assert max(r["curvature"] for r in results) <= 0.6 * single_bytes
+
+
+def _worker_resume(rank, world, out_dir):
+    full = DDP(model())
+    opt = MomentumLBFGS(full.parameters(), **HP)
+    train(full, opt, 14, rank=rank, world=world)
+
+    part = DDP(model())
+    opt1 = MomentumLBFGS(part.parameters(), **HP)
+    train(part, opt1, 6, rank=rank, world=world)
+    buf = io.BytesIO()
+    torch.save(opt1.state_dict(), buf)  # per rank: each rank saves its own shard
+    buf.seek(0)
+    resumed = DDP(model())
+    resumed.module.load_state_dict(part.module.state_dict())
+    opt2 = MomentumLBFGS(resumed.parameters(), **HP)
+    opt2.load_state_dict(torch.load(buf, weights_only=True))
+    train(resumed, opt2, 8, start=6, rank=rank, world=world)
+    same = all(torch.equal(p, q) for p, q in zip(full.parameters(), resumed.parameters()))
+    torch.save(same, os.path.join(out_dir, f"rank{rank}.pt"))
+
+
+def test_sharded_resume_is_exact(tmp_path):
+    spawn(2, _worker_resume, str(tmp_path))
+    assert all(torch.load(tmp_path / f"rank{r}.pt") for r in range(2))
+
+
+def _worker_mismatch(rank, world, out_dir):
+    hidden = 16 if rank == 0 else 17
+    net = nn.Sequential(nn.Linear(4, hidden), nn.Linear(hidden, 2))
+    try:
+        MomentumLBFGS(net.parameters())
+        outcome = "no error"
+    except ValueError as err:
+        outcome = str(err)
+    dist.barrier()
+    torch.save(outcome, os.path.join(out_dir, f"rank{rank}.pt"))
+
+
+def test_ranks_with_different_parameters_fail_loudly(tmp_path):
+    spawn(2, _worker_mismatch, str(tmp_path))
+    for r in range(2):
+        assert "ranks disagree" in torch.load(tmp_path / f"rank{r}.pt")
+
+
+def test_loading_another_ranks_shard_is_refused():
+    opt = MomentumLBFGS(model().parameters())
+    sd = opt.state_dict()
+    sd["state"]["mlbfgs"]["shard"] = [1, 2]
+    with pytest.raises(ValueError, match="each rank loads its own"):
+        MomentumLBFGS(model().parameters()).load_state_dict(sd)
