@@ -90,6 +90,14 @@ class MomentumLBFGS(Optimizer):
             ``s ← (1−a) s + a s_prev``, ``y ← (1−a) y + a ŷ_prev`` before damping, with the
             newest stored pair. 0 disables it (clean form).
         chunk_size: entries per chunk of the flat history layout (a performance knob).
+        process_group: the ranks that share curvature work. Default: the default group when
+            ``torch.distributed`` is initialised with more than one rank, else none. Blocks are
+            assigned to ranks balanced by size (:func:`secant.distributed.assign_blocks`); each
+            rank keeps averages, snapshots and history only for its own blocks and computes
+            their directions, which are all-gathered so every replica applies the same update
+            (gradients must already be averaged, e.g. by DDP). Curvature memory per rank is
+            about 1/world of the single-process figure; a rank may own no block. Checkpoints
+            are per rank: each rank saves and loads its own ``state_dict`` (same world size).
 
     Parameters whose ``.grad`` is ``None`` are not updated in that step (their gradient counts
     as zero in the averages). A step whose gradients are not all finite is skipped entirely and

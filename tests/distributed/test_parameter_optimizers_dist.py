@@ -1,5 +1,5 @@
-"""Sharded MomentumLBFGS under DDP (gloo, 2 and 3 processes) against the single-process run on
-the same global batch."""
+"""Parameter optimizers under DDP (gloo, 2 and 3 processes) against the single-process run on
+the same global batch: MomentumLBFGS with sharded curvature, Neumann unchanged."""
 
 import io
 import os
@@ -11,11 +11,17 @@ from dist_harness import spawn
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel as DDP
 
-from secant import MomentumLBFGS
+from secant import MomentumLBFGS, Neumann
 
 GLOBAL_BATCH = 24
 HP = dict(lr=0.05, momentum=0.9, weight_decay=1e-3, history_size=3, update_period=2, beta=0.8)
 CURVATURE = ("param_ema", "grad_ema", "param_snapshot", "grad_snapshot", "history", "gram")
+OPTIMIZERS = {
+    "mlbfgs": lambda p: MomentumLBFGS(p, **HP),
+    "mlbfgs-kl_clip": lambda p: MomentumLBFGS(p, **HP, step_rule="kl_clip"),
+    "mlbfgs-one_block": lambda p: MomentumLBFGS(p, **HP, blocks="group"),
+    "neumann": lambda p: Neumann(p, lr=0.05, burn_in_steps=2, reset_period=3),
+}
 
 
 def model():
@@ -40,42 +46,36 @@ def train(net, opt, steps, start=0, rank=0, world=1):
 
 
 def curvature_bytes(opt):
-    st = opt.state["mlbfgs"]
-    return sum(st[k].numel() * st[k].element_size() for k in CURVATURE)
+    st = opt.state.get("mlbfgs")
+    return sum(st[k].numel() * st[k].element_size() for k in CURVATURE) if st else 0
 
 
-def single_process(steps, **kw):
-    net = model()
-    opt = MomentumLBFGS(net.parameters(), **HP, **kw)
-    train(net, opt, steps)
-    return [p.detach() for p in net.parameters()], curvature_bytes(opt)
-
-
-def _worker_match(rank, world, out_dir, steps, kw):
+def _worker_match(rank, world, out_dir, steps, name):
     net = DDP(model())
-    opt = MomentumLBFGS(net.parameters(), **HP, **kw)
+    opt = OPTIMIZERS[name](net.parameters())
     train(net, opt, steps, rank=rank, world=world)
     torch.save({"params": [p.detach() for p in net.parameters()],
-                "curvature": curvature_bytes(opt), "diag": opt.diagnostics()},
-               os.path.join(out_dir, f"rank{rank}.pt"))
+                "curvature": curvature_bytes(opt)}, os.path.join(out_dir, f"rank{rank}.pt"))
 
 
-@pytest.mark.parametrize("world,kw", [(2, {}), (3, {}), (2, {"step_rule": "kl_clip"}),
-                                      (3, {"blocks": "group"})])
-def test_sharded_run_matches_single_process(tmp_path, world, kw):
+@pytest.mark.parametrize("world,name", [(2, "mlbfgs"), (3, "mlbfgs"), (2, "mlbfgs-kl_clip"),
+                                        (3, "mlbfgs-one_block"), (2, "neumann")])
+def test_multi_rank_run_matches_single_process(tmp_path, world, name):
     steps = 12
-    spawn(world, _worker_match, str(tmp_path), steps, kw)
-    ref, single_bytes = single_process(steps, **kw)
+    spawn(world, _worker_match, str(tmp_path), steps, name)
+    net = model()
+    opt = OPTIMIZERS[name](net.parameters())
+    train(net, opt, steps)
     results = [torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in range(world)]
     for res in results:
-        for p, q in zip(res["params"], ref):
-            torch.testing.assert_close(p, q, rtol=1e-10, atol=1e-12)
-    accepted = sum(r["diag"]["pairs_accepted"] for r in results)
-    assert accepted > 0
-    if kw.get("blocks") == "group":  # one block, three ranks: two ranks own nothing
+        for p, q in zip(res["params"], net.parameters()):
+            torch.testing.assert_close(p, q.detach(), rtol=1e-10, atol=1e-12)
+    if name.startswith("mlbfgs"):
+        assert opt.diagnostics()["pairs_accepted"] > 0
+    if name == "mlbfgs-one_block":  # one block, three ranks: two ranks own nothing
         assert sorted(r["curvature"] for r in results)[:2] == [0, 0]
-    else:
-        assert max(r["curvature"] for r in results) <= 0.6 * single_bytes
+    elif name.startswith("mlbfgs"):
+        assert max(r["curvature"] for r in results) <= 0.6 * curvature_bytes(opt)
 
 
 def _worker_resume(rank, world, out_dir):
