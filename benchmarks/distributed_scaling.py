@@ -1,0 +1,147 @@
+"""Weak scaling of the secant optimizers under DDP with gloo on CPU: 1, 2 and 4 ranks.
+
+Each rank trains the CURVES autoencoder (784-400-200-100-50-25-6-…-784, 842,340 parameters) on
+its own batch of ``--per-rank-batch`` synthetic images (global batch grows with the world), for
+``--steps`` steps after a warm-up that fills the curvature state; reported per world size: the
+median wall time of a full step (forward, backward with DDP's all-reduce, optimizer step) on
+rank 0, and the curvature memory each rank holds (largest over ranks).
+
+Run: python benchmarks/distributed_scaling.py > benchmarks/distributed_scaling.md
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import platform
+import statistics
+import tempfile
+import time
+from datetime import timedelta
+
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+from torch import nn
+from torch.nn.parallel import DistributedDataParallel as DDP
+
+import secant
+
+SIZES = [784, 400, 200, 100, 50, 25, 6, 25, 50, 100, 200, 400, 784]
+
+
+def autoencoder() -> nn.Sequential:
+    torch.manual_seed(0)
+    layers: list[nn.Module] = []
+    for i in range(len(SIZES) - 1):
+        layers.append(nn.Linear(SIZES[i], SIZES[i + 1]))
+        if i not in (5, len(SIZES) - 2):
+            layers.append(nn.ReLU())
+    return nn.Sequential(*layers)
+
+
+CLASSES = {"mlbfgs": "MomentumLBFGS", "neumann": "Neumann", "kfac": "KFAC", "kbfgs": "KBFGS",
+           "kbfgsl": "KBFGSL"}
+
+
+def make_optimizer(name: str, model: nn.Module):
+    cls = getattr(secant, CLASSES[name])
+    if name == "mlbfgs":
+        return cls(model.parameters(), lr=0.01, update_period=5)
+    if name == "neumann":
+        return cls(model.parameters(), lr=0.01)
+    return cls(model, lr=0.01)
+
+
+def state_bytes(opt: torch.optim.Optimizer) -> int:
+    """Bytes of all tensors in the optimizer state (storages counted once)."""
+    seen, total = set(), 0
+
+    def visit(obj):
+        nonlocal total
+        if torch.is_tensor(obj):
+            ptr = obj.untyped_storage().data_ptr()
+            if ptr not in seen:
+                seen.add(ptr)
+                total += obj.untyped_storage().nbytes()
+        elif isinstance(obj, dict):
+            for v in obj.values():
+                visit(v)
+        elif isinstance(obj, (list, tuple)):
+            for v in obj:
+                visit(v)
+
+    visit(opt.state)
+    return total
+
+
+def worker(rank, world, init_file, name, steps, warmup, batch, out_dir):
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank,
+                            world_size=world, timeout=timedelta(seconds=300))
+    model = DDP(autoencoder())
+    opt = make_optimizer(name, model)
+    gen = torch.Generator().manual_seed(rank)
+    x = torch.rand(batch, SIZES[0], generator=gen)
+
+    def closure():
+        opt.zero_grad()
+        loss = nn.functional.binary_cross_entropy_with_logits(model(x), x, reduction="sum")
+        (loss / batch).backward()
+        return loss
+
+    times = []
+    for t in range(warmup + steps):
+        dist.barrier()
+        t0 = time.perf_counter()
+        opt.step(closure)
+        if t >= warmup:
+            times.append(time.perf_counter() - t0)
+    mem = torch.tensor([state_bytes(opt)], dtype=torch.long)
+    every = [torch.zeros_like(mem) for _ in range(world)]
+    dist.all_gather(every, mem)
+    if rank == 0:
+        torch.save({"median": statistics.median(times), "mem": [int(m) for m in every]},
+                   os.path.join(out_dir, "result.pt"))
+    dist.destroy_process_group()
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--optimizers", default="mlbfgs,neumann,kfac,kbfgs,kbfgsl")
+    ap.add_argument("--worlds", default="1,2,4")
+    ap.add_argument("--steps", type=int, default=10)
+    ap.add_argument("--warmup", type=int, default=12)
+    ap.add_argument("--per-rank-batch", type=int, default=250)
+    args = ap.parse_args()
+    names = [n for n in args.optimizers.split(",") if hasattr(secant, CLASSES[n])]
+    worlds = [int(w) for w in args.worlds.split(",")]
+    print("# Distributed weak scaling (gloo, CPU)\n")
+    print(f"- machine: {platform.machine()} CPU with {os.cpu_count()} cores (shared, noisy); "
+          f"torch {torch.__version__}, Python {platform.python_version()}; 1 thread per rank")
+    print(f"- command: `python benchmarks/distributed_scaling.py --worlds {args.worlds} "
+          f"--steps {args.steps} --warmup {args.warmup} --per-rank-batch "
+          f"{args.per_rank_batch}`")
+    print("- model: CURVES autoencoder (842,340 parameters), per-rank batch "
+          f"{args.per_rank_batch}; step = forward + backward (DDP all-reduce) + optimizer step")
+    print("- with more ranks than cores the ranks time-share the CPU: step times at 4 ranks "
+          "measure oversubscription as much as communication\n")
+    print("| optimizer | ranks | median step (ms) | optimizer state per rank, max (MB) | "
+          "vs 1 rank |")
+    print("|---|---|---|---|---|")
+    for name in names:
+        base = None
+        for world in worlds:
+            with tempfile.TemporaryDirectory() as tmp:
+                mp.start_processes(worker, nprocs=world, start_method="spawn", join=True,
+                                   args=(world, os.path.join(tmp, "init"), name, args.steps,
+                                         args.warmup, args.per_rank_batch, tmp))
+                res = torch.load(os.path.join(tmp, "result.pt"))
+            mem = max(res["mem"]) / 2**20
+            base = base or mem
+            print(f"| {name} | {world} | {1e3 * res['median']:.1f} | {mem:.2f} | "
+                  f"{mem / base:.2f}x |", flush=True)
+
+
+if __name__ == "__main__":
+    main()
