@@ -23,14 +23,10 @@ from secant.linalg import (
     tau_coefficient,
 )
 from secant.optim.block_layout import BlockLayout
+from secant.optim.validation import check
 
 STEP_RULES = ("grad_norm", "unit", "kl_clip", "none")
 _STATE = "mlbfgs"
-
-
-def _check(ok: bool, name: str, value: Any, expect: str) -> None:
-    if not ok:
-        raise ValueError(f"{name}={value!r}: expected {expect}")
 
 
 class MomentumLBFGS(Optimizer):
@@ -126,25 +122,25 @@ class MomentumLBFGS(Optimizer):
         chunk_size: int = 4096,
         process_group: dist.ProcessGroup | None = None,
     ) -> None:
-        _check(isinstance(history_size, int) and history_size >= 1, "history_size",
+        check(isinstance(history_size, int) and history_size >= 1, "history_size",
                history_size, "an integer >= 1")
-        _check(isinstance(update_period, int) and update_period >= 1, "update_period",
+        check(isinstance(update_period, int) and update_period >= 1, "update_period",
                update_period, "an integer >= 1")
-        _check(0.0 <= beta < 1.0, "beta", beta, "a value in [0, 1)")
-        _check(0.0 <= damping < 1.0, "damping", damping, "a value in [0, 1)")
-        _check(0.0 <= sigma_low < 1.0, "sigma_low", sigma_low, "a value in [0, 1)")
-        _check(sigma_high > 1.0 and math.isfinite(sigma_high), "sigma_high", sigma_high,
+        check(0.0 <= beta < 1.0, "beta", beta, "a value in [0, 1)")
+        check(0.0 <= damping < 1.0, "damping", damping, "a value in [0, 1)")
+        check(0.0 <= sigma_low < 1.0, "sigma_low", sigma_low, "a value in [0, 1)")
+        check(sigma_high > 1.0 and math.isfinite(sigma_high), "sigma_high", sigma_high,
                "a finite value > 1")
-        _check(step_rule in STEP_RULES, "step_rule", step_rule, f"one of {STEP_RULES}")
-        _check(kl_clip > 0.0, "kl_clip", kl_clip, "a value > 0")
-        _check(0.0 <= pair_momentum < 1.0, "pair_momentum", pair_momentum, "a value in [0, 1)")
+        check(step_rule in STEP_RULES, "step_rule", step_rule, f"one of {STEP_RULES}")
+        check(kl_clip > 0.0, "kl_clip", kl_clip, "a value > 0")
+        check(0.0 <= pair_momentum < 1.0, "pair_momentum", pair_momentum, "a value in [0, 1)")
         defaults = dict(lr=lr, momentum=momentum, weight_decay=weight_decay)
         super().__init__(params, defaults)
         for group in self.param_groups:
-            _check(group["lr"] >= 0.0, "lr", group["lr"], "a value >= 0")
-            _check(0.0 <= group["momentum"] < 1.0, "momentum", group["momentum"],
+            check(group["lr"] >= 0.0, "lr", group["lr"], "a value >= 0")
+            check(0.0 <= group["momentum"] < 1.0, "momentum", group["momentum"],
                    "a value in [0, 1)")
-            _check(group["weight_decay"] >= 0.0, "weight_decay", group["weight_decay"],
+            check(group["weight_decay"] >= 0.0, "weight_decay", group["weight_decay"],
                    "a value >= 0")
             for p in group["params"]:
                 if p.is_sparse or p.is_complex():

@@ -13,17 +13,9 @@ from torch import Tensor
 from torch.optim import Optimizer
 
 from secant.linalg.neumann_series import mu_schedule, regulariser_coefficient
+from secant.optim.validation import check, is_int
 
 _STATE = "neumann"
-
-
-def _check(ok: bool, name: str, value: Any, expect: str) -> None:
-    if not ok:
-        raise ValueError(f"{name}={value!r}: expected {expect}")
-
-
-def _is_int(x: Any) -> bool:
-    return isinstance(x, int) and not isinstance(x, bool)
 
 
 class Neumann(Optimizer):
@@ -116,25 +108,25 @@ class Neumann(Optimizer):
         *,
         reg_eps: float = 1e-12,
     ) -> None:
-        _check(math.isfinite(alpha) and alpha >= 0.0, "alpha", alpha, "a finite value >= 0")
-        _check(math.isfinite(beta) and beta >= 0.0, "beta", beta, "a finite value >= 0")
-        _check(0.0 <= gamma < 1.0, "gamma", gamma, "a value in [0, 1)")
-        _check(0.0 <= mu_min < 1.0, "mu_min", mu_min, "a value in [0, 1)")
-        _check(mu_min <= mu_max < 1.0, "mu_max", mu_max, f"a value in [mu_min={mu_min}, 1)")
-        _check(_is_int(burn_in_steps) and burn_in_steps >= 0, "burn_in_steps", burn_in_steps,
+        check(math.isfinite(alpha) and alpha >= 0.0, "alpha", alpha, "a finite value >= 0")
+        check(math.isfinite(beta) and beta >= 0.0, "beta", beta, "a finite value >= 0")
+        check(0.0 <= gamma < 1.0, "gamma", gamma, "a value in [0, 1)")
+        check(0.0 <= mu_min < 1.0, "mu_min", mu_min, "a value in [0, 1)")
+        check(mu_min <= mu_max < 1.0, "mu_max", mu_max, f"a value in [mu_min={mu_min}, 1)")
+        check(is_int(burn_in_steps) and burn_in_steps >= 0, "burn_in_steps", burn_in_steps,
                "an integer >= 0")
-        _check(reset_period is None or (_is_int(reset_period) and reset_period >= 1),
+        check(reset_period is None or (is_int(reset_period) and reset_period >= 1),
                "reset_period", reset_period, "None or an integer >= 1")
-        _check(_is_int(mu_period) and mu_period >= 1, "mu_period", mu_period,
+        check(is_int(mu_period) and mu_period >= 1, "mu_period", mu_period,
                "an integer >= 1")
-        _check(math.isfinite(reg_eps) and reg_eps >= 0.0, "reg_eps", reg_eps,
+        check(math.isfinite(reg_eps) and reg_eps >= 0.0, "reg_eps", reg_eps,
                "a finite value >= 0")
-        _check(isinstance(lr, (int, float)) and math.isfinite(lr) and lr >= 0.0, "lr", lr,
+        check(isinstance(lr, (int, float)) and math.isfinite(lr) and lr >= 0.0, "lr", lr,
                "a finite value >= 0")
         super().__init__(params, dict(lr=lr))
         for group in self.param_groups:
             glr = group["lr"]
-            _check(isinstance(glr, (int, float, Tensor)) and math.isfinite(float(glr))
+            check(isinstance(glr, (int, float, Tensor)) and math.isfinite(float(glr))
                    and glr >= 0.0, "lr", glr, "a finite value >= 0")
             for p in group["params"]:
                 if p.is_sparse or p.is_complex() or not p.is_floating_point():
@@ -161,7 +153,7 @@ class Neumann(Optimizer):
     def paper_periods(steps_per_epoch: int) -> dict[str, int]:
         """Table 1's schedule in steps: 5 epochs burn-in, first reset gap 10 epochs, μ unit
         1 epoch. Use as ``Neumann(params, lr, **Neumann.paper_periods(len(loader)))``."""
-        _check(_is_int(steps_per_epoch) and steps_per_epoch >= 1, "steps_per_epoch",
+        check(is_int(steps_per_epoch) and steps_per_epoch >= 1, "steps_per_epoch",
                steps_per_epoch, "an integer >= 1")
         return {"burn_in_steps": 5 * steps_per_epoch, "reset_period": 10 * steps_per_epoch,
                 "mu_period": steps_per_epoch}
