@@ -11,7 +11,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from secant import KBFGS, KBFGSL
-from secant.linalg import bfgs_inverse_update, double_damping
+from secant.linalg import bfgs_inverse_update, bfgs_inverse_update_, double_damping
 
 D = torch.float64
 
@@ -75,6 +75,25 @@ def test_ok3_double_damping_invariants():
     y = s.clone()
     st, yt = double_damping(s, y, y, mu1, mu2)
     assert torch.equal(st, s) and torch.equal(yt, y)
+
+
+def test_in_place_masked_bfgs_update_matches_dense():
+    gen = torch.Generator().manual_seed(3)
+    q = torch.randn(5, 5, generator=gen, dtype=D)
+    h = q @ q.T + torch.eye(5, dtype=D)
+    s, y = torch.randn(5, generator=gen, dtype=D), torch.randn(5, generator=gen, dtype=D)
+    y = y + 3 * s  # sᵀy > 0
+    want = dense_bfgs(h, s, y)
+    got = h.clone()
+    assert bool(bfgs_inverse_update_(got, s, y, torch.tensor(True)))
+    torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(got @ y, s, rtol=1e-10, atol=1e-12)  # secant equation
+    same = h.clone()
+    assert not bool(bfgs_inverse_update_(same, s, y, torch.tensor(False)))
+    assert torch.equal(same, h)
+    nan_s = torch.full_like(s, float("nan"))
+    assert not bool(bfgs_inverse_update_(same, nan_s, y, torch.tensor(True)))
+    assert torch.equal(same, h)
 
 
 def test_ok5_hessian_action_bfgs_fixed_point_and_convergence():

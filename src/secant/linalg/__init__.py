@@ -1,6 +1,6 @@
 """Pure tensor math shared by the optimizers: no modules, no optimizer state."""
 
-from secant.linalg.bfgs import bfgs_inverse_update, cautious_accept
+from secant.linalg.bfgs import bfgs_inverse_update, bfgs_inverse_update_, cautious_accept
 from secant.linalg.damping import double_damping, powell_damping, tau_coefficient, tau_damping
 from secant.linalg.lbfgs import (
     History,
@@ -17,6 +17,7 @@ from secant.linalg.lbfgs import (
 __all__ = [
     "History",
     "bfgs_inverse_update",
+    "bfgs_inverse_update_",
     "block_dot",
     "block_sum",
     "cautious_accept",

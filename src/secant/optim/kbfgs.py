@@ -19,7 +19,7 @@ from secant.layers import (
 )
 from secant.linalg import (
     History,
-    bfgs_inverse_update,
+    bfgs_inverse_update_,
     cautious_accept,
     compact_apply,
     double_damping,
@@ -237,14 +237,14 @@ class _KroneckerBFGS(LayerOptimizer):
             rec = recs[name]
             a_new, v = input_statistics(module, rec.x)
             g_sum = rec.g.sum(dim=(0, 1))  # = mean over examples of the per-example spatial sum
-            ok = torch.isfinite(a_new).all() & torch.isfinite(v).all()
+            # a Gram matrix is finite iff its diagonal is (|A_ij| ≤ sqrt(A_ii A_jj))
+            ok = torch.isfinite(a_new.diagonal()).all() & torch.isfinite(v).all()
             ls["stats_rejected"] += ~ok
             if first:
                 ls["A"].copy_(torch.where(ok, a_new, ls["A"]))
                 ls["H_a"].copy_(torch.where(ok, damped_inverse(ls["A"], lam_a), ls["H_a"]))
             elif not skip_a:
-                b = self.stat_decay
-                ls["A"].copy_(torch.where(ok, b * ls["A"] + (1 - b) * a_new, ls["A"]))
+                ls["A"].lerp_(torch.where(ok, a_new, ls["A"]), 1.0 - self.stat_decay)
             x = grad_matrix(module)
             if wd:
                 x.add_(param_matrix(module), alpha=wd)
@@ -281,10 +281,7 @@ class _KroneckerBFGS(LayerOptimizer):
             y_a = ls["A"] @ s_a + root * s_a
             acc_a = ok_stats & cautious_accept(s_a, y_a, torch.linalg.vector_norm(v),
                                                self.cautious_eps)
-            new = bfgs_inverse_update(h_a, torch.where(acc_a, s_a, v),
-                                      torch.where(acc_a, y_a, v))
-            acc_a = acc_a & torch.isfinite(new).all()
-            h_a.copy_(torch.where(acc_a, new, h_a))
+            acc_a = bfgs_inverse_update_(h_a, s_a, y_a, acc_a)
             ls["a_updates_accepted"] += acc_a
             ls["a_updates_rejected"] += ~acc_a
 
@@ -344,11 +341,7 @@ class KBFGS(_KroneckerBFGS):
         return ls["H_g"] @ x
 
     def _update_hg(self, ls: dict[str, Any], s: Tensor, y: Tensor, accept: Tensor) -> Tensor:
-        h = ls["H_g"]
-        new = bfgs_inverse_update(h, torch.where(accept, s, 1.0), torch.where(accept, y, 1.0))
-        accept = accept & torch.isfinite(new).all()
-        h.copy_(torch.where(accept, new, h))
-        return accept
+        return bfgs_inverse_update_(ls["H_g"], s, y, accept)
 
 
 class KBFGSL(_KroneckerBFGS):

@@ -246,9 +246,10 @@ class KFAC(LayerOptimizer):
         for name, module, ls in zip(self.layer_names, self.layers, st["layers"]):
             rec = records[name]
             a_new, g_new = factor_statistics(module, rec.x, rec.g)
-            ok = torch.isfinite(a_new).all() & torch.isfinite(g_new).all()
-            ls["A"].copy_(torch.where(ok, eps * ls["A"] + (1 - eps) * a_new, ls["A"]))
-            ls["G"].copy_(torch.where(ok, eps * ls["G"] + (1 - eps) * g_new, ls["G"]))
+            # Gram matrices are finite iff their diagonals are (|M_ij| ≤ sqrt(M_ii M_jj))
+            ok = torch.isfinite(a_new.diagonal()).all() & torch.isfinite(g_new.diagonal()).all()
+            ls["A"].lerp_(torch.where(ok, a_new, ls["A"]), 1.0 - eps)
+            ls["G"].lerp_(torch.where(ok, g_new, ls["G"]), 1.0 - eps)
             ls["stats_rejected"] += ~ok
 
     def _update_inverses(self, damping: float) -> None:
