@@ -250,11 +250,12 @@ def tune(args: argparse.Namespace, argv_text: str) -> int:
                 med = sorted(finals)[len(finals) // 2]
                 status = ",".join(sorted({r["status"] for r in runs}))
                 results.append((med, lr, sorted(ends)[len(ends) // 2], status))
-                md.append(f"| {e.name} | {lr:g} | {med:.5g} | {status} |")
             best = min(results)
+            for med, lr, _, status in results:
+                mark = " **best**" if lr == best[1] and math.isfinite(med) else ""
+                md.append(f"| {e.name} | {lr:g}{mark} | {med:.5g} | {status} |")
             if math.isfinite(best[0]):
                 lrs[e.name] = best[1]
-                md[-len(results) + [r[1] for r in results].index(best[1])] += " **best**"
             grid_rec[e.name] = [[lr, (m if math.isfinite(m) else None)]
                                 for m, lr, _, _ in results]
             if e.name == "adam" and math.isfinite(best[2]):

@@ -75,9 +75,9 @@ _add(OptimizerEntry(
     (3e-4, 1e-3, 3e-3, 1e-2)))
 _add(OptimizerEntry(
     "kfac", "secant.KFAC: Kronecker-factored natural gradient (Martens & Grosse 2015); "
-    "damping 1e-3, Cholesky inverses of the damped factors", "layer",
-    lambda: _secant_class("KFAC"), {"damping": 1e-3, "inverse_method": "cholesky"}, 1e-2,
-    (1e-3, 1e-2, 0.1, 1.0)))
+    "damping 0.03, Cholesky inverses of the damped factors", "layer",
+    lambda: _secant_class("KFAC"), {"damping": 0.03, "inverse_method": "cholesky"}, 1e-2,
+    (1e-3, 3e-3, 1e-2, 3e-2)))
 _add(OptimizerEntry(
     "kbfgs", "secant.KBFGS: Kronecker-factored BFGS with double damping (Goldfarb et al. "
     "2020); damping 0.3 (paper MNIST demo)", "layer",
