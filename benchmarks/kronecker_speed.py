@@ -103,7 +103,7 @@ def main() -> None:
             t0 = time.perf_counter()
             for _ in range(args.steps):
                 loss = opt.step(closure)
-            float(loss)
+            float(loss.detach())  # wait for the last step
             times[name].append((time.perf_counter() - t0) / args.steps)
     base = statistics.median(times["SGD-momentum"])
     n_params = sum(p.numel() for p in runs["SGD-momentum"][0].parameters())
