@@ -34,12 +34,9 @@ from torch import Tensor, nn
 from torch.optim import Optimizer
 
 from secant.layers import LayerCapture, is_supported, layer_params
+from secant.optim.validation import check
 
-
-def check(ok: bool, name: str, value: Any, expect: str) -> None:
-    """Raise ``ValueError`` showing ``name=value`` unless ``ok``."""
-    if not ok:
-        raise ValueError(f"{name}={value!r}: expected {expect}")
+__all__ = ["LayerOptimizer", "check", "check_finite_nonneg"]
 
 
 def check_finite_nonneg(name: str, value: Any) -> None:
