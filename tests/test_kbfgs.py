@@ -474,14 +474,12 @@ def test_kbfgs_and_kfac_beat_adam_on_curves_like_autoencoder():
     (damping and the other settings fixed; K-FAC with statistics and inverses every step)."""
     from secant import KFAC
 
-    threads, dtype = torch.get_num_threads(), torch.get_default_dtype()
+    threads = torch.get_num_threads()
     torch.set_num_threads(1)  # tiny kernels: one thread is faster on a shared 2-core machine
-    torch.set_default_dtype(torch.float32)  # independent of other test modules' defaults
     try:
         _compare_on_curves(KFAC)
     finally:
         torch.set_num_threads(threads)
-        torch.set_default_dtype(dtype)
 
 
 def _compare_on_curves(KFAC):

@@ -1,10 +1,11 @@
 """Dense BFGS inverse update against the product form and its defining properties (O-M2)."""
 
+import pytest
 import torch
 
 from secant.linalg import bfgs_inverse_update, cautious_accept
 
-torch.set_default_dtype(torch.float64)
+pytestmark = pytest.mark.usefixtures("float64_default")
 
 
 def test_matches_product_form_secant_and_pd():

@@ -13,7 +13,7 @@ from secant.linalg import (
 )
 from secant.optim.block_layout import BlockLayout
 
-torch.set_default_dtype(torch.float64)
+pytestmark = pytest.mark.usefixtures("float64_default")
 
 
 def dense_bfgs(h, s, y):

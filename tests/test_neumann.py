@@ -19,7 +19,7 @@ from secant.linalg.neumann_series import (
     reset_steps,
 )
 
-torch.set_default_dtype(torch.float64)
+pytestmark = pytest.mark.usefixtures("float64_default")
 
 SHAPES = ((5, 4), (4,), (3,))
 N = sum(math.prod(s) for s in SHAPES)  # 27 scalar parameters
