@@ -64,7 +64,9 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--iters", type=int, default=30)
     ap.add_argument("--batch", type=int, default=1000)
+    ap.add_argument("--threads", type=int, default=torch.get_num_threads())
     args = ap.parse_args()
+    torch.set_num_threads(args.threads)
     torch.manual_seed(0)
     x = torch.rand(args.batch, SIZES[0])
     models = {"sgd": autoencoder(), "mlbfgs": autoencoder()}
@@ -112,7 +114,7 @@ def main() -> None:
           f"(shared 2-core development machine, noisy); torch {torch.__version__}, "
           f"Python {platform.python_version()}")
     print(f"- command: `python benchmarks/mlbfgs_speed.py --iters {args.iters} "
-          f"--batch {args.batch}`")
+          f"--batch {args.batch} --threads {args.threads}`")
     print(f"- model: MNIST autoencoder, {n_params:,} parameters, batch {args.batch}, "
           f"{args.iters} alternating iterations each\n")
     print("| optimizer | median iteration (ms) | ratio to SGD | optimizer state (MB) |")
