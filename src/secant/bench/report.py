@@ -216,8 +216,14 @@ def write_outputs(out: Path, meta: dict, problems_info: dict, runs: list[dict]) 
 def render_markdown(meta: dict, problems_info: dict, summary: dict, speedup: dict,
                     plots: list[str]) -> str:
     m = meta["machine"]
-    budget = (f"{meta['config']['budget_seconds']} s of training time per run"
-              if meta["config"].get("epochs") is None else f"{meta['config']['epochs']} epochs")
+    cfg = meta["config"]
+    if cfg.get("epochs") is not None:
+        budget = f"{cfg['epochs']} epochs per run"
+    elif cfg.get("budget_seconds") is not None:
+        budget = f"{cfg['budget_seconds']:g} s of training time per run"
+    else:
+        budget = "training time per run: " + ", ".join(
+            f"{p} {info['default_budget_seconds']:g} s" for p, info in problems_info.items())
     lines = [
         "# secant bench report", "",
         f"Command: `{meta['command']}`", "",
