@@ -1,8 +1,11 @@
-"""Process-group resolution, set-up consistency checks and the direction all-gather."""
+"""Process-group resolution, set-up consistency checks, the direction all-gather and the flat
+all-reduce of a list of tensors."""
 
 from __future__ import annotations
 
 import zlib
+from collections.abc import Sequence
+from functools import reduce
 
 import torch
 import torch.distributed as dist
@@ -50,4 +53,27 @@ def all_gather_rows(own: Tensor, rows_per_rank: int, group: dist.ProcessGroup) -
     padded[: own.shape[0]] = own
     out = own.new_empty(dist.get_world_size(group) * rows_per_rank, own.shape[1])
     _all_gather(out, padded, group=group)
+    return out
+
+
+def all_reduce_flat(tensors: Sequence[Tensor], group: dist.ProcessGroup,
+                    average: bool = False) -> list[Tensor]:
+    """Sum (``average=True``: mean) each tensor of ``tensors`` over the ranks with **one**
+    all-reduce of one flat buffer; returns new tensors with the inputs' shapes and dtypes.
+
+    The buffer has the promoted dtype of the inputs. Every rank must pass the same shapes in the
+    same order (an empty list is no collective at all).
+    """
+    if not tensors:
+        return []
+    dtype = reduce(torch.promote_types, (t.dtype for t in tensors))
+    flat = torch.cat([t.reshape(-1).to(dtype) for t in tensors])
+    dist.all_reduce(flat, group=group)
+    if average:
+        flat.div_(dist.get_world_size(group))
+    out, offset = [], 0
+    for t in tensors:
+        n = t.numel()
+        out.append(flat[offset: offset + n].view(t.shape).to(t.dtype))
+        offset += n
     return out

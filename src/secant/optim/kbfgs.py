@@ -75,6 +75,21 @@ class _KroneckerBFGS(LayerOptimizer):
     Parameters of unsupported modules get the K-BFGS step with identity preconditioner:
     ``θ ← θ − η ĝ`` with the same gradient EMA and weight decay.
 
+    **Distributed** (``process_group``; see :mod:`secant.optim.layer_optimizer`): in each pass
+    every rank computes its local-batch statistics of every layer (``mean ā āᵀ``, ``mean ā``,
+    ``h̄``, ``ḡ``) and one flat all-reduce averages them, so ``A``, ``s``, ``y`` and the cautious-
+    skip norms are the global-batch quantities. Layers are owned by one rank each, balanced by
+    the cost of the direction ``d_out·d_in·(d_out + d_in)``. ``distributed_mode="memory"``
+    (default): only the owner keeps a layer's ``A``, ``H_a``, ``H_g`` (or L-BFGS history),
+    ``s̄``, ``ȳ`` and gradient EMA and does its BFGS updates; the directions are shared with one
+    flat all-reduce per step (three collectives per step in all). ``distributed_mode=
+    "communication"``: every rank keeps and updates every layer's state (replicated, identical
+    work), so the direction exchange disappears (two collectives per step). An owner-plus-
+    broadcast variant, as K-FAC's communication mode, would not help here: ``H_a`` and ``H_g``
+    change every step, so broadcasting them would cost more than sharing the directions.
+    :meth:`warm_start` averages its statistics over the ranks (one all-reduce; every rank must
+    call it with the same number of equally sized local batches).
+
     ``step(closure)`` is required: ``closure`` zeroes the gradients, evaluates the loss on the
     current minibatch, calls ``backward()`` and returns the loss; it is called twice per step and
     must use the same minibatch both times (no fresh data, no dropout randomness changing the
@@ -97,6 +112,8 @@ class _KroneckerBFGS(LayerOptimizer):
         cautious_eps: float,
         exclude: Iterable[nn.Module],
         fallback_lr: float | None,
+        process_group: Any = None,
+        distributed_mode: str = "memory",
     ) -> None:
         check(isinstance(damping, (int, float)) and 0.0 < damping < float("inf"), "damping",
               damping, "a finite value > 0")
@@ -112,7 +129,21 @@ class _KroneckerBFGS(LayerOptimizer):
         self.mu1 = mu1
         self.cautious_eps = cautious_eps
         defaults = dict(lr=lr, damping=damping, momentum=momentum, weight_decay=weight_decay)
-        super().__init__(model, defaults, exclude=exclude, fallback_lr=fallback_lr)
+        super().__init__(model, defaults, exclude=exclude, fallback_lr=fallback_lr,
+                         process_group=process_group, distributed_mode=distributed_mode)
+
+    # ------------------------------------------------------------------ distributed
+    def _layer_cost(self, d_out: int, d_in: int) -> int:
+        return d_out * d_in * (d_out + d_in)
+
+    def _setup_description(self) -> str:
+        return (f"stat_decay={self.stat_decay} pair_decay={self.pair_decay} mu1={self.mu1} "
+                f"cautious_eps={self.cautious_eps} "
+                f"history_size={getattr(self, 'history_size', None)}")
+
+    def _works(self, owned: bool) -> bool:
+        """Whether this rank keeps a layer's curvature state and does its work."""
+        return owned or self.distributed_mode == "communication"
 
     # ------------------------------------------------------------------ H_g storage
     def _fresh_hg(self, d_out: int, kw: dict[str, Any]) -> dict[str, Tensor]:
@@ -127,7 +158,10 @@ class _KroneckerBFGS(LayerOptimizer):
         raise NotImplementedError
 
     # ------------------------------------------------------------------ state
-    def _fresh_layer_state(self, module: nn.Module) -> dict[str, Any]:
+    def _fresh_layer_state(self, module: nn.Module, owned: bool) -> dict[str, Any]:
+        """Everything per layer, on the ranks that work on it (an empty dict elsewhere)."""
+        if not self._works(owned):
+            return {}
         d_out, d_in = matrix_shape(module)
         w = module.weight
         kw = dict(dtype=w.dtype, device=w.device)
@@ -170,7 +204,10 @@ class _KroneckerBFGS(LayerOptimizer):
             return model(b[0] if isinstance(b, (tuple, list)) else b)
 
         fwd = forward or default_forward
-        sums = [torch.zeros_like(ls["A"]) for ls in self._st["layers"]]
+        sums = []
+        for module in self.layers:
+            d_in = matrix_shape(module)[1]
+            sums.append(module.weight.new_zeros(d_in, d_in))
         n = 0
         with self.capture.warm():
             for batch in batches:
@@ -180,11 +217,17 @@ class _KroneckerBFGS(LayerOptimizer):
                 for name, module, acc in zip(self.layer_names, self.layers, sums):
                     acc.add_(input_statistics(module, recs[name].x)[0])
                 n += 1
+        total: Tensor | int = n
+        if self.distributed:  # sum over ranks of the batch statistics and of the batch counts
+            *sums, total = self._all_reduce(sums + [sums[0].new_tensor(float(n))])
+            n = int(total)
         if n == 0:
             raise ValueError("warm_start got no batches")
         lam_a = math.sqrt(self.kron_group["damping"])
-        for ls, acc in zip(self._st["layers"], sums):
-            ls["A"].copy_(acc / n)
+        for own, ls, acc in zip(self._owned, self._st["layers"], sums):
+            if not self._works(own):
+                continue
+            ls["A"].copy_(acc / total)
             ls["H_a"].copy_(damped_inverse(ls["A"], lam_a))
         self._st["a_initialized"] = True
         self._st["warm_started"] = True
@@ -232,11 +275,20 @@ class _KroneckerBFGS(LayerOptimizer):
         lr, wd, rho = group["lr"], group["weight_decay"], group["momentum"]
         lam_a = math.sqrt(group["damping"])
         first = not st["a_initialized"]
-        saved = []
-        for name, module, ls in zip(self.layer_names, self.layers, st["layers"]):
+        stats: list[Tensor] = []
+        for name, module in zip(self.layer_names, self.layers):
             rec = recs[name]
-            a_new, v = input_statistics(module, rec.x)
-            g_sum = rec.g.sum(dim=(0, 1))  # = mean over examples of the per-example spatial sum
+            # g_sum = mean over examples of the per-example spatial sum (g: local mean loss)
+            stats.extend((*input_statistics(module, rec.x), rec.h_mean, rec.g.sum(dim=(0, 1))))
+        stats = self._all_reduce(stats, average=True)  # global-batch statistics
+        saved: list[Any] = []
+        ps: list[Tensor] = []
+        for i, (module, own, ls) in enumerate(zip(self.layers, self._owned, st["layers"])):
+            a_new, v, h_mean, g_sum = stats[4 * i: 4 * i + 4]
+            if not self._works(own):
+                ps.append(module.weight.new_zeros(matrix_shape(module)))
+                saved.append(None)
+                continue
             # a Gram matrix is finite iff its diagonal is (|A_ij| ≤ sqrt(A_ii A_jj))
             ok = torch.isfinite(a_new.diagonal()).all() & torch.isfinite(v).all()
             ls["stats_rejected"] += ~ok
@@ -249,19 +301,29 @@ class _KroneckerBFGS(LayerOptimizer):
             if wd:
                 x.add_(param_matrix(module), alpha=wd)
             ls["grad_ema"].lerp_(x, 1.0 - rho)
-            p = self._apply_hg(ls, ls["grad_ema"]) @ ls["H_a"]
+            ps.append(self._apply_hg(ls, ls["grad_ema"]) @ ls["H_a"])
+            saved.append((h_mean, g_sum, v, ok))
+        if self.distributed and self.distributed_mode == "memory":
+            ps = self._all_reduce(ps)  # owners' directions, zeros elsewhere: summed = shared
+        for module, p in zip(self.layers, ps):
             add_to_params(module, p, -lr)
-            saved.append((rec.h_mean, g_sum, v, ok))
         st["a_initialized"] = True
         return saved
 
     def _second_half(self, group: dict[str, Any], pass1: list, recs: dict[str, Any]) -> None:
         root = math.sqrt(group["damping"])
         c = self.pair_decay
-        for name, ls, (h1, g1, v, ok_stats) in zip(self.layer_names, self._st["layers"], pass1):
+        stats: list[Tensor] = []
+        for name in self.layer_names:
             rec = recs[name]
-            s = rec.h_mean - h1
-            y = rec.g.sum(dim=(0, 1)) - g1
+            stats.extend((rec.h_mean, rec.g.sum(dim=(0, 1))))
+        stats = self._all_reduce(stats, average=True)
+        for i, (ls, saved) in enumerate(zip(self._st["layers"], pass1)):
+            if saved is None:
+                continue
+            h1, g1, v, ok_stats = saved
+            s = stats[2 * i] - h1
+            y = stats[2 * i + 1] - g1
             finite = torch.isfinite(s).all() & torch.isfinite(y).all()
             ls["s_bar"].copy_(torch.where(finite, c * ls["s_bar"] + (1 - c) * s, ls["s_bar"]))
             ls["y_bar"].copy_(torch.where(finite, c * ls["y_bar"] + (1 - c) * y, ls["y_bar"]))
@@ -290,14 +352,17 @@ class _KroneckerBFGS(LayerOptimizer):
         """Per-layer counters (synchronises with the device): G pairs accepted / rejected
         (cautious skip or non-finite), H_a Hessian-action updates accepted / rejected, double-
         damping activations of step 1 (Powell on H) and step 2 (Powell with B = I), non-finite
-        input statistics rejected; totals alongside."""
+        input statistics rejected; totals alongside. Distributed (memory mode): counters of the
+        layers this rank owns (0 for the others; ``layer_owners`` lists the owners)."""
         st = self._st
         out: dict[str, Any] = {"step": st["step"], "layers": self.layer_names,
                                "warm_started": st["warm_started"]}
+        if self.distributed:
+            out["layer_owners"] = list(self.layer_owners)
         for key in ("g_pairs_accepted", "g_pairs_rejected", "a_updates_accepted",
                     "a_updates_rejected", "dd_step1_active", "dd_step2_active",
                     "stats_rejected"):
-            per = [int(ls[key]) for ls in st["layers"]]
+            per = [int(ls[key]) if key in ls else 0 for ls in st["layers"]]
             out[key + "_per_layer"] = per
             out[key] = sum(per)
         out["pairs_accepted"] = out["g_pairs_accepted"]
@@ -323,6 +388,9 @@ class KBFGS(_KroneckerBFGS):
         cautious_eps: ε of the cautious skip (1e-4).
         exclude: supported modules left to the first-order fallback.
         fallback_lr: ``lr`` of the fallback group (default: ``lr``).
+        process_group: the ranks that share curvature work (default: the default group when
+            ``torch.distributed`` is initialised with more than one rank, else none).
+        distributed_mode: ``"memory"`` (default) or ``"communication"`` (see below).
     """
 
     __doc__ = (__doc__ or "") + "\n" + (_KroneckerBFGS.__doc__ or "")
@@ -330,9 +398,11 @@ class KBFGS(_KroneckerBFGS):
     def __init__(self, model: nn.Module, lr: float = 0.3, damping: float = 0.3,
                  momentum: float = 0.9, weight_decay: float = 1e-5, stat_decay: float = 0.9,
                  pair_decay: float = 0.9, mu1: float = 0.2, cautious_eps: float = 1e-4, *,
-                 exclude: Iterable[nn.Module] = (), fallback_lr: float | None = None) -> None:
+                 exclude: Iterable[nn.Module] = (), fallback_lr: float | None = None,
+                 process_group: Any = None, distributed_mode: str = "memory") -> None:
         super().__init__(model, lr, damping, momentum, weight_decay, stat_decay, pair_decay,
-                         mu1, cautious_eps, exclude, fallback_lr)
+                         mu1, cautious_eps, exclude, fallback_lr, process_group,
+                         distributed_mode)
 
     def _fresh_hg(self, d_out: int, kw: dict[str, Any]) -> dict[str, Tensor]:
         return {"H_g": torch.eye(d_out, **kw)}
@@ -351,7 +421,8 @@ class KBFGSL(_KroneckerBFGS):
     (:func:`secant.linalg.compact_apply`). Memory per layer: ``2·history_size·d_out`` instead of
     ``d_out²``.
 
-    Args: as :class:`KBFGS`, plus ``history_size`` (100, the paper's code).
+    Args: as :class:`KBFGS` (including ``process_group`` and ``distributed_mode``), plus
+    ``history_size`` (100, the paper's code).
     """
 
     __doc__ = (__doc__ or "") + "\n" + (_KroneckerBFGS.__doc__ or "")
@@ -360,12 +431,14 @@ class KBFGSL(_KroneckerBFGS):
                  history_size: int = 100, momentum: float = 0.9, weight_decay: float = 1e-5,
                  stat_decay: float = 0.9, pair_decay: float = 0.9, mu1: float = 0.2,
                  cautious_eps: float = 1e-4, *, exclude: Iterable[nn.Module] = (),
-                 fallback_lr: float | None = None) -> None:
+                 fallback_lr: float | None = None, process_group: Any = None,
+                 distributed_mode: str = "memory") -> None:
         check(isinstance(history_size, int) and not isinstance(history_size, bool)
               and history_size >= 1, "history_size", history_size, "an integer >= 1")
         self.history_size = history_size
         super().__init__(model, lr, damping, momentum, weight_decay, stat_decay, pair_decay,
-                         mu1, cautious_eps, exclude, fallback_lr)
+                         mu1, cautious_eps, exclude, fallback_lr, process_group,
+                         distributed_mode)
 
     def _fresh_hg(self, d_out: int, kw: dict[str, Any]) -> dict[str, Tensor]:
         m = self.history_size
@@ -395,5 +468,6 @@ class KBFGSL(_KroneckerBFGS):
     def diagnostics(self) -> dict[str, Any]:
         """As :meth:`KBFGS.diagnostics`, plus ``history_length`` per layer."""
         out = super().diagnostics()
-        out["history_length"] = [int(ls["hist_count"]) for ls in self._st["layers"]]
+        out["history_length"] = [int(ls["hist_count"]) if "hist_count" in ls else 0
+                                 for ls in self._st["layers"]]
         return out

@@ -95,6 +95,19 @@ class KFAC(LayerOptimizer):
     Parameters of unsupported modules (``param_groups[1]``) get heavy-ball SGD with the same
     ``momentum`` and ``weight_decay`` (the same iterates as :class:`torch.optim.SGD`).
 
+    **Distributed** (``process_group``; see :mod:`secant.optim.layer_optimizer`): each rank
+    computes its local-batch ``Â``, ``Ĝ`` of every layer on factor-update steps and one flat
+    all-reduce averages them (the global-batch factors). Each layer's factors and inverse work
+    belong to one rank, balanced by ``d_in³ + d_out³``. ``distributed_mode="memory"`` (default,
+    KAISA's memory-optimal mode): only the owner keeps the layer's factors and inverses; each
+    step owners compute their layers' directions ``P`` and one flat all-reduce (zeros for other
+    ranks' layers) shares them. ``distributed_mode="communication"``: factors stay on the owner,
+    but at every inverse update the owners' inverses (or eigenbases) are shared with one flat
+    all-reduce and every rank keeps all of them, so the per-step direction exchange disappears
+    (more memory, communication only on factor / inverse-update steps). KL-clipping, momentum
+    and the update are replicated on every rank. With ``fisher="sampled"`` each rank samples its
+    own targets, so runs match a single process only in distribution.
+
     Use: ``loss.backward(); opt.step()`` or ``loss = opt.step(closure)`` (the closure zeroes
     grads, computes the loss, calls ``backward()`` and returns the loss). On factor-update steps
     every registered layer must take part in exactly one forward (in grad mode) and backward
@@ -117,6 +130,9 @@ class KFAC(LayerOptimizer):
         fisher_loss: function of the model output returning the batch-mean loss at sampled targets.
         exclude: supported modules to leave to the first-order fallback.
         fallback_lr: ``lr`` of the fallback group (default: ``lr``).
+        process_group: the ranks that share curvature work (default: the default group when
+            ``torch.distributed`` is initialised with more than one rank, else none).
+        distributed_mode: ``"memory"`` (default) or ``"communication"`` (see above).
     """
 
     state_key = "kfac"
@@ -139,6 +155,8 @@ class KFAC(LayerOptimizer):
         fisher_loss: Callable[[Tensor], Tensor] | None = None,
         exclude: Iterable[nn.Module] = (),
         fallback_lr: float | None = None,
+        process_group: Any = None,
+        distributed_mode: str = "memory",
     ) -> None:
         check(isinstance(damping, (int, float)) and damping > 0 and damping < float("inf"),
               "damping", damping, "a finite value > 0")
@@ -170,29 +188,47 @@ class KFAC(LayerOptimizer):
         self.kl_clip = kl_clip
         self.fisher_loss = fisher_loss
         defaults = dict(lr=lr, damping=damping, momentum=momentum, weight_decay=weight_decay)
-        super().__init__(model, defaults, exclude=exclude, fallback_lr=fallback_lr)
+        super().__init__(model, defaults, exclude=exclude, fallback_lr=fallback_lr,
+                         process_group=process_group, distributed_mode=distributed_mode)
         self._arm()
 
+    def _setup_description(self) -> str:
+        return (f"inverse={self.inverse_method} damping_mode={self.damping_mode} "
+                f"decay={self.factor_decay} T_cov={self.factor_update_period} "
+                f"T_inv={self.inverse_update_period} kl_clip={self.kl_clip} "
+                f"sampled={self.fisher_loss is not None}")
+
+    def _keeps_inverses(self, owned: bool) -> bool:
+        """Whether this rank stores (and applies) a layer's inverses."""
+        return owned or self.distributed_mode == "communication"
+
+    def _inverse_keys(self) -> tuple[str, ...]:
+        return ("d_A", "Q_A", "d_G", "Q_G") if self.damping_mode == "exact" else \
+            ("A_inv", "G_inv")
+
     # ------------------------------------------------------------------ state
-    def _fresh_layer_state(self, module: nn.Module) -> dict[str, Any]:
+    def _fresh_layer_state(self, module: nn.Module, owned: bool) -> dict[str, Any]:
+        """Factors, shifts and their counters only on the owner; inverses on the owner (every
+        rank in communication mode); momentum and the KL-clip counter on every rank."""
         d_out, d_in = matrix_shape(module)
         w = module.weight
         kw = dict(dtype=w.dtype, device=w.device)
-        st: dict[str, Any] = {
-            "A": torch.eye(d_in, **kw),
-            "G": torch.eye(d_out, **kw),
-            "momentum": torch.zeros(d_out, d_in, **kw),
-            "shift_a": torch.zeros((), **kw),
-            "shift_g": torch.zeros((), **kw),
-            "stats_rejected": torch.zeros((), dtype=torch.long, device=w.device),
-            "inverses_rejected": torch.zeros((), dtype=torch.long, device=w.device),
-            "kl_clip_active": torch.zeros((), dtype=torch.long, device=w.device),
-        }
-        if self.damping_mode == "exact":
-            st.update(d_A=torch.ones(d_in, **kw), Q_A=torch.eye(d_in, **kw),
-                      d_G=torch.ones(d_out, **kw), Q_G=torch.eye(d_out, **kw))
-        else:
-            st.update(A_inv=torch.eye(d_in, **kw), G_inv=torch.eye(d_out, **kw))
+        count = dict(dtype=torch.long, device=w.device)
+        st: dict[str, Any] = {}
+        if owned:
+            st.update(A=torch.eye(d_in, **kw), G=torch.eye(d_out, **kw))
+        st["momentum"] = torch.zeros(d_out, d_in, **kw)
+        if owned:
+            st.update(shift_a=torch.zeros((), **kw), shift_g=torch.zeros((), **kw),
+                      stats_rejected=torch.zeros((), **count),
+                      inverses_rejected=torch.zeros((), **count))
+        st["kl_clip_active"] = torch.zeros((), **count)
+        if self._keeps_inverses(owned):
+            if self.damping_mode == "exact":
+                st.update(d_A=torch.ones(d_in, **kw), Q_A=torch.eye(d_in, **kw),
+                          d_G=torch.ones(d_out, **kw), Q_G=torch.eye(d_out, **kw))
+            else:
+                st.update(A_inv=torch.eye(d_in, **kw), G_inv=torch.eye(d_out, **kw))
         return st
 
     def _fresh_state(self) -> dict[str, Any]:
@@ -243,9 +279,15 @@ class KFAC(LayerOptimizer):
         st = self._st
         st["factor_updates"] += 1
         eps = min(1.0 - 1.0 / st["factor_updates"], self.factor_decay)
-        for name, module, ls in zip(self.layer_names, self.layers, st["layers"]):
+        stats: list[Tensor] = []
+        for name, module in zip(self.layer_names, self.layers):
             rec = records[name]
-            a_new, g_new = factor_statistics(module, rec.x, rec.g)
+            stats.extend(factor_statistics(module, rec.x, rec.g))
+        stats = self._all_reduce(stats, average=True)  # global-batch statistics
+        for i, (own, ls) in enumerate(zip(self._owned, st["layers"])):
+            if not own:
+                continue
+            a_new, g_new = stats[2 * i], stats[2 * i + 1]
             # Gram matrices are finite iff their diagonals are (|M_ij| ≤ sqrt(M_ii M_jj))
             ok = torch.isfinite(a_new.diagonal()).all() & torch.isfinite(g_new.diagonal()).all()
             ls["A"].lerp_(torch.where(ok, a_new, ls["A"]), 1.0 - eps)
@@ -253,7 +295,10 @@ class KFAC(LayerOptimizer):
             ls["stats_rejected"] += ~ok
 
     def _update_inverses(self, damping: float) -> None:
-        for ls in self._st["layers"]:
+        layers = self._st["layers"]
+        for own, ls in zip(self._owned, layers):
+            if not own:
+                continue
             a, g = ls["A"], ls["G"]
             if self.damping_mode == "factored":
                 sa, sg = factored_shifts(a, g, damping)
@@ -275,6 +320,14 @@ class KFAC(LayerOptimizer):
             ls["shift_a"].copy_(torch.where(ok, sa, ls["shift_a"]))
             ls["shift_g"].copy_(torch.where(ok, sg, ls["shift_g"]))
             ls["inverses_rejected"] += ~ok
+        if self.distributed and self.distributed_mode == "communication":
+            keys = self._inverse_keys()
+            mine = [ls[key] if own else torch.zeros_like(ls[key])
+                    for own, ls in zip(self._owned, layers) for key in keys]
+            shared = iter(self._all_reduce(mine))
+            for ls in layers:
+                for key in keys:
+                    ls[key].copy_(next(shared))
 
     def _direction(self, ls: dict[str, Any], x: Tensor, damping: float) -> Tensor:
         if self.damping_mode == "factored":
@@ -285,12 +338,17 @@ class KFAC(LayerOptimizer):
         st = self._st
         lr, wd, mu = group["lr"], group["weight_decay"], group["momentum"]
         xs, ps = [], []
-        for module, ls in zip(self.layers, st["layers"]):
+        for module, own, ls in zip(self.layers, self._owned, st["layers"]):
             x = grad_matrix(module)
             if wd:
                 x.add_(param_matrix(module), alpha=wd)
             xs.append(x)
-            ps.append(self._direction(ls, x, group["damping"]))
+            if self._keeps_inverses(own):
+                ps.append(self._direction(ls, x, group["damping"]))
+            else:
+                ps.append(torch.zeros_like(x))
+        if self.distributed and self.distributed_mode == "memory":
+            ps = self._all_reduce(ps)  # owners' directions, zeros elsewhere: summed = shared
         if self.kl_clip is not None:
             nu = kl_clip_scale(xs, ps, lr, self.kl_clip)
             active = nu < 1
@@ -307,12 +365,15 @@ class KFAC(LayerOptimizer):
     def diagnostics(self) -> dict[str, Any]:
         """Per-layer counters (this call synchronises with the device): non-finite factor
         statistics rejected, failed inverse updates rejected, steps where KL-clipping scaled the
-        update; plus totals and the step / factor-update counts."""
+        update; plus totals and the step / factor-update counts. Distributed: the factor and
+        inverse counters are the owner's (0 on other ranks; ``layer_owners`` lists owners)."""
         st = self._st
         out: dict[str, Any] = {"step": st["step"], "factor_updates": st["factor_updates"],
                                "layers": self.layer_names}
+        if self.distributed:
+            out["layer_owners"] = list(self.layer_owners)
         for key in ("stats_rejected", "inverses_rejected", "kl_clip_active"):
-            per = [int(ls[key]) for ls in st["layers"]]
+            per = [int(ls[key]) if key in ls else 0 for ls in st["layers"]]
             out[key + "_per_layer"] = per
             out[key] = max(per) if key == "kl_clip_active" and per else sum(per)
         return out
