@@ -159,14 +159,14 @@ _add(Problem(
 _add(Problem(
     "cifar10", "CIFAR-10 (local binary batches, or --synthetic) + ResNet-18 with a 3x3 "
     "stride-1 stem (11.2M params), cross-entropy", "classifier", batch_size=128,
-    budget_seconds=300.0, eval_train=1000, eval_test=1000, final_eval_cap=5000,
+    budget_seconds=300.0, eval_train=500, eval_test=500, final_eval_cap=2000,
     load=_load_cifar, build=M.ResNet18,
     notes="needs --data-dir with data_batch_1..5.bin and test_batch.bin, or --synthetic "
     "(random CIFAR-shaped data, for throughput only). Slow on CPU: use --device cuda."))
 _add(Problem(
     "cifar10-vit", "CIFAR-10 (local binary batches, or --synthetic) + a small ViT (4x4 patches, "
     "dim 128, depth 4, 0.55M params), cross-entropy", "classifier", batch_size=128,
-    budget_seconds=300.0, eval_train=1000, eval_test=1000, final_eval_cap=5000,
+    budget_seconds=300.0, eval_train=500, eval_test=500, final_eval_cap=2000,
     load=_load_cifar, build=M.SmallViT, notes="data as for cifar10."))
 
 
