@@ -22,11 +22,12 @@ STEPS = 5
 
 
 def conv_model():
-    """Four layers, one of them a Conv2d: ownership is spread over 2 or 3 ranks."""
+    """Four layers, one of them a Conv2d, ownership spread over 2 or 3 ranks; a LayerNorm for
+    the first-order fallback group."""
     torch.manual_seed(0)
     return nn.Sequential(nn.Conv2d(2, 3, 3, padding=1), nn.Tanh(), nn.Flatten(),
-                         nn.Linear(48, 8), nn.Tanh(), nn.Linear(8, 8), nn.Tanh(),
-                         nn.Linear(8, 4)).double()
+                         nn.Linear(48, 8), nn.LayerNorm(8), nn.Tanh(), nn.Linear(8, 8),
+                         nn.Tanh(), nn.Linear(8, 4)).double()
 
 
 def small_model():
@@ -62,11 +63,19 @@ CASES = {
     "kbfgsl": (False, lambda m, **kw: KBFGSL(m, **KBFGS_HP, history_size=3, **kw)),
     "kbfgs-communication": (False, lambda m, **kw: KBFGS(
         m, **KBFGS_HP, distributed_mode="communication", **kw)),
+    "kbfgs-warm": (False, lambda m, **kw: KBFGS(m, **KBFGS_HP, **kw)),
     "kbfgsl-small": (True, lambda m, **kw: KBFGSL(m, **KBFGS_HP, history_size=2, **kw)),
 }
 # state entries only the owner of a layer keeps (memory mode), and the per-step inverses
 OWNER_KEYS = ("A", "H_g", "hist_z")
 INVERSE_KEYS = ("A_inv", "Q_A", "H_a", "H_g", "hist_z")
+
+
+def warm_start(name, opt, rank=0, world=1):
+    """``-warm`` cases: K-BFGS warm start on each rank's share of two batches."""
+    if name.endswith("-warm"):
+        shard = slice(rank * GLOBAL_BATCH // world, (rank + 1) * GLOBAL_BATCH // world)
+        assert opt.warm_start([batch(t, CASES[name][0])[0][shard] for t in (50, 51)]) == 2
 
 
 def build(name, wrap):
@@ -134,6 +143,7 @@ def _worker(rank, world, out_dir):
     out = {"runs": {}, "resume": {}, "mismatch": {}}
     for name in CASES:
         model, opt = build(name, True)
+        warm_start(name, opt, rank, world)
         train(model, opt, CASES[name][0], STEPS, rank=rank, world=world)
         out["runs"][name] = {"params": [p.detach().clone() for p in model.parameters()],
                              "owned": count_layers_with(opt, OWNER_KEYS),
@@ -149,6 +159,15 @@ def _worker(rank, world, out_dir):
 
 
 _RESULTS = {}
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """The single-process references are tiny: extra threads only contend with the ranks."""
+    old = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(old)
 
 
 @pytest.fixture(scope="module", params=[2, 3])
@@ -167,6 +186,7 @@ def test_multi_rank_run_matches_single_process(world_results, name):
     world, results = world_results
     model, opt = build(name, False)
     before = [p.detach().clone() for p in model.parameters()]
+    warm_start(name, opt)
     train(model, opt, CASES[name][0], STEPS)
     assert max((p - q).abs().max() for p, q in zip(model.parameters(), before)) > 1e-3
     if name.startswith("kbfgs"):

@@ -194,7 +194,8 @@ class _KroneckerBFGS(LayerOptimizer):
 
         ``A`` is the average over batches of ``mean_B(ā āᵀ)``, then ``H_a = (A + √λ I)⁻¹``.
         ``forward(batch)`` runs the model on a batch (default: ``model(batch[0])`` for tuples /
-        lists, else ``model(batch)``). Runs without gradients. Returns the number of batches.
+        lists, else ``model(batch)``). Runs without gradients. Returns the number of batches
+        (this rank's). Distributed: ``A`` is averaged over all ranks' batches.
         """
         if self.kron_group is None:
             return 0
@@ -220,8 +221,7 @@ class _KroneckerBFGS(LayerOptimizer):
         total: Tensor | int = n
         if self.distributed:  # sum over ranks of the batch statistics and of the batch counts
             *sums, total = self._all_reduce(sums + [sums[0].new_tensor(float(n))])
-            n = int(total)
-        if n == 0:
+        if int(total) == 0:
             raise ValueError("warm_start got no batches")
         lam_a = math.sqrt(self.kron_group["damping"])
         for own, ls, acc in zip(self._owned, self._st["layers"], sums):
