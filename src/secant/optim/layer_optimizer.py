@@ -27,14 +27,16 @@ Distributed data parallelism
 With ``process_group`` (default: the default group when ``torch.distributed`` is initialised
 with more than one rank) every rank runs the same model replica (typically wrapped in
 ``DistributedDataParallel``, which averages the parameter gradients) on its own equally sized
-share of the global batch. Each layer is owned by one rank (:func:`secant.distributed.
-assign_blocks`, balanced by the subclass's ``_layer_cost``; ``layer_owners`` lists them; a rank
-may own no layer). Per-layer batch statistics are averaged over the ranks with one flat
-all-reduce per phase; the captured pre-activation gradients are gradients of each rank's
-*local* mean loss, so the average of the local statistics over equally sized local batches is
-the global-batch statistic. Owners do the curvature work of their layers and the resulting
-directions are shared, so every rank applies the identical update and the run matches the
-single-process run on the global batch (to rounding). ``distributed_mode`` chooses between
+share of the global batch. Each layer is owned by one rank
+(:func:`secant.distributed.assign_blocks`, balanced by the subclass's ``_layer_cost``;
+``layer_owners`` lists them; a rank may own no layer). Per-layer batch statistics are
+averaged over the ranks with one flat all-reduce per phase (all layers in one buffer); the
+captured pre-activation gradients are gradients of each rank's *local* mean loss (DDP averages
+only the parameter gradients), so the average of the local statistics over equally sized local
+batches is the global-batch statistic; unequal local batches are not supported. Owners do
+the curvature work of their layers and the resulting directions are shared, so every rank
+applies the identical update and the run matches the single-process run on the global batch
+(to rounding). ``distributed_mode`` chooses between
 ``"memory"`` (default: curvature state only on the owner) and ``"communication"`` (more state
 on every rank, less per-step communication; see the subclass). At construction the ranks check
 (one small all-gather) that they agree on the layers, their shapes and the options, and raise
