@@ -63,33 +63,33 @@ def _add(entry: OptimizerEntry) -> None:
 
 _add(OptimizerEntry(
     "sgd", "torch.optim.SGD with heavy-ball momentum 0.9", "param",
-    lambda: torch.optim.SGD, {"momentum": 0.9}, 1e-3, (3e-4, 1e-3, 3e-3, 1e-2)))
+    lambda: torch.optim.SGD, {"momentum": 0.9}, 1e-3, (3e-4, 1e-3, 3e-3, 1e-2, 3e-2)))
 _add(OptimizerEntry(
     "adam", "torch.optim.Adam (betas 0.9, 0.999; eps 1e-8)", "param",
-    lambda: torch.optim.Adam, {}, 1e-3, (3e-4, 1e-3, 3e-3, 1e-2)))
+    lambda: torch.optim.Adam, {}, 1e-3, (3e-4, 1e-3, 3e-3, 1e-2, 3e-2)))
 _add(OptimizerEntry(
     "mlbfgs", "secant.MomentumLBFGS: momentum-averaged block-wise L-BFGS (Niu et al. 2023); "
     "beta 0.9, update_period 20, history 10, momentum 0.9", "param",
     lambda: _secant_class("MomentumLBFGS"),
     {"momentum": 0.9, "beta": 0.9, "update_period": 20, "history_size": 10}, 1e-3,
-    (3e-4, 1e-3, 3e-3, 1e-2)))
+    (3e-4, 1e-3, 3e-3, 1e-2, 3e-2)))
 _add(OptimizerEntry(
     "kfac", "secant.KFAC: Kronecker-factored natural gradient (Martens & Grosse 2015); "
     "damping 0.03, Cholesky inverses of the damped factors", "layer",
     lambda: _secant_class("KFAC"), {"damping": 0.03, "inverse_method": "cholesky"}, 1e-2,
-    (1e-3, 3e-3, 1e-2, 3e-2)))
+    (1e-3, 3e-3, 1e-2, 3e-2, 0.1)))
 _add(OptimizerEntry(
     "kbfgs", "secant.KBFGS: Kronecker-factored BFGS with double damping (Goldfarb et al. "
     "2020); damping 0.3 (paper MNIST demo)", "layer",
-    lambda: _secant_class("KBFGS"), {"damping": 0.3}, 0.3, (0.03, 0.1, 0.3, 1.0)))
+    lambda: _secant_class("KBFGS"), {"damping": 0.3}, 0.3, (0.03, 0.1, 0.3, 1.0, 3.0)))
 _add(OptimizerEntry(
     "kbfgsl", "secant.KBFGSL: K-BFGS with limited-memory (L-BFGS) G factors (Goldfarb et al. "
     "2020); damping 0.3", "layer",
-    lambda: _secant_class("KBFGSL"), {"damping": 0.3}, 0.3, (0.03, 0.1, 0.3, 1.0)))
+    lambda: _secant_class("KBFGSL"), {"damping": 0.3}, 0.3, (0.03, 0.1, 0.3, 1.0, 3.0)))
 _add(OptimizerEntry(
     "neumann", "secant.Neumann: Neumann-series implicit inverse Hessian (Krishnan et al. "
     "2018); library defaults besides lr", "param",
-    lambda: _secant_class("Neumann"), {}, 1e-3, (1e-4, 3e-4, 1e-3, 3e-3)))
+    lambda: _secant_class("Neumann"), {}, 1e-3, (1e-4, 3e-4, 1e-3, 3e-3, 1e-2)))
 
 
 def get_optimizer(name: str) -> OptimizerEntry:
