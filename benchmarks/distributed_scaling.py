@@ -75,14 +75,18 @@ def state_bytes(opt: torch.optim.Optimizer) -> int:
     return total
 
 
-def worker(rank, world, init_file, name, steps, warmup, batch, out_dir):
+def worker(rank, world, init_file, name, steps, warmup, batch, out_dir, device_type):
     torch.set_num_threads(1)
-    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank,
-                            world_size=world, timeout=timedelta(seconds=300))
-    model = DDP(autoencoder())
+    device = torch.device(device_type, rank) if device_type == "cuda" else torch.device("cpu")
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+    dist.init_process_group("nccl" if device.type == "cuda" else "gloo",
+                            init_method=f"file://{init_file}", rank=rank, world_size=world,
+                            timeout=timedelta(seconds=300))
+    model = DDP(autoencoder().to(device))
     opt = make_optimizer(name, model)
     gen = torch.Generator().manual_seed(rank)
-    x = torch.rand(batch, SIZES[0], generator=gen)
+    x = torch.rand(batch, SIZES[0], generator=gen).to(device)
 
     def closure():
         opt.zero_grad()
@@ -95,9 +99,11 @@ def worker(rank, world, init_file, name, steps, warmup, batch, out_dir):
         dist.barrier()
         t0 = time.perf_counter()
         opt.step(closure)
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
         if t >= warmup:
             times.append(time.perf_counter() - t0)
-    mem = torch.tensor([state_bytes(opt)], dtype=torch.long)
+    mem = torch.tensor([state_bytes(opt)], dtype=torch.long, device=device)
     every = [torch.zeros_like(mem) for _ in range(world)]
     dist.all_gather(every, mem)
     if rank == 0:
@@ -113,15 +119,17 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=10)
     ap.add_argument("--warmup", type=int, default=12)
     ap.add_argument("--per-rank-batch", type=int, default=250)
+    ap.add_argument("--device", choices=("cpu", "cuda"), default="cpu",
+                    help="cpu: gloo; cuda: NCCL, one GPU per rank")
     args = ap.parse_args()
     names = [n for n in args.optimizers.split(",") if hasattr(secant, CLASSES[n])]
     worlds = [int(w) for w in args.worlds.split(",")]
-    print("# Distributed weak scaling (gloo, CPU)\n")
+    print(f"# Distributed weak scaling ({'NCCL, GPU' if args.device == 'cuda' else 'gloo, CPU'})\n")
     print(f"- machine: {platform.machine()} CPU with {os.cpu_count()} cores (shared, noisy); "
           f"torch {torch.__version__}, Python {platform.python_version()}; 1 thread per rank")
     print(f"- command: `python benchmarks/distributed_scaling.py --worlds {args.worlds} "
           f"--steps {args.steps} --warmup {args.warmup} --per-rank-batch "
-          f"{args.per_rank_batch}`")
+          f"{args.per_rank_batch} --device {args.device}`")
     print("- model: CURVES autoencoder (842,340 parameters), per-rank batch "
           f"{args.per_rank_batch}; step = forward + backward (DDP all-reduce) + optimizer step")
     print("- with more ranks than cores the ranks time-share the CPU: step times at 4 ranks "
@@ -135,7 +143,7 @@ def main() -> None:
             with tempfile.TemporaryDirectory() as tmp:
                 mp.start_processes(worker, nprocs=world, start_method="spawn", join=True,
                                    args=(world, os.path.join(tmp, "init"), name, args.steps,
-                                         args.warmup, args.per_rank_batch, tmp))
+                                         args.warmup, args.per_rank_batch, tmp, args.device))
                 res = torch.load(os.path.join(tmp, "result.pt"))
             mem = max(res["mem"]) / 2**20
             base = base or mem
