@@ -12,7 +12,7 @@ from pathlib import Path
 
 import torch
 
-from secant.bench import report
+from secant.bench import distributed, report
 from secant.bench.data import BenchError
 from secant.bench.problems import PROBLEMS, get_problem
 from secant.bench.registry import OPTIMIZERS, available_optimizers, get_optimizer
@@ -181,6 +181,7 @@ def bench(args: argparse.Namespace, argv_text: str) -> int:
         print(_list())
         return 0
     problems, entries = _resolve(args)
+    rank, world = distributed.init(args.device)
     overrides = dict(args.lr)
     for name in overrides:
         if name not in [e.name for e in entries]:
@@ -189,14 +190,17 @@ def bench(args: argparse.Namespace, argv_text: str) -> int:
     datasets = {p.name: p.load(args.data_dir, args.synthetic) for p in problems}
     out = Path(args.out) if args.out else (
         Path("bench-results") / dt.datetime.now().strftime("%Y%m%d-%H%M%S"))
-    meta = _meta(args, argv_text)
+    meta = _meta(args, argv_text) | {"world_size": world}
     runs = []
     for p in problems:
         for e in entries:
             lr, src = (overrides[e.name], "override") if e.name in overrides else (
                 e.lr_for(p.name), e.lr_source(p.name))
             for cfg in _configs(args, p, e, lr, src):
-                runs.append(run_one(p, e, datasets[p.name], cfg, progress=not args.no_progress))
+                runs.append(run_one(p, e, datasets[p.name], cfg,
+                                    progress=not args.no_progress and rank == 0))
+    if rank != 0:  # under torchrun, rank 0 reports
+        return 0
     info = {p.name: _problem_info(p) for p in problems}
     summary = report.write_outputs(out, meta, info, runs)
     for p in problems:

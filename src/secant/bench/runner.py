@@ -22,6 +22,7 @@ from dataclasses import asdict, dataclass
 import torch
 from torch import Tensor, nn
 
+from secant.bench import distributed
 from secant.bench.problems import Dataset, Problem, seeded_model
 from secant.bench.registry import OptimizerEntry
 
@@ -114,6 +115,7 @@ def run_one(problem: Problem, entry: OptimizerEntry, data: Dataset, cfg: RunConf
     _warm_up()
     device = torch.device(cfg.device)
     model = seeded_model(problem, cfg.seed).to(device)
+    net = distributed.wrap(model)  # trained through DDP under torchrun, evaluated as is
     rec["parameters"] = sum(p.numel() for p in model.parameters())
     x_tr, x_te = data.x_train.to(device), data.x_test.to(device)
     y_tr = None if data.y_train is None else data.y_train.to(device)
@@ -166,7 +168,7 @@ def run_one(problem: Problem, entry: OptimizerEntry, data: Dataset, cfg: RunConf
         do_eval()
         next_eval = 1
         t0 = time.perf_counter()
-        opt = entry.make(model, cfg.lr)
+        opt = entry.make(net, cfg.lr)
         _sync(device)
         train_time += time.perf_counter() - t0
         perm = torch.randperm(n, generator=gen).to(device)
@@ -177,24 +179,24 @@ def run_one(problem: Problem, entry: OptimizerEntry, data: Dataset, cfg: RunConf
             if pos + batch > n:
                 perm = torch.randperm(n, generator=gen).to(device)
                 pos = 0
-            idx = perm[pos : pos + batch]
+            idx = distributed.local_rows(perm[pos : pos + batch])
             pos += batch
             xb = x_tr[idx]
             yb = None if y_tr is None else y_tr[idx]
 
             def closure(xb: Tensor = xb, yb: Tensor | None = yb) -> Tensor:
                 opt.zero_grad(set_to_none=True)
-                loss = problem.loss(model, xb, yb)
+                loss = problem.loss(net, xb, yb)
                 loss.backward()
                 return loss
 
             out = opt.step(closure)
             _sync(device)
             dt = time.perf_counter() - t0
-            train_time += dt
+            loss_val = float(out.detach()) if out is not None else float("nan")
+            loss_val, train_time = distributed.agree(loss_val, train_time + dt)
             step += 1
             step_times.append(dt)
-            loss_val = float(out.detach()) if out is not None else float("nan")
             if bar is not None:
                 bar.update(1 if total_steps is not None else
                            min(dt, max(cfg.budget_seconds - bar.n, 0.0)))
