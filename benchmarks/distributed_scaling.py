@@ -26,19 +26,8 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 import secant
-
-SIZES = [784, 400, 200, 100, 50, 25, 6, 25, 50, 100, 200, 400, 784]
-
-
-def autoencoder() -> nn.Sequential:
-    torch.manual_seed(0)
-    layers: list[nn.Module] = []
-    for i in range(len(SIZES) - 1):
-        layers.append(nn.Linear(SIZES[i], SIZES[i + 1]))
-        if i not in (5, len(SIZES) - 2):
-            layers.append(nn.ReLU())
-    return nn.Sequential(*layers)
-
+from secant.bench.models import CURVES_WIDTHS, autoencoder
+from secant.bench.runner import state_bytes
 
 CLASSES = {"mlbfgs": "MomentumLBFGS", "neumann": "Neumann", "kfac": "KFAC", "kbfgs": "KBFGS",
            "kbfgsl": "KBFGSL"}
@@ -53,28 +42,6 @@ def make_optimizer(name: str, model: nn.Module):
     return cls(model, lr=0.01)
 
 
-def state_bytes(opt: torch.optim.Optimizer) -> int:
-    """Bytes of all tensors in the optimizer state (storages counted once)."""
-    seen, total = set(), 0
-
-    def visit(obj):
-        nonlocal total
-        if torch.is_tensor(obj):
-            ptr = obj.untyped_storage().data_ptr()
-            if ptr not in seen:
-                seen.add(ptr)
-                total += obj.untyped_storage().nbytes()
-        elif isinstance(obj, dict):
-            for v in obj.values():
-                visit(v)
-        elif isinstance(obj, (list, tuple)):
-            for v in obj:
-                visit(v)
-
-    visit(opt.state)
-    return total
-
-
 def worker(rank, world, init_file, name, steps, warmup, batch, out_dir, device_type):
     torch.set_num_threads(1)
     device = torch.device(device_type, rank) if device_type == "cuda" else torch.device("cpu")
@@ -83,10 +50,11 @@ def worker(rank, world, init_file, name, steps, warmup, batch, out_dir, device_t
     dist.init_process_group("nccl" if device.type == "cuda" else "gloo",
                             init_method=f"file://{init_file}", rank=rank, world_size=world,
                             timeout=timedelta(seconds=300))
-    model = DDP(autoencoder().to(device))
+    torch.manual_seed(0)
+    model = DDP(autoencoder(CURVES_WIDTHS).to(device))
     opt = make_optimizer(name, model)
     gen = torch.Generator().manual_seed(rank)
-    x = torch.rand(batch, SIZES[0], generator=gen).to(device)
+    x = torch.rand(batch, CURVES_WIDTHS[0], generator=gen).to(device)
 
     def closure():
         opt.zero_grad()

@@ -27,27 +27,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from secant import KBFGS, KBFGSL, KFAC
-
-SIZES = [784, 1000, 500, 250, 30, 250, 500, 1000, 784]
-
-
-def autoencoder() -> nn.Sequential:
-    layers: list[nn.Module] = []
-    for i, (a, b) in enumerate(zip(SIZES[:-1], SIZES[1:])):
-        layers.append(nn.Linear(a, b))
-        if i not in (3, len(SIZES) - 2):  # linear code layer and output layer
-            layers.append(nn.ReLU())
-    return nn.Sequential(*layers)
-
-
-def state_bytes(obj) -> int:
-    if isinstance(obj, torch.Tensor):
-        return obj.numel() * obj.element_size()
-    if isinstance(obj, dict):
-        return sum(state_bytes(v) for v in obj.values())
-    if isinstance(obj, (list, tuple)):
-        return sum(state_bytes(v) for v in obj)
-    return 0
+from secant.bench.models import MNIST_WIDTHS, autoencoder
+from secant.bench.runner import state_bytes
 
 
 def make(name: str, model: nn.Module) -> torch.optim.Optimizer:
@@ -80,11 +61,11 @@ def main() -> None:
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
-    x = torch.rand(args.batch, SIZES[0])
+    x = torch.rand(args.batch, MNIST_WIDTHS[0])
     runs: dict[str, tuple[nn.Module, torch.optim.Optimizer, Callable]] = {}
     for name in METHODS:
         torch.manual_seed(0)
-        model = autoencoder()
+        model = autoencoder(MNIST_WIDTHS)
         opt = make(name, model)
 
         def closure(model=model, opt=opt):
@@ -111,7 +92,7 @@ def main() -> None:
         f"machine: {platform.machine()} {platform.processor() or ''}, "
         f"{torch.get_num_threads()} torch threads; torch {torch.__version__}; "
         f"python {platform.python_version()}",
-        f"model: MNIST autoencoder {'-'.join(map(str, SIZES))} ({n_params:,} parameters), "
+        f"model: MNIST autoencoder {'-'.join(map(str, MNIST_WIDTHS))} ({n_params:,} parameters), "
         f"batch {args.batch}",
         f"rounds {args.rounds} x {args.steps} steps per method (interleaved), "
         f"warm-up {args.warmup} steps",
@@ -123,7 +104,7 @@ def main() -> None:
     for name in METHODS:
         med = statistics.median(times[name])
         opt = runs[name][1]
-        sb = state_bytes(opt.state_dict()["state"])
+        sb = state_bytes(opt)
         rounds = ", ".join(f"{t:.3f}" for t in times[name])
         lines.append(f"| {name} | {med:.3f} | {rounds} | {med / base:.2f}x | "
                      f"{sb / 2**20:.1f} | {sb / 4 / n_params:.2f} |")

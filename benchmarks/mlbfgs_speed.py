@@ -26,28 +26,9 @@ import torch
 from torch import nn
 
 from secant import MomentumLBFGS
+from secant.bench.models import MNIST_WIDTHS, autoencoder
+from secant.bench.runner import state_bytes
 from secant.linalg import compact_apply, newest_gamma
-
-SIZES = [784, 1000, 500, 250, 30, 250, 500, 1000, 784]
-
-
-def autoencoder() -> nn.Sequential:
-    layers: list[nn.Module] = []
-    for i in range(len(SIZES) - 1):
-        layers.append(nn.Linear(SIZES[i], SIZES[i + 1]))
-        if i not in (3, len(SIZES) - 2):  # linear code layer and output logits
-            layers.append(nn.ReLU())
-    return nn.Sequential(*layers)
-
-
-def state_bytes(opt: torch.optim.Optimizer) -> int:
-    seen, total = set(), 0
-    for v in opt.state.values():
-        for t in (v.values() if isinstance(v, dict) else []):
-            if torch.is_tensor(t) and t.untyped_storage().data_ptr() not in seen:
-                seen.add(t.untyped_storage().data_ptr())
-                total += t.untyped_storage().nbytes()
-    return total
 
 
 def median_time(fn, reps: int) -> float:
@@ -68,8 +49,8 @@ def main() -> None:
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
-    x = torch.rand(args.batch, SIZES[0])
-    models = {"sgd": autoencoder(), "mlbfgs": autoencoder()}
+    x = torch.rand(args.batch, MNIST_WIDTHS[0])
+    models = {"sgd": autoencoder(MNIST_WIDTHS), "mlbfgs": autoencoder(MNIST_WIDTHS)}
     models["mlbfgs"].load_state_dict(models["sgd"].state_dict())
     opts = {
         "sgd": torch.optim.SGD(models["sgd"].parameters(), lr=1e-4, momentum=0.9),
