@@ -17,7 +17,8 @@ def run(cmd, out):
 
 
 def test_two_ranks_match_one_process(tmp_path):
-    multi = run(["-m", "torch.distributed.run", "--nproc-per-node", "2"], tmp_path / "multi")
+    multi = run(["-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2"],
+                tmp_path / "multi")
     single = run([], tmp_path / "single")
     assert multi["world_size"] == 2 and single["world_size"] == 1
     for a, b in zip(multi["runs"], single["runs"], strict=True):

@@ -1,7 +1,7 @@
 """``secant bench`` under ``torchrun``: one process per rank, the model wrapped in DDP and the
 global batch split across ranks; rank 0 prints and writes the results.
 
-``torchrun --nproc-per-node N -m secant bench ...`` sets ``WORLD_SIZE`` / ``RANK`` /
+``torchrun --standalone --nproc-per-node N -m secant bench ...`` sets ``WORLD_SIZE`` / ``RANK`` /
 ``LOCAL_RANK``; :func:`init` then joins the process group (gloo on CPU, NCCL with
 ``--device cuda``, one GPU per local rank). Without ``torchrun`` nothing changes.
 """
