@@ -7,9 +7,15 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from secant.linalg import double_damping, powell_damping, tau_coefficient, tau_damping
+from secant.linalg import double_damping, powell_damping, tau_coefficient
 
 SIGMA_L, SIGMA_H, TAU0 = 0.01, 1.5, 0.99
+
+
+def tau_damping(s, y, sigma_low, sigma_high, tau_max):
+    """ŷ = τ y + (1 − τ) s with τ from the rule under test."""
+    tau, _ = tau_coefficient((s * y).sum(-1), (s * s).sum(-1), sigma_low, sigma_high, tau_max)
+    return tau.unsqueeze(-1) * y + (1 - tau.unsqueeze(-1)) * s, tau
 
 vectors = st.integers(min_value=1, max_value=12).flatmap(
     lambda n: st.tuples(

@@ -12,12 +12,7 @@ import pytest
 import torch
 
 from secant import Neumann
-from secant.linalg.neumann_series import (
-    mu_schedule,
-    neumann_inner_loop,
-    regulariser_coefficient,
-    reset_steps,
-)
+from secant.linalg.neumann_series import mu_schedule, regulariser_coefficient
 
 pytestmark = pytest.mark.usefixtures("float64_default")
 
@@ -106,6 +101,15 @@ def run(opt, params, steps, sched=None, nan_at=()):
             sched.step()
 
 
+def neumann_inner_loop(grad, w, lr, inner_steps):
+    """Algorithm 1 of the paper (idealised, one mini-batch): m₀ = −∇f(w),
+    m_k = m_{k−1} − ∇f(w + η m_{k−1}); the displaced gradient replaces a Hessian-vector product."""
+    m = -grad(w)
+    for _ in range(inner_steps):
+        m = m - grad(w + lr * m)
+    return m
+
+
 def test_o_n1_neumann_inner_loop_is_richardson():
     gen = torch.Generator().manual_seed(3)
     n = 8
@@ -186,9 +190,22 @@ def test_o_n4_mu_schedule_and_reset_schedule():
     assert mu_schedule(300, 100, 0.5, 0.9) == pytest.approx(0.75)
     assert mu_schedule(1, 100, 0.5, 0.9) == 0.5 and mu_schedule(10**6, 100, 0.5, 0.9) == 0.9
     assert all(mu_schedule(s, 7, 0.3, 0.3) == 0.3 for s in range(1, 50))
-    assert reset_steps(10, 5) == [1, 11, 31, 71, 151]
     assert Neumann.paper_periods(40) == {"burn_in_steps": 200, "reset_period": 400,
                                          "mu_period": 40}
+
+
+def test_resets_happen_at_doubling_gaps():
+    """Neumann steps 1, 1+K, 1+3K, 1+7K reset m (K = 10 here), and no other step does."""
+    w = torch.nn.Parameter(torch.ones(3))
+    opt = Neumann([w], lr=0.01, alpha=0.0, beta=0.0, reset_period=10)
+    reset_at = []
+    for t in range(1, 80):
+        w.grad = torch.full((3,), 0.1 * t)
+        before = opt.diagnostics()["resets"]
+        opt.step()
+        if opt.diagnostics()["resets"] > before:
+            reset_at.append(t)
+    assert reset_at == [1, 11, 31, 71]
 
 
 def test_o_n4_full_trajectory_matches_reference_with_scheduler():

@@ -1,7 +1,7 @@
 """Pure tensor math shared by the optimizers: no modules, no optimizer state."""
 
-from secant.linalg.bfgs import bfgs_inverse_update, bfgs_inverse_update_, cautious_accept
-from secant.linalg.damping import double_damping, powell_damping, tau_coefficient, tau_damping
+from secant.linalg.bfgs import bfgs_inverse_update_, cautious_accept
+from secant.linalg.damping import double_damping, powell_damping, tau_coefficient
 from secant.linalg.lbfgs import (
     History,
     block_dot,
@@ -16,7 +16,6 @@ from secant.linalg.lbfgs import (
 
 __all__ = [
     "History",
-    "bfgs_inverse_update",
     "bfgs_inverse_update_",
     "block_dot",
     "block_sum",
@@ -29,6 +28,5 @@ __all__ = [
     "powell_damping",
     "push",
     "tau_coefficient",
-    "tau_damping",
     "two_loop",
 ]

@@ -11,21 +11,6 @@ import torch
 from torch import Tensor
 
 
-def bfgs_inverse_update(h: Tensor, s: Tensor, y: Tensor) -> Tensor:
-    """Return ``H⁺`` for ``H [..., n, n]`` and the pair ``s, y [..., n]``.
-
-    Uses the expanded form ``H + (sᵀy + yᵀHy) ssᵀ/(sᵀy)² − (Hy sᵀ + s yᵀH)/(sᵀy)``: two rank-one
-    outer products and one matrix-vector product, ``O(n²)``.
-    """
-    hy = (h @ y.unsqueeze(-1)).squeeze(-1)
-    sy = (s * y).sum(-1, keepdim=True)
-    yhy = (y * hy).sum(-1, keepdim=True)
-    ss = s.unsqueeze(-1) * s.unsqueeze(-2)
-    cross = hy.unsqueeze(-1) * s.unsqueeze(-2)
-    coef = ((sy + yhy) / sy**2).unsqueeze(-1)
-    return h + coef * ss - (cross + cross.transpose(-1, -2)) / sy.unsqueeze(-1)
-
-
 def cautious_accept(s: Tensor, y: Tensor, scale: Tensor, eps: float = 1e-4) -> Tensor:
     """Cautious-update test: accept only if ``sᵀy > eps · ‖s‖² · scale`` and all is finite.
 
@@ -39,8 +24,9 @@ def cautious_accept(s: Tensor, y: Tensor, scale: Tensor, eps: float = 1e-4) -> T
 
 
 def bfgs_inverse_update_(h: Tensor, s: Tensor, y: Tensor, accept: Tensor) -> Tensor:
-    """In-place, masked :func:`bfgs_inverse_update` of one matrix ``H [n, n]``.
+    """In-place, masked BFGS update of one matrix ``H [n, n]`` by the pair ``s, y [n]``.
 
+    The expanded form ``H⁺ = H + (sᵀy + yᵀHy) ssᵀ/(sᵀy)² − (Hy sᵀ + s yᵀH)/(sᵀy)`` written as
     ``H ← H + U C Uᵀ`` with ``U = [s, Hy]`` and
     ``C = [[(sᵀy + yᵀHy)/(sᵀy)², −1/sᵀy], [−1/sᵀy, 0]]`` — the same expanded form as a single
     rank-2 GEMM pass over ``H``, no temporaries of size ``n²``. Applied only where ``accept``

@@ -1,12 +1,13 @@
 """Curvature-pair damping rules.
 
-* :func:`tau_damping` — the mL-BFGS rule (Niu et al., TMLR 2023, §2.3 of ALGORITHMS.md): mix ``s``
-  into ``y`` so the curvature ratio ``r̂ = sᵀŷ / sᵀs`` lies in ``[σ_L, σ_H]``.
+* :func:`tau_coefficient` — the mL-BFGS rule (Niu et al., TMLR 2023, §2.3 of ALGORITHMS.md):
+  the weight τ that mixes ``s`` into ``y`` so the curvature ratio ``r̂ = sᵀŷ / sᵀs`` lies in
+  ``[σ_L, σ_H]``; it takes the inner products, so callers may compute them per block.
 * :func:`powell_damping` — Powell's rule (Powell 1978; Nocedal & Wright Proc. 18.2), written for a
   generic pair so that both the classical form on ``B`` and the form on ``H`` used by the double
   damping of K-BFGS (Goldfarb, Ren & Bahamou 2020) are one function.
 
-All functions work on the last dimension and broadcast over leading (batch) dimensions.
+They broadcast over leading (batch) dimensions; vectors lie on the last dimension.
 """
 
 from __future__ import annotations
@@ -38,17 +39,6 @@ def tau_coefficient(
     tau = torch.where(high, (sigma_high - 1.0) / torch.where(high, r - 1.0, one), tau)
     tau = torch.where(torch.isfinite(r), tau.clamp(max=tau_max), r)
     return tau, low | high
-
-
-def tau_damping(
-    s: Tensor, y: Tensor, sigma_low: float, sigma_high: float, tau_max: float
-) -> tuple[Tensor, Tensor]:
-    """Damped ``ŷ = τ y + (1 − τ) s`` for vectors on the last dimension; returns ``(ŷ, τ)``."""
-    tau, _ = tau_coefficient(
-        (s * y).sum(-1), (s * s).sum(-1), sigma_low, sigma_high, tau_max
-    )
-    t = tau.unsqueeze(-1)
-    return t * y + (1.0 - t) * s, tau
 
 
 def powell_damping(u: Tensor, w: Tensor, mu_vec: Tensor, mu: float) -> Tensor:

@@ -372,7 +372,7 @@ class _KroneckerBFGS(LayerOptimizer):
 
 class KBFGS(_KroneckerBFGS):
     r"""K-BFGS: ``H_g`` is a dense ``d_out × d_out`` BFGS matrix, started at ``I`` and updated
-    by :func:`secant.linalg.bfgs_inverse_update` with each accepted double-damped pair.
+    by :func:`secant.linalg.bfgs_inverse_update_` with each accepted double-damped pair.
 
     The algorithm (shared with :class:`KBFGSL`) follows below; use ``loss = opt.step(closure)``.
 
