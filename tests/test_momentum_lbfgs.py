@@ -222,6 +222,11 @@ def test_bad_arguments_raise(kw, name):
         MomentumLBFGS(make_run().parameters(), **kw)
 
 
+def test_mixed_dtypes_are_refused():
+    with pytest.raises(ValueError, match="dtype"):
+        MomentumLBFGS([nn.Parameter(torch.zeros(3)), nn.Parameter(torch.zeros(3).double())])
+
+
 def test_blocks_must_partition_and_stay_in_a_group():
     net = make_run()
     ps = list(net.parameters())

@@ -143,8 +143,13 @@ class MomentumLBFGS(Optimizer):
             check(group["weight_decay"] >= 0.0, "weight_decay", group["weight_decay"],
                    "a value >= 0")
             for p in group["params"]:
-                if p.is_sparse or p.is_complex():
-                    raise ValueError("MomentumLBFGS supports dense real parameters only")
+                if p.is_sparse or p.is_complex() or not p.is_floating_point():
+                    raise ValueError("MomentumLBFGS supports dense real floating-point "
+                                     "parameters only")
+        kinds = {(p.dtype, p.device) for g in self.param_groups for p in g["params"]}
+        if len(kinds) > 1:
+            raise ValueError(f"MomentumLBFGS keeps one flat buffer per state: all parameters "
+                             f"must share one dtype and device, got {sorted(map(str, kinds))}")
         self.history_size = history_size
         self.update_period = update_period
         self.beta = beta
