@@ -8,6 +8,7 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
+from layer_helpers import make_closure, wtilde
 from torch import nn
 
 from secant import KBFGS, KBFGSL
@@ -34,21 +35,6 @@ def batches(n_steps, n=9, seed=11):
     g = torch.Generator().manual_seed(seed)
     return [(torch.randn(n, 5, generator=g, dtype=D), torch.randint(0, 3, (n,), generator=g))
             for _ in range(n_steps)]
-
-
-def make_closure(opt, model, x, y, calls=None):
-    def closure():
-        if calls is not None:
-            calls.append(1)
-        opt.zero_grad()
-        loss = F.cross_entropy(model(x), y)
-        loss.backward()
-        return loss
-    return closure
-
-
-def wt(lin):
-    return torch.cat((lin.weight.detach(), lin.bias.detach()[:, None]), 1)
 
 
 # ---------------------------------------------------------------- oracles on the math
@@ -132,7 +118,7 @@ def forward_stats(model, x, y):
     z = x
     for i, lin in enumerate(lins):
         a = torch.cat((z, torch.ones(len(x), 1, dtype=D)), 1)
-        w = wt(lin).requires_grad_()
+        w = wtilde(lin).requires_grad_()
         h = a @ w.T
         h.retain_grad()
         acts.append((a.detach(), w))
@@ -167,7 +153,7 @@ def reference_run(model, data, lr, lam, rho=0.9, wd=1e-5, beta=0.9, c=0.9, mu1=0
             for ls, (a, _, _, _) in zip(st, s1):
                 ls["A"] = beta * ls["A"] + (1 - beta) * a.T @ a / len(a)
         for ls, lin, (_, _, _, gw) in zip(st, lins, s1):
-            ls["m"] = rho * ls["m"] + (1 - rho) * (gw + wd * wt(lin))
+            ls["m"] = rho * ls["m"] + (1 - rho) * (gw + wd * wtilde(lin))
             p = ls["Hg"] @ ls["m"] @ ls["Ha"]
             with torch.no_grad():
                 lin.weight -= lr * p[:, :-1]
@@ -205,7 +191,7 @@ def test_steps_match_dense_reference(cls):
     assert losses == pytest.approx(ref_losses, rel=1e-12)
     for m, r in zip([m for m in model if isinstance(m, nn.Linear)],
                     [m for m in ref if isinstance(m, nn.Linear)]):
-        torch.testing.assert_close(wt(m), wt(r), rtol=1e-10, atol=1e-12)
+        torch.testing.assert_close(wtilde(m), wtilde(r), rtol=1e-10, atol=1e-12)
     for ls, rs in zip(opt.state["kbfgs"]["layers"], ref_st):
         torch.testing.assert_close(ls["H_a"], rs["Ha"], rtol=1e-9, atol=1e-11)
         torch.testing.assert_close(ls["A"], rs["A"])

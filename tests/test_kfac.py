@@ -8,6 +8,7 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
+from layer_helpers import make_closure, wtilde
 from torch import nn
 from torch.func import functional_call, grad
 
@@ -30,19 +31,6 @@ def batches(n_steps, n=7, seed=10):
     g = torch.Generator().manual_seed(seed)
     return [(torch.randn(n, 5, generator=g, dtype=D), torch.randint(0, 3, (n,), generator=g))
             for _ in range(n_steps)]
-
-
-def closure_for(opt, model, x, y):
-    def closure():
-        opt.zero_grad()
-        loss = F.cross_entropy(model(x), y)
-        loss.backward()
-        return loss
-    return closure
-
-
-def wtilde(lin):
-    return torch.cat((lin.weight.detach(), lin.bias.detach()[:, None]), 1)
 
 
 def reference_stats(model, x, y):
@@ -69,7 +57,7 @@ def test_of2_single_example_factors_equal_exact_fisher_block():
     lin = nn.Linear(4, 3).to(D)
     x, y = torch.randn(1, 4, dtype=D), torch.tensor([2])
     opt = KFAC(lin, lr=0.0, factor_update_period=1, kl_clip=None)
-    opt.step(closure_for(opt, lin, x, y))
+    opt.step(make_closure(opt, lin, x, y))
     st = opt.state["kfac"]["layers"][0]
 
     def loss_of(params):
@@ -93,7 +81,7 @@ def test_two_steps_match_dense_reference(method):
     facs = [None, None]
     bufs = [torch.zeros(4, 6, dtype=D), torch.zeros(3, 5, dtype=D)]
     for k, (x, y) in enumerate(data, start=1):
-        opt.step(closure_for(opt, model, x, y))
+        opt.step(make_closure(opt, model, x, y))
         stats = reference_stats(ref, x, y)
         eps = min(1 - 1 / k, 0.95)
         dirs, xs = [], []
@@ -126,7 +114,7 @@ def test_exact_damping_mode_matches_dense():
     (x, y), = batches(1)
     opt = KFAC(model, lr=1.0, damping=lam, momentum=0.0, kl_clip=None,
                damping_mode="exact", factor_update_period=1)
-    opt.step(closure_for(opt, model, x, y))
+    opt.step(make_closure(opt, model, x, y))
     for (a, g, gw, w), lin in zip(reference_stats(ref, x, y), (model[0], model[2])):
         dense = torch.kron(a, g) + lam * torch.eye(a.shape[0] * g.shape[0], dtype=D)
         p = torch.linalg.solve(dense, vec_f(gw)).reshape(gw.shape[1], -1).T
@@ -149,7 +137,7 @@ def test_conv2d_factors_match_explicit_unfold():
     g = (h.grad * 4).permute(0, 2, 3, 1).reshape(-1, 3)
     want_a = a.T @ a / a.shape[0]
     want_g = g.T @ g / 4
-    opt.step(closure_for(opt, model, x, y))
+    opt.step(make_closure(opt, model, x, y))
     st = opt.state["kfac"]["layers"][0]
     torch.testing.assert_close(st["A"], want_a)
     torch.testing.assert_close(st["G"], want_g)
@@ -161,7 +149,7 @@ def test_periods_and_capture_only_when_needed():
     seen_a = []
     for k, (x, y) in enumerate(batches(6), start=1):
         assert opt.capture.active == (k % 2 == 1)
-        opt.step(closure_for(opt, model, x, y))
+        opt.step(make_closure(opt, model, x, y))
         seen_a.append(opt.state["kfac"]["layers"][0]["A"].clone())
     assert opt.state["kfac"]["factor_updates"] == 3
     assert torch.equal(seen_a[0], seen_a[1]) and not torch.equal(seen_a[1], seen_a[2])
@@ -170,7 +158,7 @@ def test_periods_and_capture_only_when_needed():
     assert opt.capture.active
     with torch.no_grad():
         model(x)  # ignored
-    opt.step(closure_for(opt, model, x, y))
+    opt.step(make_closure(opt, model, x, y))
 
 
 def test_plain_step_equals_closure_step():
@@ -178,7 +166,7 @@ def test_plain_step_equals_closure_step():
     o1 = KFAC(m1, lr=0.1, factor_update_period=1, inverse_update_period=2)
     o2 = KFAC(m2, lr=0.1, factor_update_period=1, inverse_update_period=2)
     for x, y in batches(3):
-        loss = o1.step(closure_for(o1, m1, x, y))
+        loss = o1.step(make_closure(o1, m1, x, y))
         o2.zero_grad()
         loss2 = F.cross_entropy(m2(x), y)
         loss2.backward()
@@ -238,7 +226,7 @@ def test_unsupported_layers_train_with_sgd_fallback():
     i, y = torch.randint(0, 10, (16,), generator=g), torch.randint(0, 3, (16,), generator=g)
     losses = []
     for _ in range(15):
-        losses.append(float(opt.step(closure_for(opt, net, i, y)).detach()))
+        losses.append(float(opt.step(make_closure(opt, net, i, y)).detach()))
         for sp, p in zip(shadow, (*emb.parameters(), *norm.parameters())):
             sp.grad = p.grad.clone()
         sgd.step()
@@ -248,7 +236,7 @@ def test_unsupported_layers_train_with_sgd_fallback():
 
 
 def run_steps(model, opt, data):
-    return [float(opt.step(closure_for(opt, model, x, y)).detach()) for x, y in data]
+    return [float(opt.step(make_closure(opt, model, x, y)).detach()) for x, y in data]
 
 
 @pytest.mark.parametrize("method", ["eigen", "cholesky"])
@@ -291,11 +279,11 @@ def test_non_finite_statistics_rejected_and_counted():
     model = mlp()
     opt = KFAC(model, lr=0.0, factor_update_period=1, inverse_update_period=1)
     x, y = batches(1)[0]
-    opt.step(closure_for(opt, model, x, y))
+    opt.step(make_closure(opt, model, x, y))
     before = [ls["A"].clone() for ls in opt.state["kfac"]["layers"]]
     bad = x.clone()
     bad[0, 0] = float("inf")
-    opt.step(closure_for(opt, model, bad, y))
+    opt.step(make_closure(opt, model, bad, y))
     after = opt.state["kfac"]["layers"]
     assert torch.equal(after[0]["A"], before[0]) and torch.isfinite(after[0]["A_inv"]).all()
     assert opt.diagnostics()["stats_rejected_per_layer"][0] == 1
@@ -306,7 +294,7 @@ def test_lr_scheduler_drives_lr():
     opt = KFAC(model, lr=0.1)
     sched = torch.optim.lr_scheduler.StepLR(opt, step_size=1, gamma=0.5)
     x, y = batches(1)[0]
-    opt.step(closure_for(opt, model, x, y))
+    opt.step(make_closure(opt, model, x, y))
     sched.step()
     assert opt.param_groups[0]["lr"] == pytest.approx(0.05)
 
