@@ -242,7 +242,7 @@ class MomentumLBFGS(Optimizer):
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         saved = state_dict["state"].get(_STATE)
-        fresh = self._fresh_state()
+        fresh = self.state[_STATE]  # created eagerly: the shapes, dtypes and devices to match
         if saved is None or set(saved) != set(fresh):
             raise ValueError("state_dict was not saved by a MomentumLBFGS optimizer")
         if list(saved["shard"]) != fresh["shard"]:
@@ -253,7 +253,7 @@ class MomentumLBFGS(Optimizer):
                 raise ValueError(f"state_dict entry {key!r} has shape {tuple(saved[key].shape)},"
                                  f" expected {tuple(ref.shape)} (different model, blocks or "
                                  f"history_size?)")
-        super().load_state_dict(state_dict)
+        super().load_state_dict(state_dict)  # replaces self.state; `fresh` keeps the old one
         own = self.state[_STATE]
         for key, ref in fresh.items():
             if isinstance(ref, Tensor):
