@@ -1,5 +1,5 @@
-"""O-M5: the mL-BFGS τ-damping invariant over arbitrary pairs, and Powell / double damping
-(O-K3 form) checked against their defining inequalities."""
+"""O-M5 (docs/momentum_lbfgs.md §9): the mL-BFGS τ-damping invariant over arbitrary pairs,
+and Powell / double damping (O-K3 form) checked against their defining inequalities."""
 
 import math
 

@@ -1,5 +1,5 @@
-"""Oracles O-M1, O-M2, O-M3, O-M7 (ALGORITHMS.md §6): the batched ring-buffer L-BFGS against
-dense float64 BFGS matrices built independently, block by block."""
+"""Oracles O-M1, O-M2, O-M3, O-M7 (docs/momentum_lbfgs.md §9): the batched ring-buffer L-BFGS
+against dense float64 BFGS matrices built independently, block by block."""
 
 import pytest
 import torch

@@ -227,11 +227,13 @@ def test_mixed_dtypes_are_refused():
         MomentumLBFGS([nn.Parameter(torch.zeros(3)), nn.Parameter(torch.zeros(3).double())])
 
 
-def test_blocks_must_partition_and_stay_in_a_group():
+def test_blocks_are_disjoint_known_and_stay_in_a_group():
     net = make_run()
     ps = list(net.parameters())
-    with pytest.raises(ValueError, match="partition"):
-        MomentumLBFGS(ps, blocks=[ps[:2]])
+    with pytest.raises(ValueError, match="twice"):
+        MomentumLBFGS(ps, blocks=[ps[:2], ps[1:]])
+    with pytest.raises(ValueError, match="not in the optimizer"):
+        MomentumLBFGS(ps[:2], blocks=[ps[:3]])
     with pytest.raises(ValueError, match="group"):
         MomentumLBFGS([{"params": ps[:2]}, {"params": ps[2:]}], blocks=[ps[1:3], ps[:1], ps[3:]])
     MomentumLBFGS(ps, blocks=[ps[:2], ps[2:]])
@@ -243,7 +245,8 @@ def test_nonfinite_gradient_is_skipped_and_state_kept():
     opt = MomentumLBFGS(net.parameters(), lr=0.05, update_period=2, history_size=3, beta=0.9)
     train(net, opt, 9, 0)
     before = [p.detach().clone() for p in net.parameters()]
-    state = {k: v.clone() for k, v in opt.state["mlbfgs"].items() if torch.is_tensor(v)}
+    state = {k: v.clone() for k, v in opt.state["mlbfgs"].items()
+             if torch.is_tensor(v) and k != "skipped_steps"}
     for p in net.parameters():
         p.grad = torch.zeros_like(p)
     next(net.parameters()).grad[0, 0] = float("nan")
@@ -346,3 +349,122 @@ def test_beats_tuned_sgd_on_noisy_ill_conditioned_quadratic():
         lambda p, lr: MomentumLBFGS(p, lr=lr, momentum=0.9, beta=0.9, update_period=20), lr)
         for lr in grid)
     assert mlbfgs < 0.5 * sgd, (mlbfgs, sgd)
+
+
+# ---------------------------------------------------------------- no host synchronisation
+def test_steady_state_step_never_reads_a_tensor_on_the_host(monkeypatch):
+    """After curvature has started, step() (every step rule, a skipped step included) never
+    converts a tensor to a Python value."""
+    for rule in ("grad_norm", "unit", "kl_clip", "none"):
+        net = make_run()
+        opt = MomentumLBFGS(net.parameters(), lr=0.02, update_period=2, history_size=3,
+                            beta=0.9, weight_decay=1e-3, step_rule=rule, pair_momentum=0.5,
+                            blocks=[[net[0].weight, net[0].bias]])
+        train(net, opt, 6, 0)
+        with monkeypatch.context() as mp:
+            def refuse(*args, **kwargs):
+                raise AssertionError("host synchronisation in step()")
+            for name in ("item", "__bool__", "__float__", "__int__", "tolist"):
+                mp.setattr(torch.Tensor, name, refuse)
+            train(net, opt, 5, 6)
+            for p in net.parameters():
+                p.grad.fill_(float("inf"))
+            opt.step()
+        diag = opt.diagnostics()
+        assert diag["skipped_steps"] == 1 and diag["step"] == 11
+        assert diag["pairs_accepted"] > 0
+
+
+# ---------------------------------------------------------------- dtypes, AMP, groups
+def test_half_parameters_keep_float32_curvature():
+    for dtype in (torch.bfloat16, torch.float16):
+        net, ref = make_run(), make_run()
+        net.to(dtype)
+        opt = MomentumLBFGS(net.parameters(), lr=0.05, update_period=2, history_size=3,
+                            beta=0.9)
+        ref_opt = MomentumLBFGS(ref.parameters(), lr=0.05, update_period=2, history_size=3,
+                                beta=0.9)
+        for t in range(12):
+            x = torch.randn(16, 6, generator=torch.Generator().manual_seed(t))
+            for m, o, xx in ((net, opt, x.to(dtype)), (ref, ref_opt, x)):
+                o.zero_grad()
+                nn.functional.mse_loss(m(xx).float(), x[:, :2].sin()).backward()
+                o.step()
+        st = opt.state["mlbfgs"]
+        assert st["history"].dtype == st["momentum_buffer"].dtype == torch.float32
+        assert all(p.dtype == dtype for p in net.parameters())
+        assert opt.diagnostics()["pairs_accepted"] > 0
+        for p, q in zip(net.parameters(), ref.parameters()):  # follows the float32 run
+            torch.testing.assert_close(p.float(), q.detach(), rtol=0.05, atol=0.05)
+
+
+def test_grad_scaler_skips_overflowing_steps_without_touching_state():
+    """float32 parameters, float16 autocast on the CPU: the first, overflowing steps are
+    skipped by the scaler and the run goes on."""
+    net = make_run()
+    opt = MomentumLBFGS(net.parameters(), lr=0.05, update_period=2, history_size=3, beta=0.9)
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0**30)  # float16 backward overflows
+    losses = []
+    for t in range(30):
+        x = torch.randn(16, 6, generator=torch.Generator().manual_seed(t % 4))
+        opt.zero_grad()
+        with torch.autocast("cpu", dtype=torch.float16):
+            loss = nn.functional.mse_loss(net(x).float(), x[:, :2].sin())
+        scaler.scale(loss).backward()
+        scaler.step(opt)
+        scaler.update()
+        losses.append(float(loss.detach()))
+    assert scaler.get_scale() < 2.0**30  # some steps were skipped by the scaler
+    st = opt.state["mlbfgs"]
+    assert all(bool(torch.isfinite(st[k]).all()) for k in ("param_ema", "grad_ema", "history"))
+    assert opt.diagnostics()["pairs_accepted"] > 0
+    assert losses[-1] < losses[0]
+
+
+def test_add_param_group_gives_new_blocks_and_keeps_old_state():
+    torch.manual_seed(0)
+    net = make_run().double()
+    old, new = list(net[0].parameters()), list(net[2].parameters())
+    hp = dict(lr=0.05, update_period=3, history_size=3, beta=0.9, step_rule="none",
+              weight_decay=1e-3)
+    opt = MomentumLBFGS(old, **hp)
+    twin_old = [nn.Parameter(p.detach().clone()) for p in old]
+    twin = MomentumLBFGS(twin_old, **hp)  # never sees the new group
+    sgd_new = [nn.Parameter(p.detach().clone()) for p in new]
+    sgd = torch.optim.SGD(sgd_new, lr=0.2, momentum=0.5, weight_decay=1e-3)
+    gen = torch.Generator().manual_seed(5)
+    grads = lambda ps: [torch.randn(p.shape, generator=gen, dtype=p.dtype) for p in ps]  # noqa: E731
+
+    for _ in range(10):
+        for p, q, g in zip(old, twin_old, grads(old)):
+            p.grad, q.grad = g, g.clone()
+        opt.step()
+        twin.step()
+    opt.add_param_group({"params": new, "lr": 0.2, "momentum": 0.5})
+    for _ in range(4):  # block-diagonal, step_rule="none": the old blocks do not notice
+        for p, q, g in zip(old, twin_old, grads(old)):
+            p.grad, q.grad = g, g.clone()
+        for p, q, g in zip(new, sgd_new, grads(new)):
+            p.grad, q.grad = g, g.clone()
+        for o in (opt, twin, sgd):
+            o.step()
+    for p, q in zip(old + new, twin_old + sgd_new):  # new blocks: SGD until their first pair
+        torch.testing.assert_close(p, q, rtol=1e-13, atol=1e-15)
+    diag = opt.diagnostics()
+    assert len(diag["history_length"]) == 4 and diag["history_length"][2:] == [0, 0]
+    assert diag["history_length"][:2] == [3, 3]
+    for p, g in zip(old + new, grads(old + new)):
+        p.grad = g
+    opt.step()  # two update periods after joining: the new blocks' first pair
+    assert opt.diagnostics()["history_length"][2:] == [1, 1]
+
+    buf = io.BytesIO()  # resume after add_param_group: rebuild the groups, then load
+    torch.save(opt.state_dict(), buf)
+    buf.seek(0)
+    other = MomentumLBFGS([nn.Parameter(p.detach().clone()) for p in old], **hp)
+    other.add_param_group({"params": [nn.Parameter(p.detach().clone()) for p in new],
+                           "lr": 0.2, "momentum": 0.5})
+    other.load_state_dict(torch.load(buf, weights_only=True))
+    for key, v in opt.state["mlbfgs"].items():
+        if torch.is_tensor(v):
+            assert torch.equal(other.state["mlbfgs"][key], v), key

@@ -54,7 +54,8 @@ def _worker_match(rank, world, out_dir, steps, name):
     net = DDP(model())
     opt = OPTIMIZERS[name](net.parameters())
     train(net, opt, steps, rank=rank, world=world)
-    torch.save({"params": [p.detach() for p in net.parameters()],
+    diag = opt.diagnostics() if name.startswith("mlbfgs") else {}  # a collective
+    torch.save({"params": [p.detach() for p in net.parameters()], "diag": diag,
                 "curvature": curvature_bytes(opt)}, os.path.join(out_dir, f"rank{rank}.pt"))
 
 
@@ -72,6 +73,11 @@ def test_multi_rank_run_matches_single_process(tmp_path, world, name):
             torch.testing.assert_close(p, q.detach(), rtol=1e-10, atol=1e-12)
     if name.startswith("mlbfgs"):
         assert opt.diagnostics()["pairs_accepted"] > 0
+        single = opt.diagnostics()
+        norm = single.pop("last_step_norm")
+        for res in results:  # every rank reports all blocks, summed over the ranks
+            assert res["diag"].pop("last_step_norm") == pytest.approx(norm, rel=1e-10)
+            assert res["diag"] == single
     if name == "mlbfgs-one_block":  # one block, three ranks: two ranks own nothing
         assert sorted(r["curvature"] for r in results)[:2] == [0, 0]
     elif name.startswith("mlbfgs"):

@@ -46,12 +46,15 @@ def check_consistent(description: str, group: dist.ProcessGroup, device: torch.d
                          f"(this rank: {description[:200]})")
 
 
-def all_gather_rows(own: Tensor, rows_per_rank: int, group: dist.ProcessGroup) -> Tensor:
+def all_gather_rows(own: Tensor, rows_per_rank: int, group: dist.ProcessGroup,
+                    out: Tensor | None = None) -> Tensor:
     """Concatenate every rank's ``own [k_r, c]`` (zero-padded to ``rows_per_rank``) into
-    ``[world · rows_per_rank, c]``, identical on every rank."""
+    ``[world · rows_per_rank, c]``, identical on every rank (written into the contiguous
+    ``out`` when given)."""
     padded = own.new_zeros(rows_per_rank, own.shape[1])
     padded[: own.shape[0]] = own
-    out = own.new_empty(dist.get_world_size(group) * rows_per_rank, own.shape[1])
+    if out is None:
+        out = own.new_empty(dist.get_world_size(group) * rows_per_rank, own.shape[1])
     _all_gather(out, padded, group=group)
     return out
 

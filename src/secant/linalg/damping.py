@@ -1,6 +1,6 @@
 """Curvature-pair damping rules.
 
-* :func:`tau_coefficient` — the mL-BFGS rule (Niu et al., TMLR 2023, §2.3 of ALGORITHMS.md):
+* :func:`tau_coefficient` — the mL-BFGS rule (Niu et al., TMLR 2023; docs/momentum_lbfgs.md §2):
   the weight τ that mixes ``s`` into ``y`` so the curvature ratio ``r̂ = sᵀŷ / sᵀs`` lies in
   ``[σ_L, σ_H]``; it takes the inner products, so callers may compute them per block.
 * :func:`powell_damping` — Powell's rule (Powell 1978; Nocedal & Wright Proc. 18.2), written for a

@@ -123,13 +123,14 @@ def push(h: History, s: Tensor, y: Tensor, accept: Tensor) -> None:
     h.count.copy_(torch.where(accept, (h.count + 1).clamp(max=m), h.count))
 
 
-def newest_gamma(h: History) -> Tensor:
-    """Standard scaling ``γ = sᵀy / yᵀy`` of each block's newest pair; 1 where a block is empty."""
+def newest_gamma(h: History, eps: float = 0.0) -> Tensor:
+    """Standard scaling ``γ = sᵀy / (yᵀy + eps)`` of each block's newest pair; 1 where a block
+    is empty."""
     m = h.size
     j = (h.head - 1) % m
     b = torch.arange(h.num_blocks, device=h.z.device)
     sy = h.gram[b, j, j + m]
-    yy = h.gram[b, j + m, j + m]
+    yy = h.gram[b, j + m, j + m] + eps
     return torch.where(h.count > 0, sy / torch.where(h.count > 0, yy, 1.0), 1.0)
 
 

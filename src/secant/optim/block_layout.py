@@ -7,7 +7,8 @@ buffer of that shape, so that ``torch._foreach_*`` ops act on parameters and fla
 For distributed training the blocks are split into ``shards`` (one per rank). Shard ``r`` holds
 chunks ``[r·K_s, r·K_s + K_r)`` with ``K_s`` the largest shard's chunk count; the rest of its
 section is zero padding. A rank's own slice is then exactly what it contributes to an
-``all_gather_into_tensor`` whose output is a full-layout buffer.
+``all_gather_into_tensor`` whose output is the first ``curvature_rows`` rows of a full-layout
+buffer. Blocks in no shard (parameters that get no curvature) are laid out after all shards.
 """
 
 from __future__ import annotations
@@ -19,13 +20,17 @@ from torch import Tensor
 
 
 class BlockLayout:
-    """Chunked flat layout of ``blocks`` (each a sequence of parameters), split into shards."""
+    """Chunked flat layout of ``blocks`` (each a sequence of parameters), split into shards.
+
+    ``dtype`` is the buffers' dtype (default: the parameters' dtype).
+    """
 
     def __init__(
         self,
         blocks: Sequence[Sequence[Tensor]],
         chunk_size: int,
         shards: Sequence[Sequence[int]] | None = None,
+        dtype: torch.dtype | None = None,
     ) -> None:
         if chunk_size < 1:
             raise ValueError(f"chunk_size={chunk_size} must be >= 1")
@@ -35,13 +40,17 @@ class BlockLayout:
         self.chunk_size = c = min(chunk_size, -(-max(self.block_sizes, default=1) // 64) * 64)
         chunks = [max(1, -(-n // c)) for n in self.block_sizes]
         self.shard_size = max((sum(chunks[b] for b in s) for s in shards), default=0)
+        self.curvature_rows = self.shard_size * len(shards)
+        sharded = {b for s in shards for b in s}
+        unsharded = [b for b in range(len(blocks)) if b not in sharded]
         self.params: list[Tensor] = []
         self.offsets: list[int] = []
         self.block_chunks: list[range] = [range(0)] * len(blocks)
-        chunk_block = [0] * (self.shard_size * len(shards))
+        chunk_block = [0] * (self.curvature_rows + sum(chunks[b] for b in unsharded))
         self.shards = shards
-        for r, shard in enumerate(shards):
-            k = r * self.shard_size
+        starts = [r * self.shard_size for r in range(len(shards))] + [self.curvature_rows]
+        for start, shard in zip(starts, [*shards, unsharded]):
+            k = start
             for b in shard:
                 offset = k * c
                 for p in blocks[b]:
@@ -54,7 +63,9 @@ class BlockLayout:
         self._index = {id(p): i for i, p in enumerate(self.params)}
         self.num_blocks = len(blocks)
         device = self.params[0].device if self.params else torch.device("cpu")
-        self.dtype = self.params[0].dtype if self.params else torch.float32
+        if dtype is None:
+            dtype = self.params[0].dtype if self.params else torch.float32
+        self.dtype = dtype
         self.chunk_block = torch.tensor(chunk_block, dtype=torch.long, device=device)
         self.shape = (len(chunk_block), c)
 

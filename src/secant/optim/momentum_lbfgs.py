@@ -1,5 +1,6 @@
 """mL-BFGS: momentum-based block-wise L-BFGS (Niu, Fabian, Lee, Soltanolkotabi & Avestimehr,
-TMLR 2023, arXiv 2307.13744)."""
+TMLR 2023, arXiv 2307.13744). The algorithm, the released-code mode and the dtypes are
+described in ``docs/momentum_lbfgs.md``."""
 
 from __future__ import annotations
 
@@ -27,10 +28,28 @@ from secant.optim.validation import check
 
 STEP_RULES = ("grad_norm", "unit", "kl_clip", "none")
 _STATE = "mlbfgs"
+_LOW_PRECISION = (torch.float16, torch.bfloat16)
+_PER_BLOCK = ("gram", "head", "count", "pairs_accepted", "pairs_rejected",
+              "damping_activations", "ema_started", "has_snapshot")
+_OWN_VECTORS = ("param_ema", "grad_ema", "param_snapshot", "grad_snapshot")
 
 
 class MomentumLBFGS(Optimizer):
     r"""Momentum-based block-wise L-BFGS (mL-BFGS).
+
+    Use::
+
+        opt = MomentumLBFGS(model.parameters(), lr=0.1, weight_decay=5e-4)
+        for x, y in loader:
+            opt.zero_grad()
+            loss_fn(model(x), y).backward()
+            opt.step()
+
+    like :class:`torch.optim.SGD` (LR schedulers, ``state_dict``, ``torch.amp.GradScaler``,
+    ``add_param_group``, DDP all work). ``MomentumLBFGS.released(params, lr, blocks=...)`` is the
+    authors' released block optimizer. float16/bfloat16 parameters keep their curvature state in
+    float32. Not supported: sparse or complex parameters, parameters of mixed dtypes or
+    devices, ``add_param_group`` under a process group, closures that need several evaluations.
 
     Every step keeps exponential moving averages of the parameters and of the gradients of
     each block :math:`b` (normalised EMAs, initialised with the first values)::
@@ -40,7 +59,7 @@ class MomentumLBFGS(Optimizer):
     Every ``update_period`` (T) steps, from step 2T on, a curvature pair is formed from the
     differences of the averages since the previous snapshot, ``s = Mθ − Pθ``, ``y = Mg − Pg``
     (on a quadratic ``y = A s`` holds exactly: the averages are exact secants), damped by the
-    τ-rule so that ``sᵀŷ / sᵀs ∈ [σ_L, σ_H]`` (paper §3, ALGORITHMS.md §2.3), and pushed into the
+    τ-rule so that ``sᵀŷ / sᵀs ∈ [σ_L, σ_H]`` (``docs/momentum_lbfgs.md``), and pushed into the
     block's ring of ``history_size`` (m) pairs. A pair with any non-finite entry is rejected.
 
     The direction is the L-BFGS product of the block-diagonal inverse-Hessian approximation with
@@ -65,18 +84,25 @@ class MomentumLBFGS(Optimizer):
             always mixed into ``ŷ`` (paper runs: 0.01).
         sigma_low, sigma_high: bounds σ_L < 1 < σ_H of the damped curvature ratio (0.01, 1.5).
         blocks: ``"tensor"`` (one block per parameter tensor), ``"group"`` (one per parameter
-            group) or a list of lists of parameters that partitions all parameters, each block
-            inside one group. The Hessian approximation is block-diagonal over these blocks.
+            group) or a list of lists of parameters, each block inside one group and no
+            parameter in two blocks. The Hessian approximation is block-diagonal over these
+            blocks. Parameters left out of every listed block (as the released ResNet
+            partitions leave out the stem and the classifier) get no curvature: SGD with weight
+            decay before the first pair, afterwards their raw gradient (no weight decay) scaled
+            by the same factor as the blocked directions (see ``step_rule``).
         step_rule: what is done with the quasi-Newton direction ``d`` before momentum, once the
-            history is in use (from step 2T):
+            history is in use (from step 2T). The factor is computed over the blocked
+            parameters and applied to all parameters:
 
             * ``"grad_norm"`` (default) — rescale ``d`` to the global norm of the
               weight-decayed gradient: curvature sets the direction, ``lr`` keeps its SGD meaning
               and the step length is continuous with the warm-up. The most robust rule across
               learning rates in ``benchmarks/mlbfgs_step_rule.md``.
-            * ``"unit"`` — divide ``d`` by its global norm (the released code's ``slimblock.py``).
-            * ``"kl_clip"`` — ``d ← ν d``, ``ν = min(1, sqrt(κ / (η² gᵀd)))`` (``slim.py``; Ba et
-              al. 2017), κ = ``kl_clip``.
+            * ``"unit"`` — divide ``d`` by its global norm (the released ``slimblock.py``).
+            * ``"kl_clip"`` — ``d ← ν d``, ``ν = min(1, sqrt(κ / (η² gᵀd)))`` with ``g`` the
+              weight-decayed gradient: the KL clip of K-FAC (Ba et al. 2017). The released
+              full-model variant (``slim.py``) uses ``min(1, sqrt(κ / g_rawᵀd))`` (raw
+              gradient, no η²); that form is not implemented.
             * ``"none"`` — use ``d`` as is (the clean paper form).
         kl_clip: κ for ``step_rule="kl_clip"``.
         ema_normalized: ``False`` uses the released code's un-normalised EMA ``M ← β M + x``.
@@ -94,10 +120,20 @@ class MomentumLBFGS(Optimizer):
             (gradients must already be averaged, e.g. by DDP). Curvature memory per rank is
             about 1/world of the single-process figure; a rank may own no block. Checkpoints
             are per rank: each rank saves and loads its own ``state_dict`` (same world size).
+        grad_ema_weight_decay: ``True`` feeds ``(1 + λ) g`` instead of ``g`` into the gradient
+            average (the released code adds ``λ g``, not ``λ θ``, there).
+        curvature_eps: ε added to ``sᵀs`` in the damping ratio and to ``ŷᵀŷ`` in γ (released
+            code: 1e-12).
 
     Parameters whose ``.grad`` is ``None`` are not updated in that step (their gradient counts
-    as zero in the averages). A step whose gradients are not all finite is skipped entirely and
-    counted in :meth:`diagnostics`.
+    as zero in the averages). A step whose gradients are not all finite changes neither the
+    parameters nor any state and is counted in :meth:`diagnostics`; this is decided on the
+    device (no host synchronisation in :meth:`step`). The pair schedule counts calls of
+    :meth:`step` that had gradients, skipped ones included.
+
+    Parameter groups added by :meth:`add_param_group` get new blocks (one per tensor with
+    ``blocks="tensor"``, else one for the group) with fresh curvature state: their direction
+    is their gradient until their own first pair, two update periods later.
     """
 
     def __init__(
@@ -121,35 +157,25 @@ class MomentumLBFGS(Optimizer):
         pair_momentum: float = 0.0,
         chunk_size: int = 4096,
         process_group: dist.ProcessGroup | None = None,
+        grad_ema_weight_decay: bool = False,
+        curvature_eps: float = 0.0,
     ) -> None:
         check(isinstance(history_size, int) and history_size >= 1, "history_size",
-               history_size, "an integer >= 1")
+              history_size, "an integer >= 1")
         check(isinstance(update_period, int) and update_period >= 1, "update_period",
-               update_period, "an integer >= 1")
+              update_period, "an integer >= 1")
         check(0.0 <= beta < 1.0, "beta", beta, "a value in [0, 1)")
         check(0.0 <= damping < 1.0, "damping", damping, "a value in [0, 1)")
         check(0.0 <= sigma_low < 1.0, "sigma_low", sigma_low, "a value in [0, 1)")
         check(sigma_high > 1.0 and math.isfinite(sigma_high), "sigma_high", sigma_high,
-               "a finite value > 1")
+              "a finite value > 1")
         check(step_rule in STEP_RULES, "step_rule", step_rule, f"one of {STEP_RULES}")
         check(kl_clip > 0.0, "kl_clip", kl_clip, "a value > 0")
         check(0.0 <= pair_momentum < 1.0, "pair_momentum", pair_momentum, "a value in [0, 1)")
+        check(0.0 <= curvature_eps < math.inf, "curvature_eps", curvature_eps,
+              "a finite value >= 0")
         defaults = dict(lr=lr, momentum=momentum, weight_decay=weight_decay)
         super().__init__(params, defaults)
-        for group in self.param_groups:
-            check(group["lr"] >= 0.0, "lr", group["lr"], "a value >= 0")
-            check(0.0 <= group["momentum"] < 1.0, "momentum", group["momentum"],
-                   "a value in [0, 1)")
-            check(group["weight_decay"] >= 0.0, "weight_decay", group["weight_decay"],
-                   "a value >= 0")
-            for p in group["params"]:
-                if p.is_sparse or p.is_complex() or not p.is_floating_point():
-                    raise ValueError("MomentumLBFGS supports dense real floating-point "
-                                     "parameters only")
-        kinds = {(p.dtype, p.device) for g in self.param_groups for p in g["params"]}
-        if len(kinds) > 1:
-            raise ValueError(f"MomentumLBFGS keeps one flat buffer per state: all parameters "
-                             f"must share one dtype and device, got {sorted(map(str, kinds))}")
         self.history_size = history_size
         self.update_period = update_period
         self.beta = beta
@@ -161,47 +187,99 @@ class MomentumLBFGS(Optimizer):
         self.ema_normalized = ema_normalized
         self.grad_ema_reset = grad_ema_reset
         self.pair_momentum = pair_momentum
-        resolved = self._resolve_blocks(blocks)
-        self._block_group = self._group_of_blocks(resolved)
+        self.grad_ema_weight_decay = grad_ema_weight_decay
+        self.curvature_eps = curvature_eps
+        self._chunk_size = chunk_size
+        self._new_group_blocks = "tensor" if blocks == "tensor" else "group"
         self._group, self._rank, self._world = resolve_group(process_group)
-        sizes = [sum(p.numel() for p in b) for b in resolved]
-        shards = assign_blocks(sizes, self._world) if self._group else None
-        lay = self._layout = BlockLayout(resolved, chunk_size, shards)
-        if self._group is not None:
-            setup = (f"{[tuple(p.shape) for p in lay.params]} {sizes} m={history_size} "
-                     f"T={update_period} c={lay.chunk_size} {lay.dtype}")
-            check_consistent(setup, self._group, lay.chunk_block.device,
-                             "the parameters, blocks or MomentumLBFGS settings")
-        # This rank's curvature state: its own blocks' chunks only.
-        self._own = lay.shard_chunks(self._rank)
-        own_blocks = lay.shards[self._rank]
-        local = {b: i for i, b in enumerate(own_blocks)}
-        self._own_chunk_block = torch.tensor(
-            [local[int(b)] for b in lay.chunk_block[self._own]], dtype=torch.long,
-            device=lay.chunk_block.device)
-        self._own_params = [p for b in own_blocks for p in resolved[b]]
-        self._chunk_group = torch.tensor(self._block_group, dtype=torch.long,
-                                         device=lay.chunk_block.device)[lay.chunk_block]
+        self._build(*self._resolve_blocks(blocks))
         self.state[_STATE] = self._fresh_state()
-        self._scratch = lay.new_buffer()
-        self._view_cache: dict[str, list[Tensor]] = {}
+
+    @classmethod
+    def released(
+        cls,
+        params: Iterable[Tensor] | Iterable[dict[str, Any]],
+        lr: float = 0.1,
+        *,
+        blocks: str | Sequence[Sequence[Tensor]] = "group",
+        weight_decay: float = 2e-4,
+        momentum: float = 0.9,
+        history_size: int = 10,
+        update_period: int = 50,
+        beta: float = 0.999,
+        pair_momentum: float = 0.9,
+        chunk_size: int = 4096,
+        process_group: dist.ProcessGroup | None = None,
+    ) -> MomentumLBFGS:
+        """The authors' released block optimizer (``opt/slimblock.py`` of yuehniu/mL-BFGS).
+
+        Defaults are its run commands (ResNet: weight decay 2e-4; DeiT: 5e-4). Pass the
+        released partition as ``blocks``: parameters left out of every block are handled as
+        there. Equal to the released code to float64 rounding for ``update_period >= 2`` (at
+        ``update_period = 1`` the released code forms its first pair one step later, which is
+        refused here). The released code supports one parameter group; with several, the
+        global normalisation here runs over all of them. ``docs/momentum_lbfgs.md`` lists
+        every difference from the default (clean) form.
+        """
+        check(isinstance(update_period, int) and update_period >= 2, "update_period",
+              update_period, "an integer >= 2 in the released configuration")
+        return cls(params, lr=lr, momentum=momentum, weight_decay=weight_decay,
+                   history_size=history_size, update_period=update_period, beta=beta,
+                   damping=0.01, sigma_low=0.01, sigma_high=1.5, blocks=blocks,
+                   step_rule="unit", ema_normalized=False, grad_ema_reset=True,
+                   pair_momentum=pair_momentum, chunk_size=chunk_size,
+                   process_group=process_group, grad_ema_weight_decay=True,
+                   curvature_eps=1e-12)
 
     # ------------------------------------------------------------------ set-up
-    def _resolve_blocks(self, blocks: str | Sequence[Sequence[Tensor]]) -> list[list[Tensor]]:
+    def add_param_group(self, param_group: dict[str, Any]) -> None:
+        """Add a group; its parameters get new blocks with fresh curvature state."""
+        super().add_param_group(param_group)
+        try:
+            self._check_group(self.param_groups[-1])
+            if hasattr(self, "_layout"):  # after __init__
+                self._grow(self.param_groups[-1])
+        except ValueError:
+            self.param_groups.pop()
+            raise
+
+    def _check_group(self, group: dict[str, Any]) -> None:
+        check(group["lr"] >= 0.0, "lr", group["lr"], "a value >= 0")
+        check(0.0 <= group["momentum"] < 1.0, "momentum", group["momentum"], "a value in [0, 1)")
+        check(group["weight_decay"] >= 0.0, "weight_decay", group["weight_decay"],
+              "a value >= 0")
+        for p in group["params"]:
+            if p.is_sparse or p.is_complex() or not p.is_floating_point():
+                raise ValueError("MomentumLBFGS supports dense real floating-point "
+                                 "parameters only")
+        kinds = {(p.dtype, p.device) for g in self.param_groups for p in g["params"]}
+        if len(kinds) > 1:
+            raise ValueError(f"MomentumLBFGS keeps one flat buffer per state: all parameters "
+                             f"must share one dtype and device, got {sorted(map(str, kinds))}")
+
+    def _resolve_blocks(self, blocks: str | Sequence[Sequence[Tensor]]) -> tuple[
+            list[list[Tensor]], dict[int, list[Tensor]]]:
+        """Curvature blocks, and the parameters in no block by group index."""
         all_params = [p for g in self.param_groups for p in g["params"]]
         if blocks == "tensor":
-            return [[p] for p in all_params]
+            return [[p] for p in all_params], {}
         if blocks == "group":
-            return [list(g["params"]) for g in self.param_groups if g["params"]]
+            return [list(g["params"]) for g in self.param_groups if g["params"]], {}
         if isinstance(blocks, str):
             raise ValueError(f"blocks={blocks!r}: expected 'tensor', 'group' or lists of params")
         given = [list(b) for b in blocks]
-        ids = [id(p) for b in given for p in b]
-        if len(set(ids)) != len(ids) or set(ids) != {id(p) for p in all_params}:
-            raise ValueError("blocks must partition the optimizer's parameters exactly once each")
         if any(not b for b in given):
             raise ValueError("blocks must not be empty")
-        return given
+        ids = [id(p) for b in given for p in b]
+        if len(set(ids)) != len(ids):
+            raise ValueError("blocks list a parameter twice: each parameter may be in one "
+                             "block at most")
+        if not set(ids) <= {id(p) for p in all_params}:
+            raise ValueError("blocks hold a parameter that is not in the optimizer's groups")
+        blocked = set(ids)
+        free = {i: [p for p in g["params"] if id(p) not in blocked]
+                for i, g in enumerate(self.param_groups)}
+        return given, {i: ps for i, ps in free.items() if ps}
 
     def _group_of_blocks(self, blocks: list[list[Tensor]]) -> list[int]:
         group_of = {id(p): i for i, g in enumerate(self.param_groups) for p in g["params"]}
@@ -214,6 +292,43 @@ class MomentumLBFGS(Optimizer):
             out.append(groups.pop())
         return out
 
+    def _build(self, blocks: list[list[Tensor]], free: dict[int, list[Tensor]]) -> None:
+        """Layout (curvature blocks sharded over ranks, then the parameters in no block)."""
+        self._blocks, self._free = blocks, free
+        self._block_group = self._group_of_blocks(blocks) + list(free)
+        sizes = [sum(p.numel() for p in b) for b in blocks]
+        shards = (assign_blocks(sizes, self._world) if self._group
+                  else [list(range(len(blocks)))])
+        dtype = next(p.dtype for g in self.param_groups for p in g["params"])
+        if dtype in _LOW_PRECISION:
+            dtype = torch.float32
+        lay = self._layout = BlockLayout(blocks + list(free.values()), self._chunk_size,
+                                         shards, dtype)
+        dev = lay.chunk_block.device
+        if self._group is not None:
+            free_sizes = [sum(p.numel() for p in ps) for ps in free.values()]
+            setup = (f"{[tuple(p.shape) for p in lay.params]} {sizes} {free_sizes} "
+                     f"m={self.history_size} T={self.update_period} c={lay.chunk_size} "
+                     f"{lay.dtype}")
+            check_consistent(setup, self._group, dev,
+                             "the parameters, blocks or MomentumLBFGS settings")
+        # This rank's curvature state: its own blocks' chunks only.
+        self._own = lay.shard_chunks(self._rank)
+        own_blocks = lay.shards[self._rank]
+        local = {b: i for i, b in enumerate(own_blocks)}
+        self._own_chunk_block = torch.tensor(
+            [local[int(b)] for b in lay.chunk_block[self._own]], dtype=torch.long, device=dev)
+        self._own_params = [p for b in own_blocks for p in blocks[b]]
+        self._free_ids = {id(p) for ps in free.values() for p in ps}
+        self._chunk_group = torch.tensor(self._block_group, dtype=torch.long,
+                                         device=dev)[lay.chunk_block]
+        self._scratch = lay.new_buffer()
+        self._theta = lay.new_buffer(self._own.stop - self._own.start)
+        self._one_minus_beta = torch.tensor(1.0 - self.beta, dtype=lay.dtype, device=dev)
+        self._beta = torch.tensor(self.beta, dtype=lay.dtype, device=dev)
+        self._view_cache: dict[str, list[Tensor]] = {}
+        self._chunk_cache: dict[str, tuple[tuple[float, ...], Tensor]] = {}
+
     def _fresh_state(self) -> dict[str, Any]:
         lay = self._layout
         k_own = self._own.stop - self._own.start
@@ -221,9 +336,10 @@ class MomentumLBFGS(Optimizer):
         m2 = 2 * self.history_size
         dev = lay.chunk_block.device
         counters = torch.zeros(n_own, dtype=torch.long, device=dev)
+        flags = torch.zeros(n_own, dtype=torch.bool, device=dev)
         return {
             "step": 0,
-            "skipped_steps": 0,
+            "skipped_steps": torch.zeros((), dtype=torch.long, device=dev),
             "shard": [self._rank, self._world],
             "last_lrs": [0.0] * len(self.param_groups),
             "param_ema": lay.new_buffer(k_own),
@@ -238,7 +354,37 @@ class MomentumLBFGS(Optimizer):
             "pairs_accepted": counters.clone(),
             "pairs_rejected": counters.clone(),
             "damping_activations": counters.clone(),
+            "ema_started": flags.clone(),
+            "has_snapshot": flags.clone(),
         }
+
+    def _grow(self, group: dict[str, Any]) -> None:
+        """Rebuild the layout with new blocks for ``group``, carrying the old state over."""
+        if self._group is not None:
+            raise ValueError("add_param_group is not supported with a process group: blocks "
+                             "are assigned to ranks at construction; pass every group then")
+        params = list(group["params"])
+        new = [[p] for p in params] if self._new_group_blocks == "tensor" else [params]
+        old_lay, old_st, old_own = self._layout, self.state[_STATE], self._own_params
+        self._build(self._blocks + [b for b in new if b], self._free)
+        lay, st = self._layout, self._fresh_state()
+
+        def carry(new_buf: Tensor, old_buf: Tensor, ps: list[Tensor]) -> None:
+            if ps:
+                torch._foreach_copy_(lay.views(new_buf, ps), old_lay.views(old_buf, ps))
+
+        for key in _OWN_VECTORS:
+            carry(st[key], old_st[key], old_own)
+        carry(st["momentum_buffer"], old_st["momentum_buffer"], old_lay.params)
+        for j in range(st["history"].shape[1]):
+            slot = lay.new_buffer(st["history"].shape[0])
+            carry(slot, old_st["history"][:, j].contiguous(), old_own)
+            st["history"][:, j] = slot
+        for key in _PER_BLOCK:
+            st[key][: len(old_st[key])] = old_st[key]
+        st["step"], st["skipped_steps"] = old_st["step"], old_st["skipped_steps"]
+        st["last_lrs"][: len(old_st["last_lrs"])] = old_st["last_lrs"]
+        self.state[_STATE] = st
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         saved = state_dict["state"].get(_STATE)
@@ -262,80 +408,113 @@ class MomentumLBFGS(Optimizer):
         self._view_cache.clear()
 
     # ------------------------------------------------------------------ helpers
-    def _own_views(self, name: str) -> list[Tensor]:
-        """Views of this rank's curvature buffer ``name`` shaped like its own parameters."""
+    def _views(self, name: str, buf: Tensor, params: list[Tensor] | None = None,
+               first_chunk: int = 0) -> list[Tensor]:
+        """Cached per-parameter views of a buffer that lives as long as the layout."""
         if name not in self._view_cache:
-            self._view_cache[name] = self._layout.views(
-                self.state[_STATE][name], self._own_params, self._own.start)
+            self._view_cache[name] = self._layout.views(buf, params, first_chunk)
         return self._view_cache[name]
+
+    def _per_chunk(self, key: str) -> Tensor:
+        """Group setting ``key`` of each chunk's group, rebuilt only when a group's value changes
+        (a host-to-device copy, e.g. once per LR-scheduler step)."""
+        values = tuple(float(g[key]) for g in self.param_groups)
+        cached = self._chunk_cache.get(key)
+        if cached is None or cached[0] != values:
+            lay = self._layout
+            per_group = torch.tensor(values, dtype=lay.dtype, device=lay.chunk_block.device)
+            cached = self._chunk_cache[key] = (values, per_group[self._chunk_group])
+        return cached[1]
 
     def _history(self) -> History:
         st = self.state[_STATE]
         return History(st["history"], st["gram"], st["head"], st["count"],
                        self._own_chunk_block)
 
-    def _ema(self, ema: Tensor | list[Tensor], x: Tensor | list[Tensor]) -> None:
-        if isinstance(ema, Tensor):
-            ema, x = [ema], [x]  # type: ignore[list-item]
+    def _ema(self, ema: Tensor, x: Tensor, started: Tensor, ok: Tensor) -> None:
+        """``ema ← β ema + (1−β) x`` (or ``β ema + x``) where ``ok``; ``x`` where not started."""
         if self.ema_normalized:
-            torch._foreach_lerp_(ema, x, 1.0 - self.beta)
+            ema.lerp_(x, torch.where(started, self._one_minus_beta, 1.0) * ok)
         else:
-            torch._foreach_mul_(ema, self.beta)
-            torch._foreach_add_(ema, x)
+            ema.mul_(torch.where(ok, torch.where(started, self._beta, 0.0), 1.0))
+            ema.addcmul_(x, ok.to(ema.dtype))
 
-    def _update_curvature(self, t: int, g_own: Tensor) -> None:
-        """EMAs every step; every T steps a new pair (from step 2T) and new snapshots."""
+    def _update_curvature(self, t: int, g_own: Tensor, ok: Tensor) -> None:
+        """EMAs every step; every T steps a new pair (from step 2T) and new snapshots.
+
+        Every update is masked on the device by ``ok`` (all gradients finite)."""
         st = self.state[_STATE]
-        T = self.update_period
-        if t == 1:
-            torch._foreach_copy_(self._own_views("param_ema"), self._own_params)
-            st["grad_ema"].copy_(g_own)
-        else:
-            self._ema(self._own_views("param_ema"), self._own_params)
-            self._ema(st["grad_ema"], g_own)
-        if t % T == 0:
-            if t >= 2 * T:
-                self._form_pair()
-            st["param_snapshot"].copy_(st["param_ema"])
-            st["grad_snapshot"].copy_(st["grad_ema"])
+        theta = self._theta
+        torch._foreach_copy_(self._views("theta", theta, self._own_params, self._own.start),
+                             self._own_params)
+        if self.grad_ema_weight_decay:
+            g_own = torch.addcmul(g_own, g_own, self._per_chunk("weight_decay")[self._own, None])
+        started = st["ema_started"][self._own_chunk_block].unsqueeze(1)
+        self._ema(st["param_ema"], theta, started, ok)
+        self._ema(st["grad_ema"], g_own, started, ok)
+        st["ema_started"] |= ok
+        if t % self.update_period == 0:
+            if t >= 2 * self.update_period:
+                self._form_pair(ok)
+            for ema, snap in (("param_ema", "param_snapshot"), ("grad_ema", "grad_snapshot")):
+                torch.where(ok, st[ema], st[snap], out=st[snap])
+            st["has_snapshot"] |= ok
             if self.grad_ema_reset:
-                st["grad_ema"].copy_(g_own)
+                torch.where(ok, g_own, st["grad_ema"], out=st["grad_ema"])
 
-    def _form_pair(self) -> None:
+    def _form_pair(self, ok: Tensor) -> None:
         st = self.state[_STATE]
         h = self._history()
+        attempt = st["has_snapshot"] & ok
         s = st["param_ema"] - st["param_snapshot"]
         y = st["grad_ema"] - st["grad_snapshot"]
         if self.pair_momentum > 0.0:
             s_prev, y_prev = newest_pair(h)
-            a = torch.where(h.count > 0, self.pair_momentum, 0.0)[h.chunk_block].unsqueeze(1)
+            a = (h.count > 0).to(s.dtype).mul_(self.pair_momentum)[h.chunk_block].unsqueeze(1)
             s = (1.0 - a) * s + a * s_prev
             y = (1.0 - a) * y + a * y_prev
         ss = block_dot(s, s, h.chunk_block, h.num_blocks)
         sy = block_dot(s, y, h.chunk_block, h.num_blocks)
-        tau, active = tau_coefficient(sy, ss, self.sigma_low, self.sigma_high, self.tau_max)
-        accept = torch.isfinite(tau) & (ss > 0)
+        tau, active = tau_coefficient(sy, ss + self.curvature_eps, self.sigma_low,
+                                      self.sigma_high, self.tau_max)
+        accept = torch.isfinite(tau) & (ss > 0) & attempt
         t = torch.where(accept, tau, 0.0)[h.chunk_block].unsqueeze(1)
         push(h, s, t * y + (1.0 - t) * s, accept)
         st["pairs_accepted"] += accept
-        st["pairs_rejected"] += ~accept
+        st["pairs_rejected"] += attempt & ~accept
         st["damping_activations"] += accept & active
 
-    def _apply_step_rule(self, d: Tensor, g_norm: Tensor | None, g: Tensor | None) -> Tensor:
-        if self.step_rule == "none":
-            return d
-        d_norm = torch.linalg.vector_norm(d)
-        if self.step_rule == "unit":
-            return d / d_norm.clamp(min=torch.finfo(d.dtype).tiny)
-        if self.step_rule == "grad_norm":
+    def _precondition(self, d: Tensor) -> None:
+        """Replace the blocked rows of ``d`` by their directions, then apply the step rule's
+        factor (computed over the blocked rows) to all of ``d``."""
+        lay = self._layout
+        blocked = d[: lay.curvature_rows]
+        rule = self.step_rule
+        raw = blocked.clone() if rule == "kl_clip" else None
+        g_norm = torch.linalg.vector_norm(blocked) if rule == "grad_norm" else None
+        own_dir = d[self._own]
+        if self._own_params:  # a rank may own no block
+            h = self._history()
+            own_dir = compact_apply(h, own_dir.unsqueeze(1),
+                                    newest_gamma(h, self.curvature_eps)).squeeze(1)
+        if self._group is None:
+            d[self._own] = own_dir
+        else:
+            all_gather_rows(own_dir, lay.shard_size, self._group, out=blocked)
+        if rule == "none":
+            return
+        d_norm = torch.linalg.vector_norm(blocked).clamp(min=torch.finfo(d.dtype).tiny)
+        if rule == "unit":
+            d.div_(d_norm)
+        elif rule == "grad_norm":
             assert g_norm is not None
-            return d * (g_norm / d_norm.clamp(min=torch.finfo(d.dtype).tiny))
-        assert g is not None
-        lrs = torch.tensor([group["lr"] for group in self.param_groups], dtype=d.dtype,
-                           device=d.device)[self._chunk_group]
-        gd = (lrs**2 * (g * d).sum(-1)).sum()
-        nu = torch.where(gd > 0, (self.kl_clip / gd.clamp(min=1e-300)).sqrt(), 1.0).clamp(max=1)
-        return d * nu
+            d.mul_(g_norm / d_norm)
+        else:
+            assert raw is not None
+            lrs = self._per_chunk("lr")[: lay.curvature_rows]
+            gd = (lrs**2 * (raw * blocked).sum(-1)).sum()
+            nu = torch.where(gd > 0, (self.kl_clip / gd.clamp(min=1e-300)).sqrt(), 1.0)
+            d.mul_(nu.clamp(max=1))
 
     # ------------------------------------------------------------------ step
     @torch.no_grad()
@@ -347,10 +526,8 @@ class MomentumLBFGS(Optimizer):
                 loss = closure()
         st = self.state[_STATE]
         lay = self._layout
-        d = self._scratch  # full layout: gradient, then direction
-        if "scratch" not in self._view_cache:
-            self._view_cache["scratch"] = lay.views(d)
-        d_views = self._view_cache["scratch"]
+        d = self._scratch  # full layout: gradient, then direction, then masked update
+        d_views = self._views("scratch", d)
         with_grad = [p.grad is not None for p in lay.params]
         if not any(with_grad):
             return loss
@@ -360,39 +537,35 @@ class MomentumLBFGS(Optimizer):
         torch._foreach_copy_([v for v, w in zip(d_views, with_grad) if w], grads)
         if not all(with_grad):
             torch._foreach_zero_([v for v, w in zip(d_views, with_grad) if not w])
-        if not bool(torch.isfinite(d).all()):
-            st["skipped_steps"] += 1
-            return loss
+        ok = torch.isfinite(d).all()  # stays on the device: a bad step is masked, not branched
+        d.masked_fill_(~ok, 0.0)
+        st["skipped_steps"] += ~ok
 
         t = st["step"] = st["step"] + 1
-        if self._own_params:  # a rank may own no block
-            self._update_curvature(t, d[self._own])
+        curvature = t >= 2 * self.update_period and lay.curvature_rows > 0
+        if self._own_params:
+            self._update_curvature(t, d[self._own], ok)
 
         active = [[p for p in g["params"] if p.grad is not None] for g in self.param_groups]
         for group, params in zip(self.param_groups, active):
-            if group["weight_decay"] != 0 and params:
-                torch._foreach_add_(lay.views(d, params), params, alpha=group["weight_decay"])
-        if t >= 2 * self.update_period:
-            raw = d.clone() if self.step_rule == "kl_clip" else None
-            g_norm = torch.linalg.vector_norm(d) if self.step_rule == "grad_norm" else None
-            h = self._history()
-            own_dir = d[self._own]
-            if self._own_params:
-                own_dir = compact_apply(h, own_dir.unsqueeze(1), newest_gamma(h)).squeeze(1)
-            if self._group is None:
-                d = own_dir
-            else:
-                d = all_gather_rows(own_dir, lay.shard_size, self._group)
-            d = self._apply_step_rule(d, g_norm, raw)
+            decayed = [p for p in params if not (curvature and id(p) in self._free_ids)]
+            if group["weight_decay"] != 0 and decayed:
+                torch._foreach_add_(lay.views(d, decayed), decayed, alpha=group["weight_decay"])
+        if curvature:
+            self._precondition(d)
+        d.mul_(ok)
         u = st["momentum_buffer"]
+        for group, params in zip(self.param_groups, active):
+            if params:
+                u_views = lay.views(u, params)
+                mu = torch.full((), group["momentum"], dtype=u.dtype, device=u.device)
+                torch._foreach_mul_(u_views, torch.where(ok, mu, 1.0))
+                torch._foreach_add_(u_views, lay.views(d, params))
+        torch.mul(u, ok, out=d)
         for i, (group, params) in enumerate(zip(self.param_groups, active)):
-            if not params:
-                continue
-            u_views = lay.views(u, params)
-            torch._foreach_mul_(u_views, group["momentum"])
-            torch._foreach_add_(u_views, lay.views(d, params))
-            torch._foreach_add_(params, u_views, alpha=-group["lr"])
-            st["last_lrs"][i] = group["lr"]
+            if params:
+                torch._foreach_add_(params, lay.views(d, params), alpha=-group["lr"])
+                st["last_lrs"][i] = group["lr"]
         return loss
 
     # ------------------------------------------------------------------ reporting
@@ -401,9 +574,11 @@ class MomentumLBFGS(Optimizer):
         """Counters for logging (this call synchronises with the device).
 
         ``pairs_accepted`` / ``pairs_rejected`` / ``damping_activations`` are totals over blocks
-        (``*_per_block`` lists give them per block); ``history_length`` is per block;
-        ``last_step_norm`` is ``‖Δθ‖`` of the last step; ``skipped_steps`` counts steps skipped
-        for non-finite gradients.
+        (``*_per_block`` lists give them per block, in block order); ``history_length`` is per
+        block; ``last_step_norm`` is ``‖Δθ‖`` of the last step; ``step`` counts applied steps
+        and ``skipped_steps`` those skipped for non-finite gradients. Under a process group the
+        per-block counters are summed over the ranks (each rank holds its own blocks'): this is
+        a collective that every rank must call.
         """
         st = self.state[_STATE]
         sq = 0.0
@@ -412,10 +587,18 @@ class MomentumLBFGS(Optimizer):
                 norms = torch._foreach_norm(self._layout.views(st["momentum_buffer"],
                                                                group["params"]))
                 sq += st["last_lrs"][i] ** 2 * float(sum(n.double() ** 2 for n in norms))
-        out: dict[str, Any] = {"step": st["step"], "skipped_steps": st["skipped_steps"],
+        keys = ("count", "pairs_accepted", "pairs_rejected", "damping_activations")
+        per_block = torch.stack([st[k] for k in keys])
+        if self._group is not None:
+            full = per_block.new_zeros(len(keys), len(self._blocks))
+            full[:, self._layout.shards[self._rank]] = per_block
+            dist.all_reduce(full, group=self._group)
+            per_block = full
+        skipped = int(st["skipped_steps"])
+        out: dict[str, Any] = {"step": st["step"] - skipped, "skipped_steps": skipped,
                                "last_step_norm": math.sqrt(sq),
-                               "history_length": st["count"].tolist()}
-        for key in ("pairs_accepted", "pairs_rejected", "damping_activations"):
-            out[key] = int(st[key].sum())
-            out[key + "_per_block"] = st[key].tolist()
+                               "history_length": per_block[0].tolist()}
+        for key, row in zip(keys[1:], per_block[1:]):
+            out[key] = int(row.sum())
+            out[key + "_per_block"] = row.tolist()
         return out
