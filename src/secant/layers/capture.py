@@ -203,6 +203,8 @@ class LayerCapture:
             if not is_supported(m):
                 raise ValueError(f"layer {name!r} ({type(m).__name__}) is not supported")
         self.layers.update(layers)
+        if self.active:
+            self.sums.update({n: _Sums() for n in layers})
         self._take_over(layers)
         self._handles.extend(m.register_forward_hook(self._make_hook(n))
                              for n, m in layers.items())

@@ -155,18 +155,23 @@ def _shape_tree(obj: Any) -> Any:
 def curvature_step(step: Callable) -> Callable:
     """Decorator of the subclasses' ``step``: no autograd and no autocast for the optimizer's own
     math (curvature state is in ``factor_dtype``); the closure runs with grad enabled under the
-    autocast state the caller had."""
+    autocast state the caller had. A step inside an autocast region clears autocast's cache of
+    cast weights afterwards (the parameters changed in place, the cached copies are stale)."""
     @functools.wraps(step)
     def wrapper(self: LayerOptimizer, closure: Callable[[], Any] | None = None) -> Any:
         dev = self._device.type
-        if closure is not None and torch.is_autocast_enabled(dev):
+        autocast = torch.is_autocast_enabled(dev)
+        if closure is not None and autocast:
             user, dtype = closure, torch.get_autocast_dtype(dev)
 
             def closure() -> Any:  # noqa: F811 - the caller's closure under its autocast
                 with torch.autocast(dev, dtype=dtype), torch.enable_grad():
                     return user()
         with torch.no_grad(), torch.autocast(dev, enabled=False):
-            return step(self, closure)
+            out = step(self, closure)
+        if autocast:
+            torch.clear_autocast_cache()
+        return out
     return wrapper
 
 
