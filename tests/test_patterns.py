@@ -212,7 +212,7 @@ def test_fp16_autocast_with_grad_scaler(name):
         scaler.scale(loss).backward()
         scaler.step(opt)
         scaler.update()
-        losses.append(float(loss))
+        losses.append(float(loss.detach()))
     losses.append(float(loss_fn(model, x, y)))
     assert_trains(losses)
     if name == "KFAC":
@@ -447,6 +447,66 @@ def test_checkpoint_round_trip(name):
     assert a == b
     for p, q in zip(model.parameters(), model2.parameters()):
         assert torch.equal(p, q)
+
+
+def dynamo_or_skip():
+    dynamo = pytest.importorskip("torch._dynamo")
+    if not dynamo.is_dynamo_supported():
+        pytest.skip("torch.compile is not supported here")
+    return dynamo
+
+
+class Compiled(nn.Module):
+    """The optimizer sees the eager model (its hooks), training runs the compiled forward."""
+
+    def __init__(self, model):
+        super().__init__()
+        self.model = model
+        self.fwd = torch.compile(model, backend="eager")  # graph capture only: fast
+
+    def forward(self, x):
+        return self.fwd(x)
+
+
+@pytest.mark.parametrize("name", cells("compile"))
+def test_compiled_model_trains(name):
+    dynamo = dynamo_or_skip()
+    dynamo.reset()
+    model, x, y = make("mlp")
+    opt = build(name, model)
+    losses = train(opt, Compiled(model), x, y)
+    assert_trains(losses)
+
+
+def test_kfac_capture_causes_no_graph_break_between_factor_updates():
+    """Steps that do not capture compile to one graph (no break); capture steps break at the
+    hooked layers (dynamo cannot trace a gradient hook that stores its tensor)."""
+    dynamo = dynamo_or_skip()
+    from torch._dynamo.utils import counters
+    model, x, y = make("mlp")
+    opt = build("KFAC", model, factor_update_period=1000)
+    fwd = torch.compile(model, backend="eager")
+
+    def one_step():
+        opt.zero_grad()
+        F.cross_entropy(fwd(x), y).backward()
+        opt.step()
+    dynamo.reset()
+    one_step()  # step 1 captures
+    counters.clear()
+    for _ in range(3):
+        one_step()
+    assert sum(counters["graph_break"].values()) == 0
+    assert opt.state["kfac"]["factor_updates"] == 1
+    dynamo.reset()
+    counters.clear()
+    with pytest.warns(UserWarning, match="hooks were removed"):
+        opt2 = build("KFAC", model, factor_update_period=1)
+    opt2.zero_grad()
+    F.cross_entropy(fwd(x), y).backward()
+    opt2.step()
+    assert opt2.state["kfac"]["factor_updates"] == 1
+    assert all("side effect" in reason for reason in counters["graph_break"])
 
 
 def test_kbfgs_second_pass_moves_batchnorm_statistics_once():
