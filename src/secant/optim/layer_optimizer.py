@@ -159,6 +159,10 @@ def curvature_step(step: Callable) -> Callable:
     cast weights afterwards (the parameters changed in place, the cached copies are stale)."""
     @functools.wraps(step)
     def wrapper(self: LayerOptimizer, closure: Callable[[], Any] | None = None) -> Any:
+        if not self.capture.attached:
+            raise RuntimeError(
+                f"this {type(self).__name__}'s capture hooks were removed (remove_hooks(), or a "
+                "newer optimizer over the same layers took them over); build a new optimizer")
         dev = self._device.type
         autocast = torch.is_autocast_enabled(dev)
         if closure is not None and autocast:
