@@ -325,15 +325,16 @@ class _KroneckerBFGS(LayerOptimizer):
         for i, (own, ls) in enumerate(zip(self._owned, st["layers"])):
             a_new, v, h_mean, g_sum = stats[4 * i: 4 * i + 4]
             group = self.layer_group(i)
-            x = self._layer_grad(i)
-            if x is None:  # no gradient: no update at all
+            if not self._has_grad(i):  # no gradient: no update at all
                 saved.append(None)
                 continue
             live.append(i)
             if not self._works(own):
-                ps.append(torch.zeros_like(x))
+                ps.append(torch.zeros(matrix_shape(self.layers[i]), dtype=self.factor_dtype,
+                                      device=self._device))
                 saved.append(None)
                 continue
+            x = self._layer_grad(i)
             # a Gram matrix is finite iff its diagonal is (|A_ij| ≤ sqrt(A_ii A_jj))
             ok = torch.isfinite(a_new.diagonal()).all() & torch.isfinite(v).all()
             if recs[i] is not None:

@@ -365,12 +365,17 @@ class LayerOptimizer(Optimizer):
         """The parameter group of layer ``i``'s weight (its lr, momentum, damping)."""
         return self.param_groups[self._layer_groups[i][0]]
 
+    def _has_grad(self, i: int) -> bool:
+        """Whether layer ``i``'s weight or bias has a gradient."""
+        m = self.layers[i]
+        return m.weight.grad is not None or (m.bias is not None and m.bias.grad is not None)
+
     def _layer_grad(self, i: int) -> Tensor | None:
         """``X = ∇W̃ + [wd_W·W, wd_b·b]`` of layer ``i`` in ``factor_dtype`` (each column block
         with its own group's weight decay); ``None`` if neither weight nor bias has a gradient."""
-        m = self.layers[i]
-        if m.weight.grad is None and (m.bias is None or m.bias.grad is None):
+        if not self._has_grad(i):
             return None
+        m = self.layers[i]
         x = grad_matrix(m, self.factor_dtype)
         gw, gb = self._layer_groups[i]
         wd_w = self.param_groups[gw]["weight_decay"]
