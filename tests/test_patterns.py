@@ -363,6 +363,17 @@ def test_weight_decay_applies_to_weight_not_bias_of_a_layer():
     torch.testing.assert_close(lin.bias.detach(), b0)
 
 
+@pytest.mark.parametrize("name", LAYER)
+def test_per_module_lr_reaches_the_layer(name):
+    """``lr=0`` for the head: the head does not move, the other layers do."""
+    model, x, y = make("mlp")
+    opt = build(name, model, param_groups=[{"modules": [model.head], "lr": 0.0}])
+    head0, fc0 = model.head.weight.detach().clone(), model.fc1.weight.detach().clone()
+    train(opt, model, x, y, steps=2)
+    assert torch.equal(head0, model.head.weight)
+    assert not torch.equal(fc0, model.fc1.weight)
+
+
 def test_param_groups_refuse_split_layer_settings():
     model, _, _ = make("mlp")
     with pytest.raises(ValueError, match="'fc1'.*only weight_decay may differ"):
