@@ -299,11 +299,15 @@ def test_lr_scheduler_drives_lr():
     assert opt.param_groups[0]["lr"] == pytest.approx(0.05)
 
 
-def test_missing_forward_is_a_clear_error():
+def test_step_without_forward_changes_nothing():
+    """As torch.optim: no gradients, no update; no data, no curvature update."""
     model = mlp()
     opt = KFAC(model, lr=0.1)
-    with pytest.raises(RuntimeError, match="received no data"):
-        opt.step()
+    before = [p.clone() for p in model.parameters()]
+    opt.step()
+    assert all(torch.equal(a, p) for a, p in zip(before, model.parameters()))
+    ls = opt.state["kfac"]["layers"][0]
+    assert torch.equal(ls["A"], torch.eye(ls["A"].shape[0]))
 
 
 @pytest.mark.parametrize("kw, name", [

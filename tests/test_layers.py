@@ -1,6 +1,8 @@
 """Layer capture: homogeneous inputs, conv patches against an explicit loop over output
 positions, pre-activation gradients against autograd, and the clear errors."""
 
+import math
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -16,6 +18,11 @@ from secant.layers import (
 )
 
 D = torch.float64
+
+
+def raw(module, rec):
+    """A ``reduce`` that keeps the call's raw record (its mean over one call is itself)."""
+    return [t for t in (rec.x, rec.h_mean, rec.g) if t is not None]
 
 
 def explicit_patches(x, conv):
@@ -74,77 +81,119 @@ def test_captured_grads_rebuild_weight_gradient(kind):
         model = nn.Sequential(layer, nn.Tanh(), nn.Flatten(), nn.Linear(3 * 25, 2).to(D))
         x = torch.randn(8, 2, 5, 5, dtype=D)
     cap = LayerCapture(model, {"l": layer})
-    cap.start(h_mean=True)
+    cap.start(raw, h_mean=True)
     model(x).pow(2).sum(1).mean().backward()
-    rec = cap.collect()["l"]
-    a = homogeneous_inputs(layer, rec.x)
-    gw = torch.einsum("nto,nti->oi", rec.g, a)
+    rec_x, rec_h_mean, rec_g = cap.collect()["l"]
+    a = homogeneous_inputs(layer, rec_x)
+    gw = torch.einsum("nto,nti->oi", rec_g, a)
     torch.testing.assert_close(gw, grad_matrix(layer))
     with torch.no_grad():
         h = layer(x)
     want = h.mean(0) if kind == "linear" else h.mean(dim=(0, 2, 3))
-    torch.testing.assert_close(rec.h_mean, want)
+    torch.testing.assert_close(rec_h_mean, want)
 
 
 def test_no_capture_under_no_grad_and_when_not_started():
     lin = nn.Linear(3, 2)
     cap = LayerCapture(lin, {"l": lin})
     lin(torch.randn(4, 3)).sum().backward()  # not started: nothing recorded, no error
-    assert cap.records == {}
-    cap.start()
+    assert cap.sums == {}
+    cap.start(raw)
     with torch.no_grad():
         lin(torch.randn(4, 3))  # evaluation: ignored
-    assert cap.records["l"].x is None
+    assert cap.sums["l"].calls == 0
     lin(torch.randn(4, 3)).sum().backward()
-    assert cap.collect()["l"].g is not None
+    assert cap.collect()["l"] is not None and cap.last_calls == {"l": 1}
 
 
-def test_missing_data_names_the_module():
+def test_layers_without_data_collect_none():
     used, unused = nn.Linear(3, 3), nn.Linear(3, 3)
     model = nn.ModuleDict({"used": used, "spare": unused})
     cap = LayerCapture(model, {"used": used, "spare": unused})
-    cap.start()
+    cap.start(raw)
     used(torch.randn(2, 3)).sum().backward()
-    with pytest.raises(RuntimeError, match="'spare'.*received no data"):
-        cap.collect()
+    lin_out = cap.collect()
+    assert lin_out["spare"] is None and lin_out["used"] is not None
+    cap.start(raw)
+    used(torch.randn(2, 3))  # forward without backward: the call never completes
+    assert cap.collect()["used"] is None
 
 
-def test_forward_without_backward_is_missing_grads():
-    lin = nn.Linear(3, 3)
+def test_accumulated_calls_average_and_skip_non_finite():
+    """Three micro-batches: the mean of their statistics; a micro-batch whose statistics are
+    not finite (an fp16 overflow) is left out of the mean."""
+    torch.manual_seed(3)
+    lin = nn.Linear(3, 2).to(D)
     cap = LayerCapture(lin, {"fc": lin})
-    cap.start()
-    lin(torch.randn(2, 3))
-    with pytest.raises(RuntimeError, match="'fc'.*pre-activation gradients"):
-        cap.collect()
+    xs = [torch.randn(4, 3, dtype=D) for _ in range(3)]
+    cap.start(lambda m, rec: [rec.x.T @ rec.x, rec.g.sum(dim=(0, 1))])
+    for k, x in enumerate(xs):
+        out = lin(x)
+        scale = math.inf if k == 1 else 1.0
+        (out.sum() * scale).backward()
+    xx, gs = cap.collect()["fc"]
+    assert cap.last_calls == {"fc": 3}
+    torch.testing.assert_close(xx, (xs[0].T @ xs[0] + xs[2].T @ xs[2]) / 2)
+    torch.testing.assert_close(gs, torch.full((2,), 4.0, dtype=D))
 
 
-def test_double_call_raises():
+def test_grad_scale_divides_captured_gradients_and_dtype_casts():
+    lin = nn.Linear(3, 2)
+    scale = torch.tensor(1024.0)
+    cap = LayerCapture(lin, {"fc": lin}, dtype=D, grad_scale=lambda: scale)
+    cap.start(raw)
+    (lin(torch.randn(5, 3)).sum() * scale).backward()
+    x, g = cap.collect()["fc"]
+    assert x.dtype == D and g.dtype == D
+    torch.testing.assert_close(g, torch.ones(5, 1, 2, dtype=D))
+
+
+def test_weight_sharing_raises_within_one_forward_only():
     lin = nn.Linear(3, 3)
-    cap = LayerCapture(lin, {"fc": lin})
-    cap.start()
-    y = lin(torch.randn(2, 3))
-    with pytest.raises(RuntimeError, match="'fc'.*called more than once"):
-        lin(y)
+    model = nn.Sequential(lin, nn.Tanh(), lin)
+    cap = LayerCapture(model, {"fc": lin})
+    cap.start(raw)
+    with pytest.raises(RuntimeError, match="'fc'.*called more than once.*weight sharing"):
+        model(torch.randn(2, 3))
+    cap.remove()
+    single = nn.Sequential(lin)
+    cap2 = LayerCapture(single, {"fc": lin})
+    cap2.start(raw)
+    for _ in range(2):  # two forwards of the model (accumulation): fine
+        single(torch.randn(2, 3)).sum().backward()
+    assert cap2.collect()["fc"] is not None and cap2.last_calls == {"fc": 2}
 
 
 def test_hooks_are_removable():
     lin = nn.Linear(3, 3)
     cap = LayerCapture(lin, {"fc": lin})
     cap.remove()
-    assert not lin._forward_hooks
-    cap.start()
+    assert not lin._forward_hooks and not lin._forward_pre_hooks
+    with pytest.raises(RuntimeError, match="hooks of this optimizer were removed"):
+        cap.start(raw)
+
+
+def test_newer_capture_takes_over_with_a_warning():
+    lin = nn.Linear(3, 3)
+    old = LayerCapture(lin, {"fc": lin}, owner="KFAC")
+    with pytest.warns(UserWarning, match="earlier KFAC; its hooks were removed"):
+        new = LayerCapture(lin, {"fc": lin}, owner="KBFGS")
+    new.start(raw)
     lin(torch.randn(2, 3)).sum().backward()
-    assert cap.records["fc"].x is None
+    assert new.collect()["fc"] is not None
+    assert not old.attached
+    with pytest.raises(RuntimeError, match="newer optimizer"):
+        old.start(raw)
 
 
 def test_warm_capture_records_inputs_under_no_grad():
     lin = nn.Linear(3, 3)
     cap = LayerCapture(lin, {"fc": lin})
     with cap.warm(), torch.no_grad():
-        cap.start(grads=False)
+        cap.start(raw, grads=False)
         x = torch.randn(2, 3)
         lin(x)
-        torch.testing.assert_close(cap.collect()["fc"].x, x)
+        torch.testing.assert_close(cap.collect()["fc"][0], x)
     assert not cap.active
 
 

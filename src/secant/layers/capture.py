@@ -6,7 +6,8 @@ bias). Conv2d weights ``[d_out, C, kh, kw]`` flatten to ``d_in = C·kh·kw``, ma
 ``F.unfold``'s patch order, so a convolution is the matrix product of ``W̃`` with the unfolded
 patches of its input (Grosse & Martens 2016).
 
-Per forward/backward the capture records, for every registered layer:
+Each call of a registered layer (a forward in grad mode and, when gradients are wanted, the
+backward through its output) yields a :class:`LayerRecord`:
 
 * ``x`` — the layer input (detached); :func:`homogeneous_inputs` turns it into ``ā [N, T, d_in+1]``
   (``T = 1`` for a Linear layer on ``[N, d]`` inputs, ``T`` = spatial positions for conv, extra
@@ -15,18 +16,34 @@ Per forward/backward the capture records, for every registered layer:
   asked for: K-BFGS);
 * ``g`` — the gradient of the loss w.r.t. the pre-activation output, reshaped ``[N, T, d_out]``.
 
+All three are cast to the capture's ``dtype`` (the optimizer's ``factor_dtype``; float32 for a
+bf16 / fp16 or autocast model) and ``g`` is divided by the current loss scale when a
+``grad_scale`` source is given (``torch.amp.GradScaler``). As soon as a call is complete the
+optimizer's ``reduce`` turns it into a few statistics tensors (e.g. K-FAC's ``Â``, ``Ĝ``), which
+are summed; :meth:`LayerCapture.collect` returns their mean over the calls. So several forward/
+backward pairs between two steps (gradient accumulation over micro-batches) give the mean of the
+micro-batch statistics, and no activations are kept across calls. A call whose statistics are
+not all finite (an overflowing fp16 micro-batch, whose step ``GradScaler`` skips) is left out of
+the mean; if every call of a layer was left out its mean is NaN, which the optimizers reject.
+
 Capturing is only on between :meth:`LayerCapture.start` and :meth:`LayerCapture.collect`, and
 only for forward passes in grad mode (nothing is recorded under ``torch.no_grad()``), except
-inside :meth:`LayerCapture.warm` (forward-only input statistics). A registered layer that got no
-data, or that is called twice before the records are collected, is a ``RuntimeError`` naming the
-module.
+inside :meth:`LayerCapture.warm` (forward-only input statistics). A forward in grad mode whose
+output is never back-propagated is simply not counted. A layer called twice inside one forward
+of the root model (weight sharing) is a ``RuntimeError`` naming the module.
+
+A model's layers are captured by one optimizer at a time: building a second capture over a layer
+removes the hooks of the previous owner with a warning naming it (re-running a notebook cell
+that builds a new optimizer just works); the previous owner then refuses to collect.
 """
 
 from __future__ import annotations
 
+import warnings
+import weakref
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
@@ -56,28 +73,33 @@ def matrix_shape(module: nn.Module) -> tuple[int, int]:
     return w.shape[0], d_in
 
 
-def grad_matrix(module: nn.Module) -> Tensor:
-    """``∇W̃ = [∇W, ∇b]`` as ``[d_out, d_in+1]``; missing grads count as zero."""
+def grad_matrix(module: nn.Module, dtype: torch.dtype | None = None) -> Tensor:
+    """``∇W̃ = [∇W, ∇b]`` as a new ``[d_out, d_in+1]`` tensor (in ``dtype``, default the
+    weight's); missing grads count as zero."""
     w, b = module.weight, module.bias
+    dtype = dtype or w.dtype
     gw = w.grad if w.grad is not None else torch.zeros_like(w)
-    gw = gw.reshape(w.shape[0], -1)
+    gw = gw.reshape(w.shape[0], -1).to(dtype)
     if b is None:
         return gw.clone()
     gb = b.grad if b.grad is not None else torch.zeros_like(b)
-    return torch.cat((gw, gb.unsqueeze(1)), dim=1)
+    return torch.cat((gw, gb.to(dtype).unsqueeze(1)), dim=1)
 
 
-def param_matrix(module: nn.Module) -> Tensor:
-    """``W̃ = [W, b]`` as a new ``[d_out, d_in+1]`` tensor."""
+def param_matrix(module: nn.Module, dtype: torch.dtype | None = None) -> Tensor:
+    """``W̃ = [W, b]`` as a new ``[d_out, d_in+1]`` tensor (in ``dtype``, default the
+    weight's)."""
     w, b = module.weight, module.bias
-    wm = w.detach().reshape(w.shape[0], -1)
+    dtype = dtype or w.dtype
+    wm = w.detach().reshape(w.shape[0], -1).to(dtype)
     if b is None:
         return wm.clone()
-    return torch.cat((wm, b.detach().unsqueeze(1)), dim=1)
+    return torch.cat((wm, b.detach().to(dtype).unsqueeze(1)), dim=1)
 
 
 def add_to_params(module: nn.Module, update: Tensor, alpha: float) -> None:
-    """``W̃ ← W̃ + α·update`` for ``update [d_out, d_in+1]``."""
+    """``W̃ ← W̃ + α·update`` for ``update [d_out, d_in+1]`` (any float dtype: the sum is
+    rounded to the parameters' dtype)."""
     w, b = module.weight, module.bias
     with torch.no_grad():
         if b is None:
@@ -111,9 +133,15 @@ def output_rows(module: nn.Module, out: Tensor) -> Tensor:
     return out.reshape(out.shape[0], -1, out.shape[-1]) if out.dim() > 1 else out.view(1, 1, -1)
 
 
+Reduce = Callable[[nn.Module, "LayerRecord"], list[Tensor]]
+
+# the capture that currently owns each layer (one optimizer at a time; see the module docstring)
+_OWNERS: weakref.WeakKeyDictionary[nn.Module, LayerCapture] = weakref.WeakKeyDictionary()
+
+
 @dataclass
 class LayerRecord:
-    """What one forward/backward left for one layer (see the module docstring)."""
+    """What one call of one layer left (see the module docstring)."""
 
     x: Tensor | None = None
     h_mean: Tensor | None = None
@@ -121,72 +149,125 @@ class LayerRecord:
     out: Tensor | None = None  # graph-attached output, only for sampled-Fisher passes
 
 
+@dataclass
+class _Sums:
+    """Running sums of a layer's per-call statistics; ``calls`` counts completed calls,
+    ``finite`` (a tensor, no host sync) those whose statistics were all finite."""
+
+    stats: list[Tensor] = field(default_factory=list)
+    finite: Tensor | None = None
+    calls: int = 0
+
+
 class LayerCapture:
     """Forward hooks (and tensor hooks on outputs) on the given named layers of ``model``.
 
     Args:
-        model: the root module (used for the sampled-Fisher hook on the model output).
+        model: the root module (its forward delimits weight sharing; sampled-Fisher hook).
         layers: ``{qualified name: module}`` of supported layers.
+        dtype: dtype of the records (default: each input's own).
+        grad_scale: returns the current loss scale (a tensor or ``None``) that the captured
+            pre-activation gradients are divided by.
+        owner: name of the optimizer, for the messages.
     """
 
-    def __init__(self, model: nn.Module, layers: dict[str, nn.Module]) -> None:
-        for name, m in layers.items():
-            if not is_supported(m):
-                raise ValueError(f"layer {name!r} ({type(m).__name__}) is not supported")
+    def __init__(self, model: nn.Module, layers: dict[str, nn.Module], *,
+                 dtype: torch.dtype | None = None,
+                 grad_scale: Callable[[], Tensor | None] | None = None,
+                 owner: str = "optimizer") -> None:
         self.model = model
-        self.layers = dict(layers)
-        self.records: dict[str, LayerRecord] = {}
+        self.dtype = dtype
+        self.grad_scale = grad_scale
+        self.owner = owner
+        self.attached = True
+        self.sums: dict[str, _Sums] = {}
         self.active = False
         self.warming = False
         self.need_inputs = True
         self.need_h_mean = False
         self.need_grads = True
         self.fisher_loss: Callable[[Tensor], Tensor] | None = None
-        self._handles = [m.register_forward_hook(self._make_hook(n))
-                         for n, m in self.layers.items()]
-        self._handles.append(model.register_forward_hook(self._model_hook))
+        self.reduce: Reduce | None = None
+        self.last_calls: dict[str, int] = {}  # completed calls per layer at the last collect
+        self._calls: dict[str, int] = {}  # calls per layer in the current root forward
+        self._pending_out: list[tuple[str, LayerRecord]] = []
+        self._handles: list = []
+        self.layers: dict[str, nn.Module] = {}
+        self.add_layers(layers)  # layer hooks first: the root may itself be a layer
+        self._handles += [model.register_forward_pre_hook(self._model_pre_hook),
+                          model.register_forward_hook(self._model_hook)]
+
+    def add_layers(self, layers: dict[str, nn.Module]) -> None:
+        """Register more layers (fresh hooks; they take part from the next :meth:`start`)."""
+        for name, m in layers.items():
+            if not is_supported(m):
+                raise ValueError(f"layer {name!r} ({type(m).__name__}) is not supported")
+        self.layers.update(layers)
+        if self.active:
+            self.sums.update({n: _Sums() for n in layers})
+        self._take_over(layers)
+        self._handles.extend(m.register_forward_hook(self._make_hook(n))
+                             for n, m in layers.items())
+
+    def _take_over(self, layers: dict[str, nn.Module]) -> None:
+        previous = []
+        for m in layers.values():
+            old = _OWNERS.get(m)
+            if old is not None and old is not self and old.attached and old not in previous:
+                previous.append(old)
+            _OWNERS[m] = self
+        for old in previous:
+            old.remove()
+            warnings.warn(
+                f"{self.owner}: the layers of this model were captured by an earlier "
+                f"{old.owner}; its hooks were removed so that the new optimizer works (the "
+                f"earlier one can no longer step). Call remove_hooks() on an optimizer you "
+                f"replace to avoid this warning.", stacklevel=4)
 
     # ------------------------------------------------------------------ control
-    def start(self, *, inputs: bool = True, h_mean: bool = False, grads: bool = True,
-              fisher_loss: Callable[[Tensor], Tensor] | None = None) -> None:
-        """Clear records and capture the next forward/backward (in grad mode)."""
-        self.records = {n: LayerRecord() for n in self.layers}
+    def start(self, reduce: Reduce, *, inputs: bool = True, h_mean: bool = False,
+              grads: bool = True, fisher_loss: Callable[[Tensor], Tensor] | None = None) -> None:
+        """Clear the sums and capture the following calls (in grad mode): each completed call
+        is turned into statistics by ``reduce(module, record)``."""
+        if not self.attached:
+            raise RuntimeError(
+                f"the capture hooks of this {self.owner} were removed (remove_hooks(), or a "
+                f"newer optimizer over the same layers took them over); build a new optimizer")
+        self.sums = {n: _Sums() for n in self.layers}
         self.need_inputs, self.need_h_mean, self.need_grads = inputs, h_mean, grads
         self.fisher_loss = fisher_loss
+        self.reduce = reduce
+        self._calls = {}
+        self._pending_out = []
         self.active = True
 
     def stop(self) -> None:
         self.active = False
-        self.records = {}
+        self.sums = {}
+        self._calls = {}
+        self._pending_out = []
 
-    def collect(self) -> dict[str, LayerRecord]:
-        """Stop capturing and return the records; a layer without its data is an error."""
-        recs = self.records
+    def collect(self) -> dict[str, list[Tensor] | None]:
+        """Stop capturing; per layer the mean over its completed calls of the ``reduce``
+        statistics, or ``None`` if no call of the layer completed (``last_calls`` holds the
+        number of completed calls per layer)."""
+        sums = self.sums
+        self.last_calls = {n: s.calls for n, s in sums.items()}
         wanted = self.active
         self.stop()
         if not wanted:
+            if not self.attached:
+                self.start(lambda m, r: [])  # raises the detached-capture error
             raise RuntimeError("layer capture was not started")
-        for name, rec in recs.items():
-            missing = []
-            if self.need_inputs and rec.x is None:
-                missing.append("inputs (no forward pass in grad mode reached it)")
-            if self.need_h_mean and rec.h_mean is None:
-                missing.append("outputs (no forward pass in grad mode reached it)")
-            if self.need_grads and rec.g is None:
-                missing.append("pre-activation gradients (its output did not reach the loss's "
-                               "backward)")
-            if missing:
-                kind = type(self.layers[name]).__name__
-                raise RuntimeError(
-                    f"registered layer {name!r} ({kind}) received no data in this step: missing "
-                    f"{' and '.join(missing)}. Every registered layer must take part in each "
-                    f"step's forward and backward; exclude unused layers with `exclude=`.")
-        return recs
+        out: dict[str, list[Tensor] | None] = {}
+        for name, s in sums.items():
+            out[name] = None if s.calls == 0 else [t / s.finite for t in s.stats]
+        return out
 
     @contextmanager
     def warm(self) -> Iterator[None]:
         """Inside this context, started captures record layer inputs of every forward pass,
-        also under ``torch.no_grad()`` (forward-only statistics, e.g. a K-BFGS warm start)."""
+        also under ``torch.no_grad()`` (forward-only input statistics, e.g. a K-BFGS warm start)."""
         self.warming = True
         try:
             yield
@@ -199,6 +280,10 @@ class LayerCapture:
         for h in self._handles:
             h.remove()
         self._handles = []
+        self.attached = False
+        for m in self.layers.values():
+            if _OWNERS.get(m) is self:
+                del _OWNERS[m]
         self.stop()
 
     # ------------------------------------------------------------------ hooks
@@ -209,47 +294,69 @@ class LayerCapture:
             return True
         return torch.is_grad_enabled() and isinstance(out, Tensor) and out.requires_grad
 
+    def _cast(self, t: Tensor) -> Tensor:
+        t = t.detach()
+        return t if self.dtype is None else t.to(self.dtype)
+
+    def _add(self, name: str, rec: LayerRecord) -> None:
+        """Reduce one completed call and add its statistics to the layer's sums."""
+        stats = self.reduce(self.layers[name], rec)
+        s = self.sums[name]
+        ok = torch.stack([torch.isfinite(t).all() for t in stats]).all()
+        stats = [torch.where(ok, t, torch.zeros_like(t)) for t in stats]
+        if s.calls == 0:
+            s.stats, s.finite = stats, ok.to(stats[0].dtype)
+        else:
+            torch._foreach_add_(s.stats, stats)
+            s.finite = s.finite + ok
+        s.calls += 1
+
     def _make_hook(self, name: str) -> Callable:
         module = self.layers[name]
 
         def hook(mod: nn.Module, inputs: tuple, out: Tensor) -> None:
             if not self._capturing(out):
                 return
-            rec = self.records[name]
-            if rec.x is not None or rec.h_mean is not None or rec.out is not None:
+            if self._calls.get(name, 0) >= 1 and not self.warming:
                 raise RuntimeError(
                     f"layer {name!r} ({type(module).__name__}) was called more than once in one "
-                    f"captured forward pass; weight sharing / repeated calls are not supported "
-                    f"by Kronecker-factored optimizers (exclude it with `exclude=`), and "
-                    f"evaluation between steps must run under torch.no_grad()")
+                    f"forward pass of the model; weight sharing / repeated calls are not "
+                    f"supported by Kronecker-factored optimizers (exclude it with `exclude=`)")
+            self._calls[name] = self._calls.get(name, 0) + 1
+            rec = LayerRecord()
             if self.need_inputs or self.warming:
-                rec.x = inputs[0].detach()
+                rec.x = self._cast(inputs[0])
             if self.need_h_mean and not self.warming:
-                rows = output_rows(module, out.detach())
-                rec.h_mean = rows.mean(dim=(0, 1))
+                rec.h_mean = output_rows(module, self._cast(out)).mean(dim=(0, 1))
             if self.warming or not self.need_grads:
+                self._calls[name] -= 1
+                self._add(name, rec)
                 return
             if self.fisher_loss is not None:
                 rec.out = out
+                self._pending_out.append((name, rec))
                 return
-            out.register_hook(self._make_grad_hook(name))
+            out.register_hook(self._make_grad_hook(name, rec))
 
         return hook
 
-    def _make_grad_hook(self, name: str) -> Callable:
+    def _make_grad_hook(self, name: str, rec: LayerRecord) -> Callable:
         module = self.layers[name]
+        sums = self.sums
 
         def grad_hook(grad: Tensor) -> None:
-            if not self.active or name not in self.records:
-                return
-            rec = self.records[name]
-            if rec.g is not None:
-                raise RuntimeError(
-                    f"layer {name!r} ({type(module).__name__}) received pre-activation gradients "
-                    f"twice in one captured step (two backward passes through one forward?)")
-            rec.g = output_rows(module, grad.detach())
+            if not self.active or self.sums is not sums:
+                return  # a call started before the last start()/collect(): stale
+            g = output_rows(module, self._cast(grad))
+            scale = self.grad_scale() if self.grad_scale is not None else None
+            rec.g = g if scale is None else g / scale.to(g.dtype)
+            self._calls[name] = max(0, self._calls.get(name, 0) - 1)
+            self._add(name, rec)
 
         return grad_hook
+
+    def _model_pre_hook(self, mod: nn.Module, inputs: tuple) -> None:
+        self._calls = {}
 
     def _model_hook(self, mod: nn.Module, inputs: tuple, out: Tensor) -> None:
         if self.fisher_loss is None or not self.active or self.warming:
@@ -259,14 +366,14 @@ class LayerCapture:
         if not isinstance(out, Tensor):
             raise RuntimeError("sampled-Fisher capture needs a model whose forward returns a "
                                f"single Tensor, got {type(out).__name__}")
-        names = [n for n, r in self.records.items() if r.out is not None]
-        if not names:
+        pending, self._pending_out = self._pending_out, []
+        if not pending:
             return
-        outs = [self.records[n].out for n in names]
         loss = self.fisher_loss(out)
-        grads = torch.autograd.grad(loss, outs, retain_graph=True, allow_unused=True)
-        for n, gr in zip(names, grads):
-            rec = self.records[n]
+        grads = torch.autograd.grad(loss, [r.out for _, r in pending], retain_graph=True,
+                                    allow_unused=True)
+        for (n, rec), gr in zip(pending, grads):
             rec.out = None
             if gr is not None:
-                rec.g = output_rows(self.layers[n], gr.detach())
+                rec.g = output_rows(self.layers[n], self._cast(gr))
+                self._add(n, rec)

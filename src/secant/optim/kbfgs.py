@@ -1,5 +1,6 @@
 """K-BFGS and K-BFGS(L): Kronecker-factored block-diagonal BFGS / L-BFGS with double damping
-(Goldfarb, Ren & Bahamou, NeurIPS 2020, arXiv 2006.08877; ALGORITHMS.md §3)."""
+(Goldfarb, Ren & Bahamou, NeurIPS 2020, arXiv 2006.08877; ALGORITHMS.md §3). Dtypes,
+accumulation and parameter groups: ``docs/patterns.md``."""
 
 from __future__ import annotations
 
@@ -10,13 +11,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from secant.layers import (
-    add_to_params,
-    grad_matrix,
-    homogeneous_inputs,
-    matrix_shape,
-    param_matrix,
-)
+from secant.layers import add_to_params, homogeneous_inputs, matrix_shape
 from secant.linalg import (
     History,
     bfgs_inverse_update_,
@@ -26,7 +21,12 @@ from secant.linalg import (
     push,
 )
 from secant.linalg.kron import damped_inverse
-from secant.optim.layer_optimizer import LayerOptimizer, check, check_finite_nonneg
+from secant.optim.layer_optimizer import (
+    LayerOptimizer,
+    check,
+    check_finite_nonneg,
+    curvature_step,
+)
 
 
 def _vdot(a: Tensor, b: Tensor) -> Tensor:
@@ -94,7 +94,13 @@ class _KroneckerBFGS(LayerOptimizer):
     current minibatch, calls ``backward()`` and returns the loss; it is called twice per step and
     must use the same minibatch both times (no fresh data, no dropout randomness changing the
     batch). ``step`` returns the pass-1 loss. After ``step`` the ``.grad`` fields hold the
-    pass-2 gradients.
+    pass-2 gradients. BatchNorm running statistics are restored after pass 2, so a step moves
+    them once. Gradient accumulation: run all micro-batches inside the closure (each loss
+    divided by their number ``k``); the statistics are their means (``ḡ`` times ``k``).
+    bf16 / fp16 parameters and autocast work (curvature in ``factor_dtype``);
+    ``torch.amp.GradScaler`` does not (it refuses closures): ``grad_scaler=`` raises
+    ``ValueError``, use bf16 autocast. A layer without data in a pass gets no curvature update;
+    one without gradient no update. Weight sharing is refused (exclude the layer).
     """
 
     state_key = "kbfgs"
@@ -114,7 +120,12 @@ class _KroneckerBFGS(LayerOptimizer):
         fallback_lr: float | None,
         process_group: Any = None,
         distributed_mode: str = "memory",
+        **layer_options: Any,
     ) -> None:
+        scaler = layer_options.get("grad_scaler")
+        check(scaler is None or not scaler.is_enabled(), "grad_scaler", scaler,
+              "None: K-BFGS evaluates its closure twice per step and torch.amp.GradScaler "
+              "does not support closures; train in bf16 autocast (no scaler needed) or use KFAC")
         check(isinstance(damping, (int, float)) and 0.0 < damping < float("inf"), "damping",
               damping, "a finite value > 0")
         for name, v in (("momentum", momentum), ("stat_decay", stat_decay),
@@ -130,7 +141,8 @@ class _KroneckerBFGS(LayerOptimizer):
         self.cautious_eps = cautious_eps
         defaults = dict(lr=lr, damping=damping, momentum=momentum, weight_decay=weight_decay)
         super().__init__(model, defaults, exclude=exclude, fallback_lr=fallback_lr,
-                         process_group=process_group, distributed_mode=distributed_mode)
+                         process_group=process_group, distributed_mode=distributed_mode,
+                         **layer_options)
 
     # ------------------------------------------------------------------ distributed
     def _layer_cost(self, d_out: int, d_in: int) -> int:
@@ -164,7 +176,7 @@ class _KroneckerBFGS(LayerOptimizer):
             return {}
         d_out, d_in = matrix_shape(module)
         w = module.weight
-        kw = dict(dtype=w.dtype, device=w.device)
+        kw = dict(dtype=self.factor_dtype, device=w.device)
         count = dict(dtype=torch.long, device=w.device)
         st: dict[str, Any] = {
             "A": torch.zeros(d_in, d_in, **kw),
@@ -208,25 +220,27 @@ class _KroneckerBFGS(LayerOptimizer):
         sums = []
         for module in self.layers:
             d_in = matrix_shape(module)[1]
-            sums.append(module.weight.new_zeros(d_in, d_in))
+            sums.append(torch.zeros(d_in, d_in, dtype=self.factor_dtype, device=self._device))
         n = 0
         with self.capture.warm():
             for batch in batches:
-                self.capture.start(inputs=True, grads=False)
+                self.capture.start(lambda m, rec: [input_statistics(m, rec.x)[0]],
+                                   inputs=True, grads=False)
                 fwd(batch)
                 recs = self.capture.collect()
-                for name, module, acc in zip(self.layer_names, self.layers, sums):
-                    acc.add_(input_statistics(module, recs[name].x)[0])
+                for name, acc in zip(self.layer_names, sums):
+                    if recs[name] is not None:
+                        acc.add_(recs[name][0])
                 n += 1
         total: Tensor | int = n
         if self.distributed:  # sum over ranks of the batch statistics and of the batch counts
             *sums, total = self._all_reduce(sums + [sums[0].new_tensor(float(n))])
         if int(total) == 0:
             raise ValueError("warm_start got no batches")
-        lam_a = math.sqrt(self.kron_group["damping"])
-        for own, ls, acc in zip(self._owned, self._st["layers"], sums):
+        for i, (own, ls, acc) in enumerate(zip(self._owned, self._st["layers"], sums)):
             if not self._works(own):
                 continue
+            lam_a = math.sqrt(self.layer_group(i)["damping"])
             ls["A"].copy_(acc / total)
             ls["H_a"].copy_(damped_inverse(ls["A"], lam_a))
         self._st["a_initialized"] = True
@@ -234,7 +248,27 @@ class _KroneckerBFGS(LayerOptimizer):
         return n
 
     # ------------------------------------------------------------------ step
-    @torch.no_grad()
+    @staticmethod
+    def _pass1_stats(module: nn.Module, rec: Any) -> list[Tensor]:
+        """``mean ā āᵀ``, ``mean ā``, ``h̄`` and ``mean_B(g)`` (g: per-example spatial sums)."""
+        return [*input_statistics(module, rec.x), rec.h_mean, rec.g.sum(dim=(0, 1))]
+
+    @staticmethod
+    def _pass2_stats(module: nn.Module, rec: Any) -> list[Tensor]:
+        return [rec.h_mean, rec.g.sum(dim=(0, 1))]
+
+    def _collected(self, recs: dict[str, Any]) -> list[list[Tensor] | None]:
+        """Per layer the pass statistics with ``ḡ`` times the number of micro-batches ``k``
+        (each micro-batch loss is divided by ``k``), or ``None`` without data."""
+        out = []
+        for name in self.layer_names:
+            rec, k = recs[name], self.capture.last_calls[name]
+            if rec is not None and k > 1:
+                rec = [*rec[:-1], rec[-1] * k]
+            out.append(rec)
+        return out
+
+    @curvature_step
     def step(self, closure: Callable[[], Any] | None = None) -> Any:  # type: ignore[override]
         """One K-BFGS step; ``closure`` is required (see the class docstring)."""
         if closure is None:
@@ -244,83 +278,91 @@ class _KroneckerBFGS(LayerOptimizer):
                 "computes the loss on the current batch, calls backward() and returns the loss.")
         st = self._st
         k = st["step"] + 1
-        group = self.kron_group
-        if group is not None:
-            self.capture.start(h_mean=True)
+        kron = self.kron_group is not None
+        if kron:
+            self.capture.start(self._pass1_stats, h_mean=True)
         try:
             with torch.enable_grad():
                 loss = closure()
-            recs1 = self.capture.collect() if group is not None else {}
+            recs1 = self._collected(self.capture.collect()) if kron else []
         finally:
             self.capture.stop()
-        if group is not None:
-            pass1 = self._first_half(group, recs1, skip_a=(k == 1 and st["warm_started"]))
-        self._fallback_step("ema", self.fallback_group["momentum"] if self.fallback_group
-                            else 0.0)
-        if group is not None:
-            self.capture.start(inputs=False, h_mean=True)
+        if kron:
+            pass1 = self._first_half(recs1, skip_a=(k == 1 and st["warm_started"]))
+        self._fallback_step("ema")
+        if kron:
+            self.capture.start(self._pass2_stats, inputs=False, h_mean=True)
             try:
-                with torch.enable_grad():
+                with torch.enable_grad(), self._batchnorm_frozen():
                     closure()
-                recs2 = self.capture.collect()
+                recs2 = self._collected(self.capture.collect())
             finally:
                 self.capture.stop()
-            self._second_half(group, pass1, recs2)
+            self._second_half(pass1, recs2)
         st["step"] = k
         return loss
 
-    def _first_half(self, group: dict[str, Any], recs: dict[str, Any], skip_a: bool
-                    ) -> list[tuple[Tensor, Tensor, Tensor, Tensor]]:
+    def _stats_or_nan(self, recs: list[list[Tensor] | None], shapes: list[list[tuple]]
+                      ) -> list[Tensor]:
+        """Flat list of the layers' statistics; NaN (rejected) for a layer without data."""
+        out: list[Tensor] = []
+        for rec, shp in zip(recs, shapes):
+            out.extend(rec if rec is not None else
+                       [torch.full(s, math.nan, dtype=self.factor_dtype, device=self._device)
+                        for s in shp])
+        return out
+
+    def _first_half(self, recs: list[list[Tensor] | None], skip_a: bool
+                    ) -> list[tuple[Tensor, Tensor, Tensor, Tensor] | None]:
         st = self._st
-        lr, wd, rho = group["lr"], group["weight_decay"], group["momentum"]
-        lam_a = math.sqrt(group["damping"])
         first = not st["a_initialized"]
-        stats: list[Tensor] = []
-        for name, module in zip(self.layer_names, self.layers):
-            rec = recs[name]
-            # g_sum = mean over examples of the per-example spatial sum (g: local mean loss)
-            stats.extend((*input_statistics(module, rec.x), rec.h_mean, rec.g.sum(dim=(0, 1))))
-        stats = self._all_reduce(stats, average=True)  # global-batch statistics
+        shapes = [[(i, i), (i,), (o,), (o,)] for o, i in map(matrix_shape, self.layers)]
+        stats = self._all_reduce(self._stats_or_nan(recs, shapes),
+                                 average=True)  # global-batch statistics
         saved: list[Any] = []
         ps: list[Tensor] = []
-        for i, (module, own, ls) in enumerate(zip(self.layers, self._owned, st["layers"])):
+        live: list[int] = []
+        for i, (own, ls) in enumerate(zip(self._owned, st["layers"])):
             a_new, v, h_mean, g_sum = stats[4 * i: 4 * i + 4]
-            if not self._works(own):
-                ps.append(module.weight.new_zeros(matrix_shape(module)))
+            group = self.layer_group(i)
+            if not self._has_grad(i):  # no gradient: no update at all
                 saved.append(None)
                 continue
+            live.append(i)
+            if not self._works(own):
+                ps.append(torch.zeros(matrix_shape(self.layers[i]), dtype=self.factor_dtype,
+                                      device=self._device))
+                saved.append(None)
+                continue
+            x = self._layer_grad(i)
             # a Gram matrix is finite iff its diagonal is (|A_ij| ≤ sqrt(A_ii A_jj))
             ok = torch.isfinite(a_new.diagonal()).all() & torch.isfinite(v).all()
-            ls["stats_rejected"] += ~ok
+            if recs[i] is not None:
+                ls["stats_rejected"] += ~ok
             if first:
+                lam_a = math.sqrt(group["damping"])
                 ls["A"].copy_(torch.where(ok, a_new, ls["A"]))
                 ls["H_a"].copy_(torch.where(ok, damped_inverse(ls["A"], lam_a), ls["H_a"]))
             elif not skip_a:
                 ls["A"].lerp_(torch.where(ok, a_new, ls["A"]), 1.0 - self.stat_decay)
-            x = grad_matrix(module)
-            if wd:
-                x.add_(param_matrix(module), alpha=wd)
-            ls["grad_ema"].lerp_(x, 1.0 - rho)
+            ls["grad_ema"].lerp_(x, 1.0 - group["momentum"])
             ps.append(self._apply_hg(ls, ls["grad_ema"]) @ ls["H_a"])
-            saved.append((h_mean, g_sum, v, ok))
+            saved.append(None if recs[i] is None else (h_mean, g_sum, v, ok))
         if self.distributed and self.distributed_mode == "memory":
             ps = self._all_reduce(ps)  # owners' directions, zeros elsewhere: summed = shared
-        for module, p in zip(self.layers, ps):
-            add_to_params(module, p, -lr)
+        for i, p in zip(live, ps):
+            add_to_params(self.layers[i], p, -self.layer_group(i)["lr"])
         st["a_initialized"] = True
         return saved
 
-    def _second_half(self, group: dict[str, Any], pass1: list, recs: dict[str, Any]) -> None:
-        root = math.sqrt(group["damping"])
+    def _second_half(self, pass1: list, recs: list[list[Tensor] | None]) -> None:
         c = self.pair_decay
-        stats: list[Tensor] = []
-        for name in self.layer_names:
-            rec = recs[name]
-            stats.extend((rec.h_mean, rec.g.sum(dim=(0, 1))))
-        stats = self._all_reduce(stats, average=True)
+        shapes = [[(o,), (o,)] for o, _ in map(matrix_shape, self.layers)]
+        stats = self._all_reduce(self._stats_or_nan(recs, shapes), average=True)
         for i, (ls, saved) in enumerate(zip(self._st["layers"], pass1)):
-            if saved is None:
+            if saved is None or recs[i] is None:
                 continue
+            root = math.sqrt(self.layer_group(i)["damping"])
             h1, g1, v, ok_stats = saved
             s = stats[2 * i] - h1
             y = stats[2 * i + 1] - g1
@@ -388,6 +430,11 @@ class KBFGS(_KroneckerBFGS):
         cautious_eps: ε of the cautious skip (1e-4).
         exclude: supported modules left to the first-order fallback.
         fallback_lr: ``lr`` of the fallback group (default: ``lr``).
+        param_groups: per-parameter / per-module options (``lr``, ``damping``, ``momentum``,
+            ``weight_decay``), see :mod:`secant.optim.layer_optimizer`.
+        factor_dtype: dtype of the curvature state (default: float32 for bf16 / fp16 layers,
+            else the parameters' dtype).
+        grad_scaler: must be ``None`` (see above).
         process_group: the ranks that share curvature work (default: the default group when
             ``torch.distributed`` is initialised with more than one rank, else none).
         distributed_mode: ``"memory"`` (default) or ``"communication"`` (see below).
@@ -399,10 +446,13 @@ class KBFGS(_KroneckerBFGS):
                  momentum: float = 0.9, weight_decay: float = 1e-5, stat_decay: float = 0.9,
                  pair_decay: float = 0.9, mu1: float = 0.2, cautious_eps: float = 1e-4, *,
                  exclude: Iterable[nn.Module] = (), fallback_lr: float | None = None,
+                 param_groups: list[dict[str, Any]] | None = None,
+                 factor_dtype: torch.dtype | None = None, grad_scaler: Any = None,
                  process_group: Any = None, distributed_mode: str = "memory") -> None:
         super().__init__(model, lr, damping, momentum, weight_decay, stat_decay, pair_decay,
                          mu1, cautious_eps, exclude, fallback_lr, process_group,
-                         distributed_mode)
+                         distributed_mode, param_groups=param_groups,
+                         factor_dtype=factor_dtype, grad_scaler=grad_scaler)
 
     def _fresh_hg(self, d_out: int, kw: dict[str, Any]) -> dict[str, Tensor]:
         return {"H_g": torch.eye(d_out, **kw)}
@@ -431,14 +481,17 @@ class KBFGSL(_KroneckerBFGS):
                  history_size: int = 100, momentum: float = 0.9, weight_decay: float = 1e-5,
                  stat_decay: float = 0.9, pair_decay: float = 0.9, mu1: float = 0.2,
                  cautious_eps: float = 1e-4, *, exclude: Iterable[nn.Module] = (),
-                 fallback_lr: float | None = None, process_group: Any = None,
-                 distributed_mode: str = "memory") -> None:
+                 fallback_lr: float | None = None,
+                 param_groups: list[dict[str, Any]] | None = None,
+                 factor_dtype: torch.dtype | None = None, grad_scaler: Any = None,
+                 process_group: Any = None, distributed_mode: str = "memory") -> None:
         check(isinstance(history_size, int) and not isinstance(history_size, bool)
               and history_size >= 1, "history_size", history_size, "an integer >= 1")
         self.history_size = history_size
         super().__init__(model, lr, damping, momentum, weight_decay, stat_decay, pair_decay,
                          mu1, cautious_eps, exclude, fallback_lr, process_group,
-                         distributed_mode)
+                         distributed_mode, param_groups=param_groups,
+                         factor_dtype=factor_dtype, grad_scaler=grad_scaler)
 
     def _fresh_hg(self, d_out: int, kw: dict[str, Any]) -> dict[str, Tensor]:
         m = self.history_size

@@ -1,21 +1,17 @@
 """K-FAC (Martens & Grosse 2015; convolutions: Grosse & Martens 2016), the Kronecker-factored
-baseline of the K-BFGS paper (ALGORITHMS.md §5)."""
+baseline of the K-BFGS paper; dtypes, AMP, accumulation and parameter groups:
+``docs/patterns.md``."""
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Iterable
 from typing import Any
 
 import torch
 from torch import Tensor, nn
 
-from secant.layers import (
-    add_to_params,
-    grad_matrix,
-    homogeneous_inputs,
-    matrix_shape,
-    param_matrix,
-)
+from secant.layers import add_to_params, homogeneous_inputs, matrix_shape
 from secant.linalg.kron import (
     damped_inverse,
     eigen_apply,
@@ -24,7 +20,12 @@ from secant.linalg.kron import (
     kl_clip_scale,
     sym_eigh,
 )
-from secant.optim.layer_optimizer import LayerOptimizer, check, check_finite_nonneg
+from secant.optim.layer_optimizer import (
+    LayerOptimizer,
+    check,
+    check_finite_nonneg,
+    curvature_step,
+)
 
 INVERSE_METHODS = ("eigen", "cholesky")
 DAMPING_MODES = ("factored", "exact")
@@ -109,9 +110,13 @@ class KFAC(LayerOptimizer):
     own targets, so runs match a single process only in distribution.
 
     Use: ``loss.backward(); opt.step()`` or ``loss = opt.step(closure)`` (the closure zeroes
-    grads, computes the loss, calls ``backward()`` and returns the loss). On factor-update steps
-    every registered layer must take part in exactly one forward (in grad mode) and backward
-    between two steps; evaluation between steps must run under ``torch.no_grad()``.
+    grads, computes the loss, calls ``backward()`` and returns the loss). Several forward /
+    backward passes between two steps (gradient accumulation, each micro-batch loss divided by
+    their number ``k``) give factors from the mean of the micro-batch statistics (``Ĝ`` times
+    ``k²``, undoing the ``1/k``). bf16 / fp16 models and autocast work (curvature in
+    ``factor_dtype``); with ``torch.amp.GradScaler`` pass ``grad_scaler=``. A layer that did not
+    run on a factor-update step keeps its factors. Not supported: weight sharing (a layer called
+    twice in one forward raises; exclude it), a process group with ``add_param_group``.
 
     Args (defaults from ``alecwangcq/KFAC-Pytorch`` and ``gpauloski/kfac-pytorch``, ALGORITHMS.md
     §5.2):
@@ -130,6 +135,11 @@ class KFAC(LayerOptimizer):
         fisher_loss: function of the model output returning the batch-mean loss at sampled targets.
         exclude: supported modules to leave to the first-order fallback.
         fallback_lr: ``lr`` of the fallback group (default: ``lr``).
+        param_groups: per-parameter / per-module options (``lr``, ``damping``, ``momentum``,
+            ``weight_decay``), see :mod:`secant.optim.layer_optimizer`.
+        factor_dtype: dtype of the curvature state (default: float32 for bf16 / fp16 layers,
+            else the parameters' dtype).
+        grad_scaler: the ``torch.amp.GradScaler`` whose scale divides the captured gradients.
         process_group: the ranks that share curvature work (default: the default group when
             ``torch.distributed`` is initialised with more than one rank, else none).
         distributed_mode: ``"memory"`` (default) or ``"communication"`` (see above).
@@ -155,6 +165,9 @@ class KFAC(LayerOptimizer):
         fisher_loss: Callable[[Tensor], Tensor] | None = None,
         exclude: Iterable[nn.Module] = (),
         fallback_lr: float | None = None,
+        param_groups: list[dict[str, Any]] | None = None,
+        factor_dtype: torch.dtype | None = None,
+        grad_scaler: Any = None,
         process_group: Any = None,
         distributed_mode: str = "memory",
     ) -> None:
@@ -189,7 +202,9 @@ class KFAC(LayerOptimizer):
         self.fisher_loss = fisher_loss
         defaults = dict(lr=lr, damping=damping, momentum=momentum, weight_decay=weight_decay)
         super().__init__(model, defaults, exclude=exclude, fallback_lr=fallback_lr,
-                         process_group=process_group, distributed_mode=distributed_mode)
+                         param_groups=param_groups, factor_dtype=factor_dtype,
+                         grad_scaler=grad_scaler, process_group=process_group,
+                         distributed_mode=distributed_mode)
         self._arm()
 
     def _setup_description(self) -> str:
@@ -212,7 +227,7 @@ class KFAC(LayerOptimizer):
         rank in communication mode); momentum and the KL-clip counter on every rank."""
         d_out, d_in = matrix_shape(module)
         w = module.weight
-        kw = dict(dtype=w.dtype, device=w.device)
+        kw = dict(dtype=self.factor_dtype, device=w.device)
         count = dict(dtype=torch.long, device=w.device)
         st: dict[str, Any] = {}
         if owned:
@@ -246,12 +261,13 @@ class KFAC(LayerOptimizer):
     def _arm(self) -> None:
         """Capture the next step's forward/backward if that step updates the factors."""
         if self.kron_group is not None and self._is_factor_step(self._st["step"] + 1):
-            self.capture.start(fisher_loss=self.fisher_loss)
+            self.capture.start(lambda m, rec: list(factor_statistics(m, rec.x, rec.g)),
+                               fisher_loss=self.fisher_loss)
         else:
             self.capture.stop()
 
     # ------------------------------------------------------------------ step
-    @torch.no_grad()
+    @curvature_step
     def step(self, closure: Callable[[], Any] | None = None) -> Any:
         """One K-FAC step; ``closure`` (optional) zeroes grads, computes the loss, calls
         ``backward()`` and returns the loss, which ``step`` returns."""
@@ -261,15 +277,14 @@ class KFAC(LayerOptimizer):
                 loss = closure()
         st = self._st
         k = st["step"] + 1
-        group = self.kron_group
-        if group is not None:
+        if self.kron_group is not None:
             if self._is_factor_step(k):
                 self._update_factors(self.capture.collect())
             else:
                 self.capture.stop()
             if (k - 1) % self.inverse_update_period == 0:
-                self._update_inverses(group["damping"])
-            self._layer_step(group)
+                self._update_inverses()
+            self._layer_step()
         self._fallback_step("heavy_ball")
         st["step"] = k
         self._arm()
@@ -280,9 +295,13 @@ class KFAC(LayerOptimizer):
         st["factor_updates"] += 1
         eps = min(1.0 - 1.0 / st["factor_updates"], self.factor_decay)
         stats: list[Tensor] = []
-        for name, module in zip(self.layer_names, self.layers):
-            rec = records[name]
-            stats.extend(factor_statistics(module, rec.x, rec.g))
+        for name, (d_out, d_in) in zip(self.layer_names, map(matrix_shape, self.layers)):
+            rec, k = records[name], self.capture.last_calls[name]
+            if rec is None:  # no data this step: NaN statistics are rejected below
+                nan = dict(dtype=self.factor_dtype, device=self._device)
+                rec = [torch.full((d_in, d_in), math.nan, **nan),
+                       torch.full((d_out, d_out), math.nan, **nan)]
+            stats.extend((rec[0], rec[1] * k * k if k > 1 else rec[1]))  # micro-batch 1/k
         stats = self._all_reduce(stats, average=True)  # global-batch statistics
         for i, (own, ls) in enumerate(zip(self._owned, st["layers"])):
             if not own:
@@ -292,13 +311,15 @@ class KFAC(LayerOptimizer):
             ok = torch.isfinite(a_new.diagonal()).all() & torch.isfinite(g_new.diagonal()).all()
             ls["A"].lerp_(torch.where(ok, a_new, ls["A"]), 1.0 - eps)
             ls["G"].lerp_(torch.where(ok, g_new, ls["G"]), 1.0 - eps)
-            ls["stats_rejected"] += ~ok
+            if records[self.layer_names[i]] is not None:
+                ls["stats_rejected"] += ~ok
 
-    def _update_inverses(self, damping: float) -> None:
+    def _update_inverses(self) -> None:
         layers = self._st["layers"]
-        for own, ls in zip(self._owned, layers):
+        for i, (own, ls) in enumerate(zip(self._owned, layers)):
             if not own:
                 continue
+            damping = self.layer_group(i)["damping"]
             a, g = ls["A"], ls["G"]
             if self.damping_mode == "factored":
                 sa, sg = factored_shifts(a, g, damping)
@@ -334,30 +355,37 @@ class KFAC(LayerOptimizer):
             return ls["G_inv"] @ x @ ls["A_inv"]
         return eigen_apply(ls["Q_G"], ls["d_G"], x, ls["Q_A"], ls["d_A"], damping)
 
-    def _layer_step(self, group: dict[str, Any]) -> None:
+    def _layer_step(self) -> None:
+        """Direction, KL-clip, momentum and update of every layer that has a gradient (each
+        with its own group's lr / momentum / damping / weight decay)."""
         st = self._st
-        lr, wd, mu = group["lr"], group["weight_decay"], group["momentum"]
-        xs, ps = [], []
-        for module, own, ls in zip(self.layers, self._owned, st["layers"]):
-            x = grad_matrix(module)
-            if wd:
-                x.add_(param_matrix(module), alpha=wd)
+        live, xs, ps = [], [], []
+        for i, (own, ls) in enumerate(zip(self._owned, st["layers"])):
+            x = self._layer_grad(i)
+            if x is None:  # no gradient: no update (distributed: all ranks agree, DDP)
+                continue
+            live.append(i)
             xs.append(x)
             if self._keeps_inverses(own):
-                ps.append(self._direction(ls, x, group["damping"]))
+                ps.append(self._direction(ls, x, self.layer_group(i)["damping"]))
             else:
                 ps.append(torch.zeros_like(x))
         if self.distributed and self.distributed_mode == "memory":
             ps = self._all_reduce(ps)  # owners' directions, zeros elsewhere: summed = shared
-        if self.kl_clip is not None:
-            nu = kl_clip_scale(xs, ps, lr, self.kl_clip)
+        lrs = [self.layer_group(i)["lr"] for i in live]
+        nu, active = None, None
+        if self.kl_clip is not None and live:
+            if len(set(lrs)) == 1:
+                nu = kl_clip_scale(xs, ps, lrs[0], self.kl_clip)
+            else:  # Σ_l η_l² ⟨X_l, P_l⟩ with per-layer learning rates
+                nu = kl_clip_scale([x * (lr * lr) for x, lr in zip(xs, lrs)], ps, 1.0,
+                                   self.kl_clip)
             active = nu < 1
-        else:
-            nu, active = None, None
-        for module, ls, p in zip(self.layers, st["layers"], ps):
+        for i, p, lr in zip(live, ps, lrs):
+            ls = st["layers"][i]
             u = ls["momentum"]
-            u.mul_(mu).add_(p if nu is None else p * nu)
-            add_to_params(module, u, -lr)
+            u.mul_(self.layer_group(i)["momentum"]).add_(p if nu is None else p * nu)
+            add_to_params(self.layers[i], u, -lr)
             if active is not None:
                 ls["kl_clip_active"] += active
 
