@@ -133,17 +133,18 @@ METHODS = {
     "sgd": (lambda p, lr: torch.optim.SGD(p, lr=lr, momentum=0.9), SGD_GRID),
     "nsgd": (lambda p, lr: NormalizedSGD(p, lr=lr, momentum=0.9), NORM_GRID),
     "adam": (lambda p, lr: torch.optim.Adam(p, lr=lr), [3.16e-4, 1e-3, 3.16e-3, 1e-2]),
-    # the library defaults as they stood (paper's beta, T, sigma bounds; grad_norm; per tensor)
-    "mlb-default": (mlb(), SGD_GRID),
-    "mlb-b0.9-T20": (mlb(beta=0.9, update_period=20), SGD_GRID),
+    # the library defaults before this study (per-tensor blocks; paper's beta, T, sigma bounds)
+    "mlb-tensor": (mlb(blocks="tensor"), SGD_GRID),
+    "mlb-b0.9-T20": (mlb(blocks="tensor", beta=0.9, update_period=20), SGD_GRID),
     "mlb-group": (mlb(blocks="group"), SGD_GRID),
     "mlb-group-b0.9-T20": (mlb(blocks="group", beta=0.9, update_period=20), SGD_GRID),
     "mlb-group-b0.99-T20": (mlb(blocks="group", beta=0.99, update_period=20), SGD_GRID),
-    "mlb-shared-gamma": (mlb(gamma="shared"), SGD_GRID),
+    "mlb-shared-gamma": (mlb(blocks="tensor", gamma="shared"), SGD_GRID),
     "mlb-unit-group": (mlb(blocks="group", step_rule="unit"), NORM_GRID),
-    "mlb-rel": (mlb(damping_scale="relative"), SGD_GRID),
+    "mlb-rel": (mlb(blocks="tensor", damping_scale="relative"), SGD_GRID),
     "mlb-rel-group": (mlb(damping_scale="relative", blocks="group"), SGD_GRID),
-    "mlb-rel-shared": (mlb(damping_scale="relative", gamma="shared"), SGD_GRID),
+    "mlb-rel-shared": (mlb(blocks="tensor", damping_scale="relative", gamma="shared"),
+                       SGD_GRID),
     "mlb-sH1e6-group": (mlb(sigma_high=1e6, blocks="group"), SGD_GRID),
 }
 
@@ -185,13 +186,16 @@ def steps_to(curve: list[float], target: float) -> float:
 
 # ------------------------------------------------------------------------------ grid search
 class Study:
-    def __init__(self, path: Path = CACHE):
+    def __init__(self, path: Path = CACHE, cached_only: bool = False):
         self.path = path
         self.db = json.loads(path.read_text()) if path.exists() else {}
+        self.cached_only = cached_only
 
     def get(self, problem: str, method: str, lr: float, seed: int) -> dict:
         key = f"{problem}|{method}|{lr:.4g}|{seed}"
         if key not in self.db:
+            if self.cached_only:
+                raise KeyError(key)
             t0 = time.perf_counter()
             self.db[key] = run(problem, method, lr, seed)
             self.db[key]["seconds"] = time.perf_counter() - t0
@@ -252,12 +256,63 @@ def table(study, problems, methods, seeds) -> str:
                   "| diverged LRs / grid | grid: median steps (final) |",
                   "|---|---|---|---|---|---|"]
         for m in methods:
-            best, scores = study.search(p, m, seeds)
+            try:
+                best, scores = study.search(p, m, seeds)
+            except KeyError:  # --cached-only and this search is not finished
+                continue
             div = sum(s["diverged"] for s in scores.values())
             cells = " ".join(f"{lr:.3g}:{cell(s)}" for lr, s in sorted(scores.items()))
             lines.append(f"| {m} | {best['lr']:.3g} | {fmt_steps(best['steps'])} | "
                          f"{best['median_final']:.4g} | {div}/{len(scores)} | {cells} |")
             print(lines[-1], file=sys.stderr, flush=True)
+    return "\n".join(lines)
+
+
+class PairRecorder(Variant):
+    """Records, per block and curvature pair: cos(s, y), r = s'y / s's and whether the damping
+    bounds were active (r outside [sigma_L, sigma_H])."""
+
+    def _form_pair(self):
+        st = self.state["mlbfgs"]
+        h = self._history()
+        s = st["param_ema"] - st["param_snapshot"]
+        y = st["grad_ema"] - st["grad_snapshot"]
+        ss, sy, yy = (block_dot(a, b, h.chunk_block, h.num_blocks)
+                      for a, b in ((s, s), (s, y), (y, y)))
+        r = sy / ss
+        self.records.append({"cos": (sy / (ss * yy).sqrt()).tolist(), "r": r.tolist(),
+                             "damped": ((r < self.sigma_low) | (r > self.sigma_high)).tolist()})
+        return super()._form_pair()
+
+
+def pair_quality(problem_name, lr, seed=0, **kw):
+    """One run of ``Variant(**kw)``; medians over pairs of cos(s, y), r and the damped share."""
+    METHODS["_pairs"] = (lambda p, lr: PairRecorder(p, lr=lr, **kw), [])
+    PairRecorder.records = []
+    run(problem_name, "_pairs", lr, seed)
+    rec = [(c, r, d) for e in PairRecorder.records
+           for c, r, d in zip(e["cos"], e["r"], e["damped"])]
+    return {"pairs": len(rec), "median_cos": statistics.median(c for c, _, _ in rec),
+            "median_r": statistics.median(r for _, r, _ in rec),
+            "damped": sum(d for _, _, d in rec) / len(rec)}
+
+
+PAIR_RUNS = [("digits", 0.0316, {"blocks": "group"}), ("digits", 0.0316, {"blocks": "tensor"}),
+             ("digits", 0.0316, {"blocks": "group", "beta": 0.9, "update_period": 20}),
+             ("quadratic", 0.00316, {}), ("quadratic", 0.00316, {"beta": 0.9, "update_period": 20}),
+             ("digits-clf", 0.316, {"blocks": "group"}),
+             ("digits-clf", 0.316, {"blocks": "group", "damping_scale": "relative"})]
+
+
+def pairs_table() -> str:
+    lines = ["| problem | lr | options | pairs | median cos(s,y) | median s'y/s's | damped |",
+             "|---|---|---|---|---|---|---|"]
+    for p, lr, kw in PAIR_RUNS:
+        q = pair_quality(p, lr, **kw)
+        lines.append(f"| {p} | {lr:g} | {kw or 'defaults'} | "
+                     f"{q['pairs']} | {q['median_cos']:.3f} | {q['median_r']:.3g} | "
+                     f"{q['damped']:.0%} |")
+        print(lines[-1], file=sys.stderr, flush=True)
     return "\n".join(lines)
 
 
@@ -279,13 +334,18 @@ def main():
     ap.add_argument("--methods", default=",".join(METHODS))
     ap.add_argument("--seeds", default="0,1,2")
     ap.add_argument("--pilot", action="store_true")
+    ap.add_argument("--pairs", action="store_true", help="pair-quality table (seed 0)")
     ap.add_argument("--cache", default=str(CACHE), help="JSON file of finished runs")
+    ap.add_argument("--cached-only", action="store_true",
+                    help="table of the finished searches only; start no run")
     a = ap.parse_args()
     torch.set_num_threads(1)
-    study = Study(Path(a.cache))
+    study = Study(Path(a.cache), a.cached_only)
     problems = a.problems.split(",")
     if a.pilot:
         return pilot(study, problems)
+    if a.pairs:
+        return print(pairs_table())
     seeds = [int(s) for s in a.seeds.split(",")]
     t0 = time.perf_counter()
     body = table(study, problems, a.methods.split(","), seeds)
