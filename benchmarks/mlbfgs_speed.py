@@ -55,7 +55,7 @@ def main() -> None:
     opts = {
         "sgd": torch.optim.SGD(models["sgd"].parameters(), lr=1e-4, momentum=0.9),
         "mlbfgs": MomentumLBFGS(models["mlbfgs"].parameters(), lr=1e-4, momentum=0.9,
-                                history_size=10, update_period=2),
+                                history_size=10, update_period=2, blocks="tensor"),
     }
 
     def iteration(name: str) -> None:

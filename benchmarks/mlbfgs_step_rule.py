@@ -76,7 +76,8 @@ def variants(T):
         for rule in ("none", "unit", "kl_clip", "grad_norm"):
             out[f"mL-BFGS rule={rule} beta={beta}"] = (
                 lambda p, lr, rule=rule, beta=beta: MomentumLBFGS(
-                    p, lr=lr, beta=beta, update_period=T, history_size=10, step_rule=rule))
+                    p, lr=lr, beta=beta, update_period=T, history_size=10, step_rule=rule,
+                    blocks="tensor"))
     for beta in (0.999, 0.9):
         out[f"mL-BFGS rule=grad_norm beta={beta} blocks=group"] = (
             lambda p, lr, beta=beta: MomentumLBFGS(p, lr=lr, beta=beta, update_period=T,

@@ -426,7 +426,7 @@ def test_add_param_group_gives_new_blocks_and_keeps_old_state():
     net = make_run().double()
     old, new = list(net[0].parameters()), list(net[2].parameters())
     hp = dict(lr=0.05, update_period=3, history_size=3, beta=0.9, step_rule="none",
-              weight_decay=1e-3)
+              weight_decay=1e-3, blocks="tensor")
     opt = MomentumLBFGS(old, **hp)
     twin_old = [nn.Parameter(p.detach().clone()) for p in old]
     twin = MomentumLBFGS(twin_old, **hp)  # never sees the new group

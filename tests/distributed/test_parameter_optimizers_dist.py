@@ -14,12 +14,13 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 from secant import MomentumLBFGS, Neumann
 
 GLOBAL_BATCH = 24
-HP = dict(lr=0.05, momentum=0.9, weight_decay=1e-3, history_size=3, update_period=2, beta=0.8)
+HP = dict(lr=0.05, momentum=0.9, weight_decay=1e-3, history_size=3, update_period=2, beta=0.8,
+          blocks="tensor")  # several blocks, so that curvature is sharded over the ranks
 CURVATURE = ("param_ema", "grad_ema", "param_snapshot", "grad_snapshot", "history", "gram")
 OPTIMIZERS = {
     "mlbfgs": lambda p: MomentumLBFGS(p, **HP),
     "mlbfgs-kl_clip": lambda p: MomentumLBFGS(p, **HP, step_rule="kl_clip"),
-    "mlbfgs-one_block": lambda p: MomentumLBFGS(p, **HP, blocks="group"),
+    "mlbfgs-one_block": lambda p: MomentumLBFGS(p, **{**HP, "blocks": "group"}),
     "neumann": lambda p: Neumann(p, lr=0.05, burn_in_steps=2, reset_period=3),
 }
 
