@@ -13,7 +13,8 @@ from a grid, on two problems:
 
 Neumann runs twice, with the library's bounded regulariser (``neumann``, the default) and
 with the paper's literal one (``neumann_paper``, ``regularizer="paper"``), both with the
-paper's Table 1 (α = 1e-7, β = 1e-5·n, γ = 0.99, μ 0.5 → 0.9) and its epoch schedule (5 epochs SGD burn-in, resets after 10 epochs doubling, μ unit 1 epoch) via
+paper's Table 1 (α = 1e-7, β = 1e-5·n, γ = 0.99, μ 0.5 → 0.9) and its epoch schedule
+(5 epochs SGD burn-in, resets after 10 epochs doubling, μ unit 1 epoch) via
 ``Neumann.paper_periods``, with an epoch of 4096 examples for both problems; its loss is
 measured at the undisplaced weights (``opt.undisplaced()``).
 

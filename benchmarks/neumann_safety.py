@@ -31,7 +31,6 @@ from torch import nn
 
 from secant import Neumann
 from secant.bench import data as D
-from secant.bench import models as M
 from secant.bench.problems import get_problem
 
 LRS = (1e-4, 3e-4, 1e-3, 3e-3, 1e-2, 3e-2, 0.1, 0.3, 1.0)
