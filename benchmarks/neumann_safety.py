@@ -24,6 +24,7 @@ import argparse
 import itertools
 import math
 import platform
+import statistics
 import time
 
 import torch
@@ -118,7 +119,7 @@ def main() -> None:
     torch.set_num_threads(1)
     problems = load_problems()
     names = args.problems or list(problems)
-    t0 = time.time()
+    t0, c0 = time.time(), time.process_time()
     results = {}  # (problem, lr, warmup, clip, seed, opt) -> (start, end)
     for pname in names:
         tp = time.time()
@@ -128,10 +129,11 @@ def main() -> None:
                 results[(pname, lr, warmup, clip, seed, oname)] = run(
                     problems[pname], oname, lr, warmup, clip, seed, args.steps)
         print(f"{pname}: {time.time() - tp:.0f} s", flush=True)
-    wall = time.time() - t0
+    wall, cpu = time.time() - t0, time.process_time() - c0
 
     lines = [f"Machine: {platform.machine()}, 1 torch thread, torch {torch.__version__}; "
-             f"{args.steps} steps per run, seeds {args.seeds}; total wall time {wall:.0f} s", ""]
+             f"{args.steps} steps per run, seeds {args.seeds}; total CPU time {cpu:.0f} s, "
+             f"wall time {wall:.0f} s", ""]
     n_sgd = n_bad = n_bad_paper = 0
     for pname in names:
         lines += [f"### {pname}", "",
@@ -151,6 +153,16 @@ def main() -> None:
                 n_bad_paper += sum(a and not b for a, b in zip(ok["sgd"], ok["paper"]))
                 row.append("/".join(str(sum(ok[o])) for o in OPTS) + (" !" * bad))
             lines.append("| " + " | ".join(row) + " |")
+        lines += ["", "Loss at the start and median loss after the last step (plain setting: no "
+                  "warm-up, no clipping):", "",
+                  "| lr | start | SGD-Nesterov | Neumann default | paper form |",
+                  "|---|---|---|---|---|"]
+        for lr in args.lrs:
+            start = results[(pname, lr, False, False, args.seeds[0], "sgd")][0]
+            ends = [statistics.median(results[(pname, lr, False, False, s, o)][1]
+                                      for s in args.seeds) for o in OPTS]
+            lines.append(f"| {lr:g} | {start:.4g} | " + " | ".join(f"{e:.4g}" for e in ends)
+                         + " |")
         worst = max(results[(pname, lr, w, c, s, "paper")][1] / results[(pname, lr, w, c, s,
                     "paper")][0] for lr in args.lrs for w in (False, True)
                     for c in (False, True) for s in args.seeds)
