@@ -536,6 +536,13 @@ def test_bf16_parameters_keep_float32_state_and_track_float32_run():
         want = (torch.cat([b.float().reshape(-1) for b in before]) - 0.8 * m).bfloat16()
         assert torch.equal(flat(p16), want)
     assert all(torch.equal(a, b) for a, b in zip(before, p16))
+    buf = io.BytesIO()
+    torch.save(o16.state_dict(), buf)
+    buf.seek(0)
+    o16b = Neumann(p16, **kw)
+    o16b.load_state_dict(torch.load(buf, weights_only=True))
+    assert all(o16b.state[p][k].dtype == torch.float32
+               and torch.equal(o16b.state[p][k], o16.state[p][k]) for p in p16 for k in "mv")
 
 
 def test_grad_scaler_skipped_steps_leave_state_untouched():
