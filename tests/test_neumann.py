@@ -1,8 +1,8 @@
-"""Neumann optimizer: oracles O-N1..O-N5 (ALGORITHMS.md §6) and the optimizer contract.
+"""Neumann optimizer: oracles O-N1..O-N5 (docs/neumann.md) and the optimizer contract.
 
 References are independent of the optimizer code: dense float64 matrix powers (O-N1),
 torch.optim.SGD (Nesterov / burn-in), autograd for the regulariser gradient, and a plain
-flat-vector transcription of Algorithm 2 (ALGORITHMS.md §4.4) with the documented decisions.
+flat-vector transcription of Algorithm 2 (docs/neumann.md) with the documented decisions.
 """
 
 import io
@@ -12,7 +12,11 @@ import pytest
 import torch
 
 from secant import Neumann
-from secant.linalg.neumann_series import mu_schedule, regulariser_coefficient
+from secant.linalg.neumann_series import (
+    bounded_regulariser_coefficient,
+    mu_schedule,
+    regulariser_coefficient,
+)
 
 pytestmark = pytest.mark.usefixtures("float64_default")
 
@@ -67,14 +71,24 @@ def reg_grad_autograd(w, v, alpha, beta_eff):
     return g
 
 
-def reference(w0, steps, lr_fn, alpha, beta_eff, gamma, mu_fn, burn_in, resets, skip=()):
-    """Algorithm 2 (ALGORITHMS.md §4.4) on one flat vector, decisions (i)–(v) as documented."""
+def reg_grad_bounded(w, v, g, alpha, beta_eff, ratio):
+    """The paper's regulariser gradient, shortened (same direction) to length ratio·‖g‖ where
+    it is longer: the library's default form (docs/neumann.md)."""
+    rg = reg_grad_autograd(w, v, alpha, beta_eff)
+    length, cap = torch.linalg.vector_norm(rg), ratio * torch.linalg.vector_norm(g)
+    return rg * (cap / length) if length > cap else rg
+
+
+def reference(w0, steps, lr_fn, alpha, beta_eff, gamma, mu_fn, burn_in, resets, skip=(),
+              ratio=None):
+    """Algorithm 2 (docs/neumann.md) on one flat vector, decisions (i)–(v) as documented;
+    ``ratio=None`` the paper's regulariser, else the bounded one."""
     w, m, v, mu = w0.clone(), torch.zeros_like(w0), w0.clone(), 0.0
     t = 0
     for k in range(1, steps + 1):
+        t += 1  # a skipped step still advances the schedule (host-side count)
         if k in skip:
             continue
-        t += 1
         g, lr = grad_flat(w, k), lr_fn(t)
         if t <= burn_in:
             w = w - lr * g
@@ -84,7 +98,10 @@ def reference(w0, steps, lr_fn, alpha, beta_eff, gamma, mu_fn, burn_in, resets, 
         if s in resets:
             m = -lr * g
             continue
-        d = g + reg_grad_autograd(w, v, alpha, beta_eff)
+        if ratio is None:
+            d = g + reg_grad_autograd(w, v, alpha, beta_eff)
+        else:
+            d = g + reg_grad_bounded(w, v, g, alpha, beta_eff, ratio)
         m = mu * m - lr * d
         w = w + mu * m - lr * d
         v = gamma * v + (1 - gamma) * w
@@ -157,10 +174,13 @@ def test_o_n3_regulariser_coefficient_matches_autograd():
     assert zero.item() == 0.0
 
 
-def test_o_n3_step_uses_global_regulariser_with_beta_times_n():
+@pytest.mark.parametrize("form,ratio", [("paper", None), ("bounded", 0.01), ("bounded", 1e3)])
+def test_o_n3_step_uses_global_regulariser_with_beta_times_n(form, ratio):
     params = make_params()
     alpha, beta, lr, mu = 0.3, 1e-3, 0.05, 0.7
-    opt = Neumann(params, lr=lr, alpha=alpha, beta=beta, mu_min=mu, mu_max=mu, gamma=0.9)
+    kw = {} if ratio is None else {"reg_ratio": ratio}
+    opt = Neumann(params, lr=lr, alpha=alpha, beta=beta, mu_min=mu, mu_max=mu, gamma=0.9,
+                  regularizer=form, **kw)
     run(opt, params, 1)  # first Neumann step (no reset)
     gen = torch.Generator().manual_seed(5)
     for p in params:  # arbitrary state: m random, v near w
@@ -173,7 +193,14 @@ def test_o_n3_step_uses_global_regulariser_with_beta_times_n():
     g = torch.cat([p.grad.reshape(-1) for p in params])
     opt.step()
     assert opt.beta_effective == beta * N
-    d = g + reg_grad_autograd(w, v, alpha, beta * N)
+    paper = reg_grad_autograd(w, v, alpha, beta * N)
+    d = g + (paper if ratio is None else reg_grad_bounded(w, v, g, alpha, beta * N, ratio))
+    if ratio == 0.01:  # the bound is active here: the term is shortened, not turned
+        assert torch.linalg.vector_norm(paper) > 0.02 * torch.linalg.vector_norm(g)
+        torch.testing.assert_close(torch.linalg.vector_norm(d - g),
+                                   0.01 * torch.linalg.vector_norm(g))
+    if ratio == 1e3:  # inactive: the paper's term exactly
+        torch.testing.assert_close(d - g, paper)
     m_new = mu * m - lr * d
     w_new = w + mu * m_new - lr * d
     torch.testing.assert_close(flat(params), w_new, rtol=1e-12, atol=1e-12)
@@ -208,15 +235,18 @@ def test_resets_happen_at_doubling_gaps():
     assert reset_at == [1, 11, 31, 71]
 
 
-def test_o_n4_full_trajectory_matches_reference_with_scheduler():
-    """Burn-in, μ schedule, resets at 1, 1+K, 1+3K, 1+7K, cubic + repulsive terms, v EMA, lr
-    scheduler, and the undisplaced weights w − μ m, against the flat transcription."""
+@pytest.mark.parametrize("form_kw,ratio", [({"regularizer": "paper"}, None),
+                                           ({"reg_ratio": 0.01}, 0.01)])
+def test_o_n4_full_trajectory_matches_reference_with_scheduler(form_kw, ratio):
+    """Burn-in, μ schedule, resets at 1, 1+K, 1+3K, 1+7K, cubic + repulsive terms (paper or
+    bounded), v EMA, lr scheduler, and the undisplaced weights w − μ m, against the flat
+    transcription."""
     steps, burn, k_reset, period = 32, 3, 3, 4
     alpha, beta, gamma = 0.05, 2e-6, 0.8
     params = make_params()
     w0 = flat(params)
     opt = Neumann(params, lr=0.04, alpha=alpha, beta=beta, gamma=gamma, mu_min=0.5, mu_max=0.9,
-                  burn_in_steps=burn, reset_period=k_reset, mu_period=period)
+                  burn_in_steps=burn, reset_period=k_reset, mu_period=period, **form_kw)
     sched = torch.optim.lr_scheduler.StepLR(opt, step_size=5, gamma=0.7)
     run(opt, params, steps, sched)
 
@@ -227,7 +257,8 @@ def test_o_n4_full_trajectory_matches_reference_with_scheduler():
         return min(0.9, max(0.5, 1 - 1 / (1 + s / period)))
 
     resets = {1, 4, 10, 22}  # 1, 1+K, 1+3K, 1+7K with K = 3
-    w, m, v, mu = reference(w0, steps, lr_fn, alpha, beta * N, gamma, mu_fn, burn, resets)
+    w, m, v, mu = reference(w0, steps, lr_fn, alpha, beta * N, gamma, mu_fn, burn, resets,
+                            ratio=ratio)
     torch.testing.assert_close(flat(params), w, rtol=1e-10, atol=1e-12)
     torch.testing.assert_close(torch.cat([opt.state[p]["v"].reshape(-1) for p in params]), v,
                                rtol=1e-10, atol=1e-12)
@@ -241,6 +272,9 @@ def test_o_n4_full_trajectory_matches_reference_with_scheduler():
     # negative control: without the regulariser the trajectory differs
     w0_run = reference(w0, steps, lr_fn, 0.0, 0.0, gamma, mu_fn, burn, resets)[0]
     assert (w0_run - w).abs().max() > 1e-4
+    if ratio is not None:  # negative control: the bound was active in this run
+        w_paper = reference(w0, steps, lr_fn, alpha, beta * N, gamma, mu_fn, burn, resets)[0]
+        assert (w_paper - w).abs().max() > 1e-4
 
 
 def test_o_n4_reset_sets_m_and_moves_nothing():
@@ -265,7 +299,8 @@ def test_burn_in_is_plain_sgd_and_v_stays_at_w0():
         for ps, opt in ((p_ref, sgd), (p_neu, neu)):
             set_grads(ps, k)
             opt.step()
-        assert all(torch.equal(a, b) for a, b in zip(p_ref, p_neu))
+        for a, b in zip(p_ref, p_neu):
+            torch.testing.assert_close(b, a, rtol=1e-14, atol=1e-15)
     assert neu.diagnostics()["neumann_step"] == 0
     set_grads(p_neu, 7)
     neu.step()  # first Neumann step: a reset; v is still the copy of w0 taken at construction
@@ -299,7 +334,7 @@ def test_o_n5_no_nan_when_w_equals_v_and_no_aliasing():
 
 def test_nonfinite_gradients_are_skipped_and_counted():
     kw = dict(lr=0.03, alpha=0.05, beta=2e-6, gamma=0.8, burn_in_steps=2, reset_period=3,
-              mu_period=4)
+              mu_period=4, regularizer="paper")
     params = make_params()
     w0 = flat(params)
     opt = Neumann(params, **kw)
@@ -311,7 +346,7 @@ def test_nonfinite_gradients_are_skipped_and_counted():
     opt.step()
     assert torch.equal(flat(params), w)
     assert all(torch.equal(opt.state[p][k], state[p][k]) for p in params for k in ("m", "v"))
-    assert opt.diagnostics()["skipped_steps"] == 1 and opt.diagnostics()["step"] == 4
+    assert opt.diagnostics()["skipped_steps"] == 1 and opt.diagnostics()["step"] == 5
     for k in range(6, 16):
         set_grads(params, k)
         opt.step()
@@ -408,7 +443,8 @@ def test_works_with_closure_and_no_grad_params():
     dict(beta=float("inf")), dict(gamma=1.0), dict(gamma=-0.1), dict(mu_min=-0.1),
     dict(mu_min=0.6, mu_max=0.5), dict(mu_max=1.0), dict(burn_in_steps=-1),
     dict(burn_in_steps=2.5), dict(reset_period=0), dict(reset_period=1.5), dict(mu_period=0),
-    dict(reg_eps=-1.0),
+    dict(reg_eps=-1.0), dict(regularizer="cubic"), dict(reg_ratio=-0.1),
+    dict(reg_ratio=float("nan")),
 ])
 def test_bad_arguments(kwargs):
     name = next(iter(kwargs)) if "mu_max" not in kwargs else "mu_max"
@@ -417,3 +453,160 @@ def test_bad_arguments(kwargs):
         Neumann(make_params(), **args)
     with pytest.raises(ValueError, match="steps_per_epoch="):
         Neumann.paper_periods(0)
+
+
+def test_bounded_coefficient_matches_rescaled_autograd():
+    gen = torch.Generator().manual_seed(6)
+    alpha, beta = 0.2, 0.05
+    for scale, g_len in ((1e-3, 1.0), (0.3, 0.01), (0.3, 100.0), (7.0, 1e-3)):
+        w, v = torch.randn(30, generator=gen), torch.randn(30, generator=gen)
+        v = w + scale * (v - w)
+        g = torch.randn(30, generator=gen)
+        g = g * (g_len / torch.linalg.vector_norm(g))
+        c = bounded_regulariser_coefficient(torch.linalg.vector_norm(w - v),
+                                            torch.linalg.vector_norm(g), alpha, beta, 1e-12, 0.1)
+        torch.testing.assert_close(c * (w - v), reg_grad_bounded(w, v, g, alpha, beta, 0.1),
+                                   rtol=1e-12, atol=1e-15)
+    zero = bounded_regulariser_coefficient(torch.tensor(0.0), torch.tensor(1.0), 0.2, 0.05,
+                                           1e-12, 0.1)
+    assert zero.item() == 0.0
+
+
+def _tiny_classifier_run(lr, warmup=False, clip=False, **kw):
+    """20 steps on a 16-32-4 tanh MLP; returns (start, end) full-data losses, the end at the
+    undisplaced weights."""
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(16, 32), torch.nn.Tanh(), torch.nn.Linear(32, 4))
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(256, 16, generator=gen)
+    y = x[:, :4].argmax(1)
+    opt = Neumann(model.parameters(), lr=lr, **kw)
+    sched = (torch.optim.lr_scheduler.LinearLR(opt, start_factor=0.01, total_iters=10)
+             if warmup else None)
+
+    def loss(idx=slice(None)):
+        return torch.nn.functional.cross_entropy(model(x[idx]), y[idx])
+
+    with torch.no_grad():
+        start = loss().item()
+    for k in range(20):
+        opt.zero_grad()
+        loss(slice(k * 32 % 256, k * 32 % 256 + 32)).backward()
+        if clip:
+            torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        if sched is not None:
+            sched.step()
+    with torch.no_grad(), opt.undisplaced():
+        return start, loss().item()
+
+
+@pytest.mark.parametrize("lr,warmup,clip", [(1e-3, False, False), (1e-2, True, False),
+                                            (1e-3, True, True)])
+def test_paper_form_blows_up_at_small_steps_and_default_does_not(lr, warmup, clip):
+    """The paper's repulsive term β·n/‖w − v‖² dominates while w is near v, worst at small
+    steps (small lr, warm-up, clipping); the bounded default keeps the loss below its start."""
+    start, end = _tiny_classifier_run(lr, warmup, clip, regularizer="paper")
+    assert end > start  # the reported failure, reproduced
+    start, end = _tiny_classifier_run(lr, warmup, clip)
+    assert end < start
+
+
+def test_bf16_parameters_keep_float32_state_and_track_float32_run():
+    torch.manual_seed(0)
+    p32 = make_params(dtype=torch.float32)
+    p16 = [p.detach().to(torch.bfloat16).requires_grad_() for p in p32]
+    p32 = [p.detach().to(torch.bfloat16).float().requires_grad_() for p in p16]  # same start
+    kw = dict(lr=0.02, alpha=0.05, beta=1e-4, mu_min=0.8, mu_max=0.8)
+    o32, o16 = Neumann(p32, **kw), Neumann(p16, **kw)
+    assert all(o16.state[p][k].dtype == torch.float32 for p in p16 for k in ("m", "v"))
+    for k in range(1, 31):
+        for ps, opt in ((p32, o32), (p16, o16)):
+            set_grads(ps, k)
+            opt.step()
+    assert all(p.dtype == torch.bfloat16 for p in p16)
+    v16 = torch.cat([o16.state[p]["v"].reshape(-1) for p in p16])
+    v32 = torch.cat([o32.state[p]["v"].reshape(-1) for p in p32])
+    assert (v16 - flat(p16).float()).abs().max() > 1e-3  # v lags w: its EMA was not rounded away
+    torch.testing.assert_close(flat(p16).float(), flat(p32), rtol=0.05, atol=0.05)
+    torch.testing.assert_close(v16, v32, rtol=0.05, atol=0.05)
+    before = [p.detach().clone() for p in p16]
+    with o16.undisplaced():
+        m = torch.cat([o16.state[p]["m"].reshape(-1) for p in p16])
+        want = (torch.cat([b.float().reshape(-1) for b in before]) - 0.8 * m).bfloat16()
+        assert torch.equal(flat(p16), want)
+    assert all(torch.equal(a, b) for a, b in zip(before, p16))
+    buf = io.BytesIO()
+    torch.save(o16.state_dict(), buf)
+    buf.seek(0)
+    o16b = Neumann(p16, **kw)
+    o16b.load_state_dict(torch.load(buf, weights_only=True))
+    assert all(o16b.state[p][k].dtype == torch.float32
+               and torch.equal(o16b.state[p][k], o16.state[p][k]) for p in p16 for k in "mv")
+
+
+def test_grad_scaler_skipped_steps_leave_state_untouched():
+    torch.manual_seed(0)
+    model = torch.nn.Linear(4, 2).float()
+    opt = Neumann(model.parameters(), lr=0.05)
+    w0 = [p.detach().clone() for p in model.parameters()]
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0**40)  # fp16 grads overflow at first
+    x = torch.randn(16, 4, dtype=torch.float32)
+    losses = []
+    for _ in range(40):
+        opt.zero_grad()
+        with torch.autocast("cpu", dtype=torch.float16):
+            loss = model(x).float().pow(2).mean()
+        scaler.scale(loss).backward()
+        scaler.step(opt)
+        scaler.update()
+        if opt.diagnostics()["step"] == 0:  # skipped by the scaler: nothing moved
+            assert all(torch.equal(p, q) for p, q in zip(model.parameters(), w0))
+            assert all(torch.equal(opt.state[p]["v"], q) and not opt.state[p]["m"].any()
+                       for p, q in zip(model.parameters(), w0))
+        losses.append(loss.item())
+    assert scaler.get_scale() < 2.0**40 and opt.diagnostics()["step"] > 10
+    assert all(torch.isfinite(p).all() for p in model.parameters()) and losses[-1] < losses[0]
+
+
+def test_add_param_group_gets_fresh_state_and_follows_nesterov():
+    """With α = β = 0 and constant μ a group added mid-run follows Nesterov SGD from a fresh
+    buffer, as torch.optim.SGD's add_param_group does."""
+    p_ref, p_neu = make_params(), make_params()
+    sgd = torch.optim.SGD(p_ref[:2], lr=0.03, momentum=0.7, nesterov=True)
+    neu = Neumann(p_neu[:2], lr=0.03, alpha=0.0, beta=0.0, mu_min=0.7, mu_max=0.7)
+    for k in range(1, 16):
+        if k == 6:
+            sgd.add_param_group({"params": [p_ref[2]], "lr": 0.01})
+            neu.add_param_group({"params": [p_neu[2]], "lr": 0.01})
+            assert neu.num_params == N and neu.beta_effective == 0.0
+        for ps, opt in ((p_ref, sgd), (p_neu, neu)):
+            set_grads(ps, k)
+            opt.step()
+    for a, b in zip(p_ref, p_neu):
+        torch.testing.assert_close(b, a, rtol=1e-12, atol=1e-12)
+    with pytest.raises(ValueError, match="lr="):
+        neu.add_param_group({"params": [torch.zeros(2, requires_grad=True)], "lr": -1.0})
+    with pytest.raises(ValueError, match="param_group keys="):
+        neu.add_param_group({"params": [torch.zeros(2, requires_grad=True)], "gamma": 0.5})
+    assert len(neu.param_groups) == 2
+
+
+def test_steady_state_step_has_no_host_sync(monkeypatch):
+    params = make_params()
+    opt = Neumann(params, lr=0.03, reset_period=3, burn_in_steps=2)
+    run(opt, params, 3)
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("host sync in Neumann.step")
+
+    for name in ("item", "__bool__", "__float__", "__int__", "tolist", "cpu", "numpy"):
+        monkeypatch.setattr(torch.Tensor, name, refuse)
+    for k in range(4, 12):  # regular steps and a reset
+        set_grads(params, k)
+        opt.step()
+    set_grads(params, 12)
+    params[0].grad[0, 0] = float("nan")
+    opt.step()  # a skipped step does not sync either
+    monkeypatch.undo()
+    assert opt.diagnostics()["skipped_steps"] == 1 and opt.diagnostics()["resets"] == 3

@@ -1,6 +1,7 @@
 """Pure pieces of the Neumann optimizer (Krishnan, Xiao & Saurous, ICLR 2018, arXiv 1712.03298).
 
-No optimizer state here: the μ schedule and the guarded regulariser coefficient.
+No optimizer state here: the μ schedule and the regulariser coefficient, in the paper's form
+and in the bounded form that is the library default (docs/neumann.md).
 """
 
 from __future__ import annotations
@@ -34,3 +35,20 @@ def regulariser_coefficient(r_norm: Tensor, alpha: float, beta: float, eps: floa
     safe = torch.where(ok, r_norm, torch.ones_like(r_norm))
     return torch.where(ok, alpha * safe - beta / safe**3, torch.zeros_like(r_norm))
 
+
+def bounded_regulariser_coefficient(r_norm: Tensor, g_norm: Tensor, alpha: float, beta: float,
+                                    eps: float, ratio: float) -> Tensor:
+    r"""The paper's coefficient ``c`` (:func:`regulariser_coefficient`) scaled down so that the
+    regulariser's gradient ``c · r`` is never longer than ``ratio · ‖g‖``::
+
+        c_b = c · min(1, ratio ‖g‖ / (|c| ‖r‖))          (c_b = 0 where c = 0)
+
+    so ``‖c_b r‖ = min(|c| ‖r‖, ratio ‖g‖)``: the regulariser moves the weights by at most
+    ``ratio · η‖g‖`` per step, a fraction of the gradient step, whatever ‖r‖, η or gradient
+    clipping do. Where the paper's term is already that short it is unchanged. No host sync.
+    """
+    c = regulariser_coefficient(r_norm, alpha, beta, eps)
+    length = c.abs() * r_norm
+    cap = ratio * g_norm.to(length.dtype)
+    scale = torch.where(length > cap, cap / torch.where(length > cap, length, 1.0), 1.0)
+    return c * scale

@@ -12,28 +12,92 @@ import torch
 from torch import Tensor
 from torch.optim import Optimizer
 
-from secant.linalg.neumann_series import mu_schedule, regulariser_coefficient
+from secant.linalg.neumann_series import (
+    bounded_regulariser_coefficient,
+    mu_schedule,
+    regulariser_coefficient,
+)
 from secant.optim.validation import check, is_int
 
 _STATE = "neumann"
+_REGULARIZERS = ("bounded", "paper")
+_FULL = (torch.float32, torch.float64)
+
+
+def _check_lr(lr: Any) -> None:
+    check(isinstance(lr, (int, float, Tensor)) and not isinstance(lr, bool)
+           and math.isfinite(float(lr)) and lr >= 0.0, "lr", lr, "a finite value >= 0")
+
+
+def _state_dtype(p: Tensor) -> torch.dtype:
+    """m and v are kept in float32 for bf16/fp16 parameters (a 1 % EMA step of v would round
+    away in bf16), in the parameter's dtype otherwise."""
+    return p.dtype if p.dtype in _FULL else torch.float32
+
+
+def _work(params: list[Tensor]) -> list[Tensor]:
+    """The parameters themselves where they are float32/64, float32 copies where lower."""
+    return [p if p.dtype in _FULL else p.float() for p in params]
+
+
+def _write_back(params: list[Tensor], ws: list[Tensor]) -> None:
+    """Cast updated float32 copies back into low-precision parameters."""
+    low = [(p, w) for p, w in zip(params, ws) if w is not p]
+    if low:
+        torch._foreach_copy_([p for p, _ in low], [w for _, w in low])
 
 
 class Neumann(Optimizer):
     r"""Neumann optimizer: an implicit inverse Hessian from a Neumann series, without
-    Hessian-vector products (paper Algorithm 2; ALGORITHMS.md §4.4).
+    Hessian-vector products (paper Algorithm 2; notes and evidence in docs/neumann.md).
+
+    Use / Not supported::
+
+        opt = Neumann(model.parameters(), lr=0.1)   # start where SGD-Nesterov 0.9 works
+        for x, y in loader:
+            opt.zero_grad(); loss_fn(model(x), y).backward(); opt.step()
+        with opt.undisplaced():                     # evaluate / export these weights
+            evaluate(model)
+
+    * works with LR schedulers (warm-up included), ``clip_grad_norm_``, ``torch.amp.GradScaler``
+      (a skipped step never reaches ``step()``), ``add_param_group`` (new parameters start
+      fresh), float32/float64 and bf16/fp16 parameters (state and arithmetic in float32, the
+      update cast back), closures; no host synchronisation in ``step()``.
+    * not supported: sparse or complex parameters/gradients (``ValueError``/``RuntimeError``),
+      per-group values of anything but ``lr`` (``ValueError``), ``step()`` inside
+      :meth:`undisplaced` (``RuntimeError``).
+    * learning rate: start from the one SGD with Nesterov momentum 0.9 would use; the
+      safety grid (benchmarks/neumann_safety.md) shows the default trains at every lr in
+      1e-4…1 where SGD-Nesterov does. Only ``lr`` is tuned, as in the paper.
 
     The parameters hold the *displaced* iterate ``w`` (the point where gradients are taken).
     With Neumann iterate ``m`` and moving average ``v`` of the weights, a step with gradient
     ``g = ∇f̂(w)`` on a fresh mini-batch is::
 
         r = w − v
-        d = g + (α‖r‖² − β_eff/‖r‖²) r/‖r‖        # cubic + repulsive regulariser, paper §3.2
+        d = g + ρ                                  # ρ = regulariser gradient, below
         m ← μ(t) m − η d
         w ← w + μ(t) m − η d
         v ← γ v + (1 − γ) w
 
-    with ``‖·‖`` the global norm over all parameters of the optimizer and
-    ``β_eff = beta × n`` (``n`` = number of scalar parameters; Table 1 writes β = 1e-5 × n).
+    The paper (§3.2) uses ``ρ = c r`` with ``c = α‖r‖ − β_eff/‖r‖³``, the gradient of the
+    cubic + repulsive term ``(α/3)‖r‖³ + β_eff/‖r‖`` (global norm over all parameters,
+    ``β_eff = beta × n``, ``n`` = number of scalar parameters; Table 1: β = 1e-5 × n).
+
+    **Default: bounded regulariser** (``regularizer="bounded"``). The same direction, but
+    shortened where longer than ``reg_ratio`` times the gradient::
+
+        ρ = c r · min(1, reg_ratio ‖g‖ / (|c| ‖r‖))        (reg_ratio = 0.1)
+
+    so the regulariser moves ``w`` by at most 10 % of the gradient step ``η‖g‖``. Reason: the
+    repulsive length ``β_eff/‖r‖²`` does not shrink with ``η`` or ``‖g‖``; while ``w`` is
+    near ``v`` (first steps, small η, warm-up, clipped gradients) it dominates the step, and
+    ``‖w − v‖`` jumps by about ``β_eff/(η‖g‖)`` at step 2. With the literal form a small CNN
+    on digits goes 2.35 → 323 in 8 steps at lr 1e-3. Where the paper's term is shorter than
+    the bound (late in training, ‖r‖ large) the two forms are identical.
+    ``regularizer="paper"`` keeps the literal term. The measured effect (safety grid over lr ×
+    warm-up × clipping × 5 problems; large-batch steps-to-target) is in docs/neumann.md.
+
     The weights to evaluate or checkpoint for use are the *undisplaced* ``w − μ m``: use
     :meth:`undisplaced`. With ``alpha = beta = 0``, constant μ, no burn-in and no resets the
     trajectory of the parameters is exactly ``torch.optim.SGD(lr, momentum=μ, nesterov=True)``
@@ -49,23 +113,18 @@ class Neumann(Optimizer):
       doubling after each reset); ``None`` disables resets entirely, so the first Neumann step
       is an ordinary step from ``m = 0`` (it moves ``w`` by ``−η(1 + μ) g``, as Nesterov SGD).
 
-    Decisions on the ambiguities of Algorithm 2 (ALGORITHMS.md §4.4):
+    Decisions on the ambiguities of Algorithm 2 (docs/neumann.md):
 
-    (i)   A reset step only sets ``m ← −η g``: it moves neither ``w`` nor ``v`` (``d`` is only
-          defined in the non-reset branch). As in the paper, the undisplaced point ``w − μ m``
-          therefore jumps at a reset, because ``m`` changes while ``w`` does not.
-    (ii)  ``v`` is *not* updated on reset steps (literal reading; ``w`` does not move there).
-    (iii) ``v`` is a separate buffer, never a view of the weights: ``v ← copy(w₀)`` at
-          construction, as in Algorithm 2, and it is *not* re-set at the end of the burn-in
-          (ALGORITHMS.md suggested ``v ← w`` there; measured, that makes ``‖r‖`` one step long
-          at the first regularised step, and the repulsive push ``η β n/‖r‖²`` then blew up a
-          210k-parameter autoencoder; with ``v = w₀`` the burn-in distance keeps ``‖r‖`` away
-          from 0). The regulariser is guarded: where ``‖r‖ ≤ reg_eps`` it is dropped
-          (coefficient 0), so ``w = v`` gives no NaN.
-    (iv)  ``t`` of the μ schedule counts epochs in the paper; here ``s / mu_period`` with
-          ``s`` the Neumann step (burn-in excluded), continuous rather than floored.
-    (v)   "K starts at 10 epochs and doubles after every reset": resets ``K, 3K, 7K, 15K, …``
-          steps after the first Neumann step (plus the trivial reset at that first step).
+    (i)   A reset step only sets ``m ← −η g``: it moves neither ``w`` nor ``v``. The
+          undisplaced point ``w − μ m`` therefore jumps at a reset, as in the paper.
+    (ii)  ``v`` is *not* updated on reset steps.
+    (iii) ``v`` is a separate buffer, ``v ← copy(w₀)`` at construction, *not* re-set at the
+          end of the burn-in (re-setting makes ``‖r‖`` one step long at the first regularised
+          step). Where ``‖r‖ ≤ reg_eps`` the regulariser is dropped, so ``w = v`` gives no NaN.
+    (iv)  ``t`` of the μ schedule counts epochs in the paper; here ``s / mu_period``,
+          continuous.
+    (v)   "K starts at 10 epochs and doubles after every reset": resets ``K, 3K, 7K, …`` steps
+          after the first Neumann step (plus the trivial reset at that first step).
 
     Args:
         params: parameters or parameter groups (only ``lr`` may differ per group; the other
@@ -81,12 +140,17 @@ class Neumann(Optimizer):
             (Table 1: 10 epochs); ``None`` disables resets.
         mu_period: steps per unit ``t`` of the μ schedule (the paper: one epoch). The default
             1000 is a placeholder; pass ``**Neumann.paper_periods(steps_per_epoch)``.
+        regularizer: ``"bounded"`` (default, above) or ``"paper"`` (the literal term).
+        reg_ratio: bound of the bounded form: ``‖ρ‖ ≤ reg_ratio · ‖g‖``.
         reg_eps: the regulariser is dropped while ``‖w − v‖ ≤ reg_eps``.
 
     Parameters whose ``.grad`` is ``None`` are left unchanged in a step (their ``m`` and ``v``
     too), as :class:`torch.optim.SGD` does; they still count in ``n`` and in ``‖w − v‖``.
-    A step whose gradients are not all finite is skipped entirely (no state changes) and
-    counted in :meth:`diagnostics`. Memory: two buffers (``m``, ``v``) per parameter, as Adam.
+    A step whose gradients are not all finite (global norm not finite) changes no weight,
+    ``m`` or ``v`` (the update is multiplied by 0 on the device, no host sync); it still
+    advances the step count, so the μ / reset schedule moves on by one, and it is counted in
+    :meth:`diagnostics`. Norms are accumulated in float32 (float64 with float64 parameters).
+    Memory: two buffers (``m``, ``v``) per parameter, as Adam (float32 for bf16/fp16).
 
     Checkpoints: for exact resume save the model *outside* :meth:`undisplaced` (displaced
     weights) together with :meth:`state_dict`; for evaluation or export use the weights inside
@@ -106,6 +170,8 @@ class Neumann(Optimizer):
         reset_period: int | None = None,
         mu_period: int = 1000,
         *,
+        regularizer: str = "bounded",
+        reg_ratio: float = 0.1,
         reg_eps: float = 1e-12,
     ) -> None:
         check(math.isfinite(alpha) and alpha >= 0.0, "alpha", alpha, "a finite value >= 0")
@@ -119,18 +185,13 @@ class Neumann(Optimizer):
                "reset_period", reset_period, "None or an integer >= 1")
         check(is_int(mu_period) and mu_period >= 1, "mu_period", mu_period,
                "an integer >= 1")
+        check(regularizer in _REGULARIZERS, "regularizer", regularizer,
+               f"one of {', '.join(_REGULARIZERS)}")
+        check(isinstance(reg_ratio, (int, float)) and math.isfinite(reg_ratio) and reg_ratio >= 0,
+               "reg_ratio", reg_ratio, "a finite value >= 0")
         check(math.isfinite(reg_eps) and reg_eps >= 0.0, "reg_eps", reg_eps,
                "a finite value >= 0")
-        check(isinstance(lr, (int, float)) and math.isfinite(lr) and lr >= 0.0, "lr", lr,
-               "a finite value >= 0")
-        super().__init__(params, dict(lr=lr))
-        for group in self.param_groups:
-            glr = group["lr"]
-            check(isinstance(glr, (int, float, Tensor)) and math.isfinite(float(glr))
-                   and glr >= 0.0, "lr", glr, "a finite value >= 0")
-            for p in group["params"]:
-                if p.is_sparse or p.is_complex() or not p.is_floating_point():
-                    raise ValueError("Neumann supports dense real floating-point parameters only")
+        _check_lr(lr)
         self.alpha = float(alpha)
         self.beta = float(beta)
         self.gamma = float(gamma)
@@ -139,15 +200,43 @@ class Neumann(Optimizer):
         self.burn_in_steps = burn_in_steps
         self.reset_period = reset_period
         self.mu_period = mu_period
+        self.regularizer = regularizer
+        self.reg_ratio = float(reg_ratio)
         self.reg_eps = float(reg_eps)
-        self._params = [p for g in self.param_groups for p in g["params"]]
-        self.num_params = sum(p.numel() for p in self._params)
-        self.beta_effective = self.beta * self.num_params
+        self._params: list[Tensor] = []
+        self.num_params = 0
         self._inside_undisplaced = False
-        for p in self._params:
-            self.state[p]["m"] = torch.zeros_like(p, memory_format=torch.preserve_format)
-            self.state[p]["v"] = p.detach().clone(memory_format=torch.preserve_format)
+        super().__init__(params, dict(lr=lr))  # calls add_param_group for every group
         self.state[_STATE] = self._fresh_global()
+
+    @property
+    def beta_effective(self) -> float:
+        """The repulsive weight used: ``beta × n`` with ``n`` the scalar parameters held."""
+        return self.beta * self.num_params
+
+    def add_param_group(self, param_group: dict[str, Any]) -> None:
+        """Add a group (only ``lr`` may be set in it). Its parameters start fresh: ``m = 0``,
+        ``v = copy(w)``; they join the global norms and ``n`` (so ``beta_effective`` grows)."""
+        super().add_param_group(param_group)
+        group = self.param_groups[-1]
+        try:
+            _check_lr(group["lr"])
+            extra = set(group) - {"params", "lr"}
+            check(not extra, "param_group keys", sorted(extra), "only 'params' and 'lr'")
+            for p in group["params"]:
+                if p.is_sparse or p.is_complex() or not p.is_floating_point():
+                    raise ValueError("Neumann supports dense real floating-point parameters only")
+        except ValueError:
+            self.param_groups.pop()
+            raise
+        for p in group["params"]:
+            sdt = _state_dtype(p)
+            self.state[p]["m"] = torch.zeros_like(p, dtype=sdt, memory_format=torch.preserve_format)
+            self.state[p]["v"] = p.detach().to(sdt, copy=True, memory_format=torch.preserve_format)
+            self._params.append(p)
+            self.num_params += p.numel()
+        self._norm_dtype = (torch.float64 if any(p.dtype == torch.float64 for p in self._params)
+                            else torch.float32)
 
     @staticmethod
     def paper_periods(steps_per_epoch: int) -> dict[str, int]:
@@ -160,9 +249,10 @@ class Neumann(Optimizer):
 
     def _fresh_global(self) -> dict[str, Any]:
         # next_reset = 0 never matches a Neumann step (1-based): resets disabled
-        return {"step": 0, "skipped_steps": 0, "resets": 0,
-                "next_reset": 0 if self.reset_period is None else 1,
-                "reset_gap": self.reset_period or 0, "mu": 0.0}
+        return {"step": 0, "resets": 0, "next_reset": 0 if self.reset_period is None else 1,
+                "reset_gap": self.reset_period or 0, "mu": 0.0,
+                "skipped_steps": torch.zeros((), dtype=torch.int64,
+                                             device=self._params[0].device)}
 
     # ------------------------------------------------------------------ checkpoints
     def state_dict(self) -> dict[str, Any]:
@@ -175,12 +265,16 @@ class Neumann(Optimizer):
         if not isinstance(saved, dict) or set(saved) != set(self._fresh_global()):
             raise ValueError("state_dict was not saved by a Neumann optimizer")
         super().load_state_dict(state_dict)
-        self.state[_STATE] = copy.deepcopy(saved)
-        for p in self._params:
-            st = self.state[p]
+        glob = copy.deepcopy(saved)
+        glob["skipped_steps"] = glob["skipped_steps"].to(self._params[0].device)
+        self.state[_STATE] = glob
+        # the base class casts state to the parameter's dtype: take m, v from the saved dict
+        # instead (float32 for bf16/fp16 parameters), into own storage shaped as p
+        ids = [i for g in state_dict["param_groups"] for i in g["params"]]
+        for i, p in zip(ids, self._params):
             for key in ("m", "v"):
-                # own, contiguous-as-p storage: never shared with the caller's dict or with p
-                st[key] = torch.empty_like(p).copy_(st[key])
+                buf = torch.empty_like(p, dtype=_state_dtype(p))
+                self.state[p][key] = buf.copy_(state_dict["state"][i][key])
 
     # ------------------------------------------------------------------ step
     @torch.no_grad()
@@ -195,64 +289,69 @@ class Neumann(Optimizer):
                 loss = closure()
         gst = self.state[_STATE]
         active = [[p for p in g["params"] if p.grad is not None] for g in self.param_groups]
-        flat = [p for ps in active for p in ps]
-        if not flat:
+        grads = [p.grad for ps in active for p in ps]
+        if not grads:
             return loss
-        grads = [p.grad for p in flat]
         if any(g.is_sparse for g in grads):
             raise RuntimeError("Neumann does not support sparse gradients")
-        finite = torch.stack([torch.isfinite(n) for n in torch._foreach_norm(grads)]).all()
-        if not bool(finite):  # the algorithm branches: one host sync per step
-            gst["skipped_steps"] += 1
-            return loss
-
-        t = gst["step"] = gst["step"] + 1
-        if t <= self.burn_in_steps:
-            for group, params in zip(self.param_groups, active):
-                if params:
-                    torch._foreach_add_(params, [p.grad for p in params], alpha=-group["lr"])
-            return loss
-
+        g_norm = self._global_norm(grads)
+        ok = torch.isfinite(g_norm)  # no branch on it: a skipped step multiplies by 0 / 1
+        gst["skipped_steps"].add_(~ok.to(gst["skipped_steps"].device))
+        okf = ok.to(self._norm_dtype)
+        t = gst["step"] = gst["step"] + 1  # host-side count of steps with gradients
         s = t - self.burn_in_steps
-        mu = gst["mu"] = mu_schedule(s, self.mu_period, self.mu_min, self.mu_max)
-        if s == gst["next_reset"]:  # (i), (ii): only m changes
-            for group, params in zip(self.param_groups, active):
-                if params:
-                    ms = [self.state[p]["m"] for p in params]
-                    torch._foreach_mul_(ms, 0.0)
-                    torch._foreach_add_(ms, [p.grad for p in params], alpha=-group["lr"])
+        mu = gst["mu"] = mu_schedule(s, self.mu_period, self.mu_min, self.mu_max) if s > 0 else 0.0
+        is_reset = s > 0 and s == gst["next_reset"]
+        if is_reset:
             gst["next_reset"] = s + gst["reset_gap"]
             gst["reset_gap"] *= 2
             gst["resets"] += 1
-            return loss
-
-        coef = self._regulariser_coefficient()
+        regular = s > 0 and not is_reset
+        coef = torch.where(ok, self._regulariser_coefficient(g_norm), 0.0) if regular else None
         for group, params in zip(self.param_groups, active):
             if not params:
                 continue
-            lr = group["lr"]
+            lr = okf * group["lr"]  # 0 on a skipped step
+            ws = _work(params)
+            gs = [torch.where(ok, p.grad.to(w.dtype), 0.0) for p, w in zip(params, ws)]
             ms = [self.state[p]["m"] for p in params]
-            vs = [self.state[p]["v"] for p in params]
-            d = torch._foreach_sub(params, vs)  # r = w − v
-            torch._foreach_mul_(d, coef)
-            torch._foreach_add_(d, [p.grad for p in params])  # d = g + c r
-            torch._foreach_mul_(ms, mu)
-            torch._foreach_add_(ms, d, alpha=-lr)  # m ← μ m − η d
-            torch._foreach_add_(params, ms, alpha=mu)
-            torch._foreach_add_(params, d, alpha=-lr)  # w ← w + μ m − η d
-            torch._foreach_lerp_(vs, params, 1.0 - self.gamma)  # v ← γ v + (1 − γ) w
+            if s <= 0:  # burn-in: w ← w − η g
+                torch._foreach_mul_(gs, lr)
+                torch._foreach_sub_(ws, gs)
+            elif is_reset:  # decisions (i), (ii): only m changes, m ← −η g
+                torch._foreach_mul_(ms, 1.0 - okf)
+                torch._foreach_mul_(gs, lr)
+                torch._foreach_sub_(ms, gs)
+                continue
+            else:
+                vs = [self.state[p]["v"] for p in params]
+                d = torch._foreach_sub(ws, vs)  # r = w − v
+                torch._foreach_mul_(d, coef)
+                torch._foreach_add_(d, gs)  # d = g + c r
+                torch._foreach_mul_(d, lr)  # η d
+                torch._foreach_mul_(ms, torch.where(ok, mu, 1.0))
+                torch._foreach_sub_(ms, d)  # m ← μ m − η d
+                torch._foreach_add_(ws, torch._foreach_mul(ms, okf * mu))
+                torch._foreach_sub_(ws, d)  # w ← w + μ m − η d
+                torch._foreach_lerp_(vs, ws, okf * (1.0 - self.gamma))  # v ← γ v + (1 − γ) w
+            _write_back(params, ws)
         return loss
 
-    def _regulariser_coefficient(self) -> Tensor:
-        """``α‖r‖ − β_eff/‖r‖³`` with the global ``‖r‖ = ‖w − v‖`` over all parameters."""
-        vs = [self.state[p]["v"] for p in self._params]
-        dtype = self._params[0].dtype
-        for p in self._params[1:]:
-            dtype = torch.promote_types(dtype, p.dtype)
-        norms = torch._foreach_norm(torch._foreach_sub(self._params, vs))
+    def _global_norm(self, tensors: list[Tensor]) -> Tensor:
+        """‖·‖ over all tensors, accumulated in float32 (float64 where a parameter is)."""
+        norms = torch._foreach_norm(tensors, 2, dtype=self._norm_dtype)
         device = self._params[0].device
-        r_norm = torch.linalg.vector_norm(torch.stack([n.to(device, dtype) for n in norms]))
-        return regulariser_coefficient(r_norm, self.alpha, self.beta_effective, self.reg_eps)
+        return torch.linalg.vector_norm(torch.stack([n.to(device) for n in norms]))
+
+    def _regulariser_coefficient(self, g_norm: Tensor) -> Tensor:
+        """``c`` with regulariser gradient ``c · r``, ``r = w − v`` over all parameters: the
+        paper's ``α‖r‖ − β_eff/‖r‖³``, bounded to ``‖c r‖ ≤ reg_ratio·‖g‖`` by default."""
+        vs = [self.state[p]["v"] for p in self._params]
+        r_norm = self._global_norm(torch._foreach_sub(_work(self._params), vs))
+        if self.regularizer == "paper":
+            return regulariser_coefficient(r_norm, self.alpha, self.beta_effective, self.reg_eps)
+        return bounded_regulariser_coefficient(r_norm, g_norm, self.alpha, self.beta_effective,
+                                               self.reg_eps, self.reg_ratio)
 
     # ------------------------------------------------------------------ evaluation
     @contextmanager
@@ -273,8 +372,9 @@ class Neumann(Optimizer):
         with torch.no_grad():
             saved = [p.detach().clone() for p in self._params]
             if mu != 0.0:
-                torch._foreach_add_(self._params, [self.state[p]["m"] for p in self._params],
-                                    alpha=-mu)
+                ws = _work(self._params)
+                torch._foreach_add_(ws, [self.state[p]["m"] for p in self._params], alpha=-mu)
+                _write_back(self._params, ws)
         self._inside_undisplaced = True
         try:
             yield
@@ -296,14 +396,14 @@ class Neumann(Optimizer):
         """
         gst = self.state[_STATE]
         ms = [self.state[p]["m"] for p in self._params]
-        m_norm = math.sqrt(sum(float(n.double()) ** 2 for n in torch._foreach_norm(ms)))
-        r = torch._foreach_sub(self._params, [self.state[p]["v"] for p in self._params])
-        r_norm = math.sqrt(sum(float(n.double()) ** 2 for n in torch._foreach_norm(r)))
+        m_norm = float(self._global_norm(ms))
+        r = torch._foreach_sub(_work(self._params), [self.state[p]["v"] for p in self._params])
+        r_norm = float(self._global_norm(r))
         return {
             "step": gst["step"],
             "neumann_step": max(0, gst["step"] - self.burn_in_steps),
             "in_burn_in": gst["step"] < self.burn_in_steps,
-            "skipped_steps": gst["skipped_steps"],
+            "skipped_steps": int(gst["skipped_steps"]),
             "resets": gst["resets"],
             "next_reset": gst["next_reset"] or None,
             "mu": gst["mu"],
