@@ -1,8 +1,7 @@
 """Every optimizer through the common training patterns (docs/patterns.md, "Works with").
 
 Each cell trains a tiny model on one fixed batch (the loss must end finite and clearly below
-its start) or raises the documented error at set-up. MomentumLBFGS / Neumann cells that depend
-on fixes from other branches are marked xfail (strict=False) until those branches merge.
+its start) or raises the documented error at set-up.
 """
 
 import io
@@ -17,14 +16,6 @@ from secant import KBFGS, KBFGSL, KFAC, MomentumLBFGS, Neumann
 
 LAYER = ("KFAC", "KBFGS", "KBFGSL")
 ALL = (*LAYER, "MomentumLBFGS", "Neumann")
-PENDING = {  # cells fixed on other branches (remove the marks when they merge)
-    ("MomentumLBFGS", "bf16_params"): "fixed on branch mlbfgs",
-    ("Neumann", "bf16_params"): "fixed on branch neumann",
-    ("MomentumLBFGS", "add_param_group"): "fixed on branch mlbfgs",
-    ("Neumann", "add_param_group"): "fixed on branch neumann",
-}
-
-
 @pytest.fixture(autouse=True)
 def one_thread():
     """Tiny models: one thread is faster (and steadier on a shared machine)."""
@@ -138,18 +129,8 @@ def assert_trains(losses, ratio=0.85):
     assert losses[-1] < ratio * losses[0], losses
 
 
-def cell(name, pattern):
-    reason = PENDING.get((name, pattern))
-    marks = [pytest.mark.xfail(strict=False, reason=reason)] if reason else []
-    return pytest.param(name, id=name, marks=marks)
-
-
-def cells(pattern, names=ALL):
-    return [cell(n, pattern) for n in names]
-
-
 # ---------------------------------------------------------------------------- patterns
-@pytest.mark.parametrize("name", cells("fp32"))
+@pytest.mark.parametrize("name", ALL)
 @pytest.mark.parametrize("kind", ["cnn", "mlp", "block"])
 def test_float32_baseline(name, kind):
     model, x, y = make(kind)
@@ -159,7 +140,7 @@ def test_float32_baseline(name, kind):
     assert_trains(train(opt, model, x, y))
 
 
-@pytest.mark.parametrize("name", cells("bf16_params"))
+@pytest.mark.parametrize("name", ALL)
 def test_bf16_params(name):
     model, x, y = make("cnn")
     model = model.to(torch.bfloat16)
@@ -172,7 +153,7 @@ def test_bf16_params(name):
         assert all(t.dtype == torch.float32 for t in ls.values() if t.is_floating_point())
 
 
-@pytest.mark.parametrize("name", cells("bf16_autocast"))
+@pytest.mark.parametrize("name", ALL)
 def test_bf16_autocast(name):
     model, x, y = make("mlp")
     opt = build(name, model)
@@ -182,7 +163,7 @@ def test_bf16_autocast(name):
     assert_trains(train(opt, model, x, y, ctx=ctx))
 
 
-@pytest.mark.parametrize("name", cells("bf16_autocast_outer", LAYER))
+@pytest.mark.parametrize("name", LAYER)
 def test_step_called_inside_autocast(name):
     """The whole loop inside one autocast region: the closure keeps autocast, the curvature
     math does not, and the stale autocast weight cache is cleared after the step. (Stock
@@ -194,7 +175,7 @@ def test_step_called_inside_autocast(name):
         assert_trains(train(opt, model, x, y))
 
 
-@pytest.mark.parametrize("name", cells("fp16_scaler"))
+@pytest.mark.parametrize("name", ALL)
 def test_fp16_autocast_with_grad_scaler(name):
     model, x, y = make("mlp")
     scaler = torch.amp.GradScaler("cpu", init_scale=2.0 ** 16)
@@ -247,7 +228,7 @@ def test_kfac_grad_scaler_factors_match_unscaled_run():
     assert o2.diagnostics()["stats_rejected"] == 0
 
 
-@pytest.mark.parametrize("name", cells("attention"))
+@pytest.mark.parametrize("name", ALL)
 def test_attention_block(name):
     model, x, y = make("block")
     if name in LAYER:
@@ -260,7 +241,7 @@ def test_attention_block(name):
     assert_trains(train(opt, model, x, y))
 
 
-@pytest.mark.parametrize("name", cells("accumulation"))
+@pytest.mark.parametrize("name", ALL)
 def test_gradient_accumulation(name):
     model, x, y = make("cnn")
     opt = build(name, model)
@@ -290,7 +271,7 @@ def test_kfac_accumulation_factors_are_micro_batch_means():
         torch.testing.assert_close(ls[key], (ref[0][key] + ref[1][key]) / 2)
 
 
-@pytest.mark.parametrize("name", cells("add_param_group"))
+@pytest.mark.parametrize("name", ALL)
 def test_add_param_group(name):
     model, x, y = make("mlp")
     for p in model.head.parameters():
@@ -326,7 +307,7 @@ def recipe_groups(model):
     return no_decay
 
 
-@pytest.mark.parametrize("name", cells("param_groups"))
+@pytest.mark.parametrize("name", ALL)
 def test_param_group_recipes(name):
     model, x, y = make("mlp")
     no_decay = recipe_groups(model)
@@ -399,7 +380,7 @@ class Branchy(nn.Module):
         return self.head(h)
 
 
-@pytest.mark.parametrize("name", cells("some_steps"))
+@pytest.mark.parametrize("name", ALL)
 def test_layer_used_on_some_steps(name):
     _, x, y = make("mlp")
     torch.manual_seed(0)
@@ -416,7 +397,7 @@ def test_layer_used_on_some_steps(name):
     assert_trains(train(opt, model, x, y, after_step=toggle))
 
 
-@pytest.mark.parametrize("name", cells("second_optimizer", LAYER))
+@pytest.mark.parametrize("name", LAYER)
 def test_second_optimizer_on_the_same_model(name):
     model, x, y = make("mlp")
     old = build(name, model)
@@ -428,7 +409,7 @@ def test_second_optimizer_on_the_same_model(name):
         old.step(closure_for(old, model, x, y))
 
 
-@pytest.mark.parametrize("name", cells("scheduler"))
+@pytest.mark.parametrize("name", ALL)
 def test_lr_scheduler(name):
     model, x, y = make("mlp")
     opt = build(name, model)
@@ -437,7 +418,7 @@ def test_lr_scheduler(name):
     assert all(g["lr"] < g["initial_lr"] for g in opt.param_groups)
 
 
-@pytest.mark.parametrize("name", cells("checkpoint"))
+@pytest.mark.parametrize("name", ALL)
 def test_checkpoint_round_trip(name):
     """Save after 3 steps, load into a fresh model + optimizer (weights_only=True), and the
     next 3 steps are bit-identical to the uninterrupted run."""
@@ -480,7 +461,7 @@ class Compiled(nn.Module):
         return self.fwd(x)
 
 
-@pytest.mark.parametrize("name", cells("compile"))
+@pytest.mark.parametrize("name", ALL)
 def test_compiled_model_trains(name):
     dynamo = dynamo_or_skip()
     dynamo.reset()
