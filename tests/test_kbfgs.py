@@ -340,6 +340,52 @@ def test_conv2d_pairs_use_spatial_means():
     torch.testing.assert_close(ls["A"], a.T @ a / a.shape[0])
 
 
+def test_second_pass_skips_parameter_gradients_and_keeps_pass1_grads():
+    """Pass 2 computes no parameter gradient, even with a fallback layer first and an in-place
+    ReLU; its pair statistics equal an explicit computation; after ``step`` every ``.grad`` is
+    the pass-1 gradient (torch.func at θ_k) and every parameter requires grad again."""
+    from torch.func import functional_call, grad
+
+    torch.manual_seed(12)
+    model = nn.Sequential(nn.LayerNorm(5), nn.Linear(5, 6), nn.ReLU(inplace=True),
+                          nn.Linear(6, 3)).to(D)
+    x, y = batches(1, n=8)[0]
+    opt = KBFGS(model, lr=0.2, damping=0.3, pair_decay=0.0)
+    theta0 = {k: v.detach().clone() for k, v in model.named_parameters()}
+
+    def explicit(params):
+        params = {k: v.detach().clone().requires_grad_() for k, v in params.items()}
+        h1 = F.linear(F.layer_norm(x, (5,), params["0.weight"], params["0.bias"]),
+                      params["1.weight"], params["1.bias"])
+        h2 = F.linear(torch.relu(h1), params["3.weight"], params["3.bias"])
+        h1.retain_grad()
+        h2.retain_grad()
+        F.cross_entropy(h2, y).backward()
+        return [(h.detach().mean(0), h.grad.mean(0) * len(x)) for h in (h1, h2)]
+
+    grads_none = []
+
+    def closure():
+        opt.zero_grad()
+        loss = F.cross_entropy(model(x), y)
+        loss.backward()
+        grads_none.append([p.grad is None for p in model.parameters()])
+        return loss
+
+    opt.step(closure)
+    assert grads_none == [[False] * 6, [True] * 6]
+    want = grad(lambda p: F.cross_entropy(functional_call(model, p, (x,)), y))(theta0)
+    for name, p in model.named_parameters():
+        assert p.requires_grad
+        torch.testing.assert_close(p.grad, want[name], rtol=1e-12, atol=1e-14)
+    before = explicit(theta0)
+    after = explicit(dict(model.named_parameters()))
+    for ls, (h1, g1), (h2, g2) in zip(opt.state["kbfgs"]["layers"], before, after):
+        torch.testing.assert_close(ls["s_bar"], h2 - h1, rtol=1e-12, atol=1e-14)
+        torch.testing.assert_close(ls["y_bar"], g2 - g1, rtol=1e-12, atol=1e-14)
+    assert len(model[1]._forward_hooks) == 1  # only the capture hook remains
+
+
 def test_unsupported_layer_trains_with_ema_fallback():
     torch.manual_seed(9)
     model = nn.Sequential(nn.Linear(5, 8), nn.LayerNorm(8), nn.Tanh(), nn.Linear(8, 3)).to(D)

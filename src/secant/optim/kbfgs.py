@@ -4,11 +4,13 @@
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
+from contextlib import contextmanager, nullcontext
 from typing import Any
 
 import torch
 from torch import Tensor, nn
+from torch.nn.parallel import DistributedDataParallel
 
 from secant.layers import (
     add_to_params,
@@ -38,6 +40,16 @@ def input_statistics(module: nn.Module, x: Tensor) -> tuple[Tensor, Tensor]:
     a = homogeneous_inputs(module, x)
     rows = a.reshape(-1, a.shape[-1])
     return rows.T @ rows / rows.shape[0], rows.mean(0)
+
+
+def _carry_grad(module: nn.Module, inputs: tuple, out: Any) -> Any:
+    """Forward hook of pass 2: an output that does not require grad (in grad mode) is replaced
+    by a copy of a leaf that does, so backward reaches the layer's pre-activations. The copy
+    (not the leaf itself) is returned so that in-place ops downstream (``ReLU(inplace=True)``)
+    stay legal."""
+    if isinstance(out, Tensor) and torch.is_grad_enabled() and not out.requires_grad:
+        return out.detach().requires_grad_().clone()
+    return None
 
 
 class _KroneckerBFGS(LayerOptimizer):
@@ -93,8 +105,9 @@ class _KroneckerBFGS(LayerOptimizer):
     ``step(closure)`` is required: ``closure`` zeroes the gradients, evaluates the loss on the
     current minibatch, calls ``backward()`` and returns the loss; it is called twice per step and
     must use the same minibatch both times (no fresh data, no dropout randomness changing the
-    batch). ``step`` returns the pass-1 loss. After ``step`` the ``.grad`` fields hold the
-    pass-2 gradients.
+    batch). ``step`` returns the pass-1 loss. Pass 2 computes no parameter gradient (only
+    pre-activation gradients; this optimizer's parameters do not require grad while it runs),
+    so after ``step`` the ``.grad`` fields hold the pass-1 gradients, the ones the step used.
     """
 
     state_key = "kbfgs"
@@ -260,7 +273,7 @@ class _KroneckerBFGS(LayerOptimizer):
         if group is not None:
             self.capture.start(inputs=False, h_mean=True)
             try:
-                with torch.enable_grad():
+                with torch.enable_grad(), self._preactivation_pass():
                     closure()
                 recs2 = self.capture.collect()
             finally:
@@ -268,6 +281,38 @@ class _KroneckerBFGS(LayerOptimizer):
             self._second_half(group, pass1, recs2)
         st["step"] = k
         return loss
+
+    @contextmanager
+    def _preactivation_pass(self) -> Iterator[None]:
+        """Pass 2 without parameter gradients (docs/kronecker.md, "The second pass").
+
+        Pass 2 needs only the batch means of the pre-activations and of their gradients. While
+        it runs, this optimizer's parameters do not require grad (so ``backward()`` computes no
+        weight gradient: about a third of a forward/backward's work), and a temporary forward
+        hook, run before the capture hook, gives a supported layer whose output would not
+        require grad (no trainable input upstream) an output that does, so the graph still
+        carries every pre-activation gradient. The pass-1 gradients are set aside (so the
+        closure's ``zero_grad`` cannot clear them) and put back afterwards, with the flags and
+        hooks, whatever happens. A ``DistributedDataParallel`` model runs the pass under
+        ``no_sync()`` (its gradient hooks would never fire).
+        """
+        params = [p for g in self.param_groups for p in g["params"]]
+        saved = [(p.grad, p.requires_grad) for p in params]
+        handles = [m.register_forward_hook(_carry_grad, prepend=True) for m in self.layers]
+        sync = (self.model.no_sync() if isinstance(self.model, DistributedDataParallel)
+                else nullcontext())
+        try:
+            for p in params:
+                p.grad = None
+                p.requires_grad_(False)
+            with sync:
+                yield
+        finally:
+            for h in handles:
+                h.remove()
+            for p, (grad, req) in zip(params, saved):
+                p.requires_grad_(req)
+                p.grad = grad
 
     def _first_half(self, group: dict[str, Any], recs: dict[str, Any], skip_a: bool
                     ) -> list[tuple[Tensor, Tensor, Tensor, Tensor]]:
