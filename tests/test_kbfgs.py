@@ -8,7 +8,7 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
-from layer_helpers import make_closure, wtilde
+from layer_helpers import make_closure, no_host_sync, wtilde
 from torch import nn
 
 from secant import KBFGS, KBFGSL
@@ -384,6 +384,26 @@ def test_second_pass_skips_parameter_gradients_and_keeps_pass1_grads():
         torch.testing.assert_close(ls["s_bar"], h2 - h1, rtol=1e-12, atol=1e-14)
         torch.testing.assert_close(ls["y_bar"], g2 - g1, rtol=1e-12, atol=1e-14)
     assert len(model[1]._forward_hooks) == 1  # only the capture hook remains
+
+
+@pytest.mark.parametrize("cls", [KBFGS, KBFGSL])
+def test_steady_state_steps_do_not_sync(cls):
+    """After the first step, steps convert no tensor to a Python value (decisions stay on the
+    device); the device-side counters still count every decision."""
+    torch.manual_seed(13)
+    model = nn.Sequential(nn.Conv2d(2, 3, 3), nn.Tanh(), nn.Flatten(), nn.Linear(12, 6),
+                          nn.LayerNorm(6), nn.Linear(6, 3)).to(D)
+    x, y = torch.randn(6, 2, 4, 4, dtype=D), torch.randint(0, 3, (6,))
+    opt = cls(model, lr=0.1, damping=0.3)
+    opt.step(make_closure(opt, model, x, y))
+    with no_host_sync():
+        for _ in range(4):
+            opt.step(make_closure(opt, model, x, y))
+        with pytest.raises(AssertionError, match="host synchronisation"):
+            bool(torch.ones(()))  # the guard is on
+    d = opt.diagnostics()
+    assert d["g_pairs_accepted"] + d["g_pairs_rejected"] == 5 * 3
+    assert d["a_updates_accepted"] + d["a_updates_rejected"] == 5 * 3
 
 
 def test_unsupported_layer_trains_with_ema_fallback():
