@@ -132,7 +132,7 @@ def forward_stats(model, x, y):
 
 
 def reference_run(model, data, lr, lam, rho=0.9, wd=1e-5, beta=0.9, c=0.9, mu1=0.2,
-                  eps=1e-4):
+                  eps=1e-4, zero_a=False):
     lins = [m for m in model if isinstance(m, nn.Linear)]
     r = math.sqrt(lam)
     st = None
@@ -143,7 +143,7 @@ def reference_run(model, data, lr, lam, rho=0.9, wd=1e-5, beta=0.9, c=0.9, mu1=0
         if st is None:
             st = []
             for a, h, _g, gw in s1:
-                big_a = a.T @ a / len(a)
+                big_a = a.T @ a / len(a) * ((1 - beta) if zero_a else 1.0)
                 st.append(dict(A=big_a, Ha=torch.linalg.inv(big_a + r * torch.eye(len(big_a),
                                                                                   dtype=D)),
                                Hg=torch.eye(h.shape[1], dtype=D), m=torch.zeros_like(gw),
@@ -201,6 +201,29 @@ def test_steps_match_dense_reference(cls):
     assert d["g_pairs_accepted"] + d["g_pairs_rejected"] == 4 * 3
 
 
+@pytest.mark.parametrize("cls", [KBFGS, KBFGSL])
+def test_full_batch_zero_started_a_matches_dense_reference(cls):
+    """``a_init="zero"``, ``pair_decay=0`` (the authors' full-batch mode): the A average starts
+    at (1 − β)·statistic, H_a at its damped inverse; one batch repeated."""
+    data = batches(1) * 4
+    model, ref = mlp(5, (5, 6, 4, 3)), mlp(5, (5, 6, 4, 3))
+    opt = cls(model, lr=0.5, damping=0.1, pair_decay=0.0, a_init="zero")
+    losses = [float(opt.step(make_closure(opt, model, x, y)).detach()) for x, y in data]
+    ref_losses, ref_st = reference_run(ref, data, lr=0.5, lam=0.1, c=0.0, zero_a=True)
+    assert losses == pytest.approx(ref_losses, rel=1e-12)
+    for m, r in zip([m for m in model if isinstance(m, nn.Linear)],
+                    [m for m in ref if isinstance(m, nn.Linear)]):
+        torch.testing.assert_close(wtilde(m), wtilde(r), rtol=1e-10, atol=1e-12)
+    for ls, rs in zip(opt.state["kbfgs"]["layers"], ref_st):
+        torch.testing.assert_close(ls["A"], rs["A"])
+        torch.testing.assert_close(ls["H_a"], rs["Ha"], rtol=1e-9, atol=1e-11)
+    x = data[0][0]
+    first = torch.cat((x, torch.ones(len(x), 1, dtype=D)), 1)
+    # the input layer sees the same batch every step: A = (1 − 0.9⁴) · statistic
+    torch.testing.assert_close(opt.state["kbfgs"]["layers"][0]["A"],
+                               (1 - 0.9 ** 4) * first.T @ first / len(x))
+
+
 def test_kbfgsl_equals_kbfgs_below_capacity():
     data = batches(7, seed=5)
     m1, m2 = mlp(4), mlp(4)
@@ -239,6 +262,9 @@ def test_ok6_homogeneous_coordinate_after_warm_start_and_ema():
     model = mlp(1)
     data = batches(4, n=6)
     opt = KBFGS(model, lr=0.1)
+    assert KBFGS(mlp(1)).warm_start(iter(data), max_batches=2) == 2
+    with pytest.raises(ValueError, match="max_batches=0"):
+        opt.warm_start(data, max_batches=0)
     assert opt.warm_start(data) == 4
     xs = torch.stack([x.mean(0) for x, _ in data]).mean(0)
     a = opt.state["kbfgs"]["layers"][0]["A"]
@@ -460,6 +486,7 @@ def test_exact_resume_into_fresh_model(cls):
     (dict(momentum=1.0), "momentum=1.0"), (dict(stat_decay=-0.1), "stat_decay=-0.1"),
     (dict(pair_decay=1), "pair_decay=1"), (dict(mu1=0.0), "mu1=0.0"),
     (dict(weight_decay=float("nan")), "weight_decay=nan"),
+    (dict(a_init="ones"), "a_init='ones'"),
 ])
 def test_bad_arguments(kw, name):
     for cls in (KBFGS, KBFGSL):

@@ -30,6 +30,8 @@ from secant.linalg import (
 from secant.linalg.kron import damped_inverse
 from secant.optim.layer_optimizer import LayerOptimizer, check, check_finite_nonneg
 
+A_INITS = ("statistic", "zero")
+
 
 def _vdot(a: Tensor, b: Tensor) -> Tensor:
     return (a * b).sum(-1)
@@ -127,6 +129,7 @@ class _KroneckerBFGS(LayerOptimizer):
         fallback_lr: float | None,
         process_group: Any = None,
         distributed_mode: str = "memory",
+        a_init: str = "statistic",
     ) -> None:
         check(isinstance(damping, (int, float)) and 0.0 < damping < float("inf"), "damping",
               damping, "a finite value > 0")
@@ -137,6 +140,8 @@ class _KroneckerBFGS(LayerOptimizer):
         check(isinstance(mu1, (int, float)) and 0.0 < mu1 < 1.0, "mu1", mu1,
               "a value in (0, 1)")
         check_finite_nonneg("cautious_eps", cautious_eps)
+        check(a_init in A_INITS, "a_init", a_init, f"one of {A_INITS}")
+        self.a_init = a_init
         self.stat_decay = stat_decay
         self.pair_decay = pair_decay
         self.mu1 = mu1
@@ -151,7 +156,7 @@ class _KroneckerBFGS(LayerOptimizer):
 
     def _setup_description(self) -> str:
         return (f"stat_decay={self.stat_decay} pair_decay={self.pair_decay} mu1={self.mu1} "
-                f"cautious_eps={self.cautious_eps} "
+                f"cautious_eps={self.cautious_eps} a_init={self.a_init} "
                 f"history_size={getattr(self, 'history_size', None)}")
 
     def _works(self, owned: bool) -> bool:
@@ -202,20 +207,35 @@ class _KroneckerBFGS(LayerOptimizer):
     # ------------------------------------------------------------------ warm start
     @torch.no_grad()
     def warm_start(self, batches: Iterable[Any],
-                   forward: Callable[[Any], Any] | None = None) -> int:
-        """Initialise ``A`` by one pass over ``batches`` at the current parameters (paper §3.2).
+                   forward: Callable[[Any], Any] | None = None, *,
+                   max_batches: int | None = None) -> int:
+        """Initialise ``A`` from one pass over ``batches`` at the current parameters, as the
+        paper does before training (docs/kronecker.md, "Warm start").
 
-        ``A`` is the average over batches of ``mean_B(ā āᵀ)``, then ``H_a = (A + √λ I)⁻¹``.
-        ``forward(batch)`` runs the model on a batch (default: ``model(batch[0])`` for tuples /
-        lists, else ``model(batch)``). Runs without gradients. Returns the number of batches
-        (this rank's). Distributed: ``A`` is averaged over all ranks' batches.
+        ``A`` becomes the average over the batches of ``mean_B(ā āᵀ)`` and
+        ``H_a = (A + √λ I)⁻¹``; the first :meth:`step` then skips its ``A`` update. Typical use,
+        once before the training loop: ``opt.warm_start(train_loader)``.
+
+        Args:
+            batches: any iterable of batches, e.g. the training ``DataLoader`` (one epoch).
+            forward: ``forward(batch)`` runs the model on one batch; default: ``model(x)`` with
+                ``x = batch[0]`` for tuples / lists (``(inputs, targets)``), else ``batch``,
+                moved to the device of the model's first supported layer.
+            max_batches: stop after this many batches (default: the whole iterable).
+
+        Runs without gradients, in the model's current train / eval mode. Returns the number of
+        batches used (this rank's). Distributed: ``A`` is averaged over all ranks' batches.
         """
+        check(max_batches is None or (isinstance(max_batches, int) and max_batches >= 1),
+              "max_batches", max_batches, "None or an integer >= 1")
         if self.kron_group is None:
             return 0
         model = self.model
+        device = self.layers[0].weight.device
 
         def default_forward(b: Any) -> Any:
-            return model(b[0] if isinstance(b, (tuple, list)) else b)
+            x = b[0] if isinstance(b, (tuple, list)) else b
+            return model(x.to(device) if isinstance(x, Tensor) else x)
 
         fwd = forward or default_forward
         sums = []
@@ -225,6 +245,8 @@ class _KroneckerBFGS(LayerOptimizer):
         n = 0
         with self.capture.warm():
             for batch in batches:
+                if max_batches is not None and n >= max_batches:
+                    break
                 self.capture.start(inputs=True, grads=False)
                 fwd(batch)
                 recs = self.capture.collect()
@@ -338,6 +360,8 @@ class _KroneckerBFGS(LayerOptimizer):
             ok = torch.isfinite(a_new.diagonal()).all() & torch.isfinite(v).all()
             ls["stats_rejected"] += ~ok
             if first:
+                if self.a_init == "zero":  # a zero-started average after one update
+                    a_new = a_new * (1.0 - self.stat_decay)
                 ls["A"].copy_(torch.where(ok, a_new, ls["A"]))
                 ls["H_a"].copy_(torch.where(ok, damped_inverse(ls["A"], lam_a), ls["H_a"]))
             elif not skip_a:
@@ -444,10 +468,11 @@ class KBFGS(_KroneckerBFGS):
                  momentum: float = 0.9, weight_decay: float = 1e-5, stat_decay: float = 0.9,
                  pair_decay: float = 0.9, mu1: float = 0.2, cautious_eps: float = 1e-4, *,
                  exclude: Iterable[nn.Module] = (), fallback_lr: float | None = None,
-                 process_group: Any = None, distributed_mode: str = "memory") -> None:
+                 process_group: Any = None, distributed_mode: str = "memory",
+                 a_init: str = "statistic") -> None:
         super().__init__(model, lr, damping, momentum, weight_decay, stat_decay, pair_decay,
                          mu1, cautious_eps, exclude, fallback_lr, process_group,
-                         distributed_mode)
+                         distributed_mode, a_init)
 
     def _fresh_hg(self, d_out: int, kw: dict[str, Any]) -> dict[str, Tensor]:
         return {"H_g": torch.eye(d_out, **kw)}
@@ -477,13 +502,13 @@ class KBFGSL(_KroneckerBFGS):
                  stat_decay: float = 0.9, pair_decay: float = 0.9, mu1: float = 0.2,
                  cautious_eps: float = 1e-4, *, exclude: Iterable[nn.Module] = (),
                  fallback_lr: float | None = None, process_group: Any = None,
-                 distributed_mode: str = "memory") -> None:
+                 distributed_mode: str = "memory", a_init: str = "statistic") -> None:
         check(isinstance(history_size, int) and not isinstance(history_size, bool)
               and history_size >= 1, "history_size", history_size, "an integer >= 1")
         self.history_size = history_size
         super().__init__(model, lr, damping, momentum, weight_decay, stat_decay, pair_decay,
                          mu1, cautious_eps, exclude, fallback_lr, process_group,
-                         distributed_mode)
+                         distributed_mode, a_init)
 
     def _fresh_hg(self, d_out: int, kw: dict[str, Any]) -> dict[str, Tensor]:
         m = self.history_size
