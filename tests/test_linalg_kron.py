@@ -169,3 +169,26 @@ def test_sym_eigh_retries_in_float64(gen, monkeypatch):
         torch.linalg.LinAlgError("never")))
     d, q = sym_eigh(a)
     assert torch.isnan(d).all() and torch.isnan(q).all()
+
+
+def test_sym_eigh_flushes_subnormal_eigenvector_entries(gen, monkeypatch):
+    """Subnormal entries of Q (LAPACK leaves them for factors with zero rows) become 0; the
+    rest of the decomposition is untouched; eigenvalues below the floor become 0."""
+    a = spd(5, gen).float()
+    a[0, :] = 0.0
+    a[:, 0] = 0.0
+    real = torch.linalg.eigh
+    tiny = torch.finfo(torch.float32).tiny
+    d0, q0 = real(a)
+    q0 = q0.clone()
+    j = int(q0[0].abs().argmin())  # row 0 of an eigenvector of a nonzero eigenvalue: ≈ 0
+    q0[0, j] = tiny / 4  # subnormal
+    monkeypatch.setattr(torch.linalg, "eigh", lambda m: (d0.clone(), q0.clone()))
+    d, q = sym_eigh(a)
+    assert q[0, j] == 0
+    mask = torch.ones_like(q, dtype=torch.bool)
+    mask[0, j] = False
+    assert torch.equal(q[mask], q0[mask])
+    assert not ((q != 0) & (q.abs() < tiny)).any()
+    assert torch.equal(d, torch.where(d0 < 1e-10, 0.0, d0)) and d.min() == 0
+    torch.testing.assert_close(q @ torch.diag(d) @ q.T, a, rtol=1e-5, atol=1e-5)

@@ -83,17 +83,18 @@ def damped_inverse(m: Tensor, shift: Tensor | float) -> Tensor:
 def sym_eigh(m: Tensor, floor: float = 1e-10) -> tuple[Tensor, Tensor]:
     """Eigendecomposition ``M = Q diag(d) Qᵀ`` of a symmetric PSD matrix, in >= float32.
 
-    Eigenvalues below ``floor`` are set to 0 (as the reference K-FAC code does: they are rounding
-    noise of a PSD matrix). LAPACK's float32 solver fails to converge on some large, nearly
-    singular factors (seen on 1000×1000 autoencoder factors); the decomposition is then redone
-    in float64, and if that fails too the result is NaN (callers reject it). Returns ``(d, Q)``
-    in the input dtype.
+    Only the lower triangle of ``M`` is read. Eigenvalues below ``floor`` are set to 0 (as the
+    standard K-FAC code does: they are rounding noise of a PSD matrix), and eigenvector entries
+    below the smallest normal float to 0: a factor with exactly zero rows (dead ReLU units)
+    gives eigenvectors with subnormal entries, which make every later product with ``Q``
+    several times slower on CPUs (docs/kronecker.md, "Eigendecompositions"). If LAPACK fails
+    to converge the decomposition is redone in float64, and if that fails too the result is NaN
+    (callers reject it). Returns ``(d, Q)`` in the input dtype.
     """
     dt = compute_dtype(m.dtype)
     for attempt in (dt, torch.float64):
-        mm = m.to(attempt)
         try:
-            d, q = torch.linalg.eigh(0.5 * (mm + mm.transpose(-1, -2)))
+            d, q = torch.linalg.eigh(m.to(attempt))
             break
         except torch.linalg.LinAlgError:
             continue
@@ -101,8 +102,11 @@ def sym_eigh(m: Tensor, floor: float = 1e-10) -> tuple[Tensor, Tensor]:
         nan = float("nan")
         return torch.full(m.shape[:-1], nan, dtype=m.dtype, device=m.device), \
             torch.full_like(m, nan)
-    d = torch.where(d < floor, torch.zeros_like(d), d)
-    return d.to(m.dtype), q.to(m.dtype)
+    d = d.to(m.dtype)
+    q = q.to(m.dtype)
+    d.masked_fill_(d < floor, 0.0)
+    q.masked_fill_(q.abs() < torch.finfo(q.dtype).tiny, 0.0)
+    return d, q
 
 
 def eigen_inverse(d: Tensor, q: Tensor, shift: Tensor | float) -> Tensor:

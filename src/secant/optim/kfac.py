@@ -314,11 +314,18 @@ class KFAC(LayerOptimizer):
                            "G_inv": eigen_inverse(d_g, q_g, sg)}
             else:
                 new = {"A_inv": damped_inverse(a, sa), "G_inv": damped_inverse(g, sg)}
-            ok = torch.stack([torch.isfinite(t).all() for t in new.values()]).all()
+            # the stored tensors are finite iff these vectors are: the eigenvalues (a failed
+            # decomposition is all NaN; A and G are finite) or the inverses' diagonals (a
+            # failed Cholesky is all NaN); no full-matrix scan
+            probe = (("d_A", "d_G") if self.damping_mode == "exact" else
+                     ("A_inv", "G_inv"))
+            ok = torch.stack([torch.isfinite(new[key].diagonal() if new[key].dim() == 2
+                                             else new[key]).all() for key in probe]).all()
+            ok = ok & torch.isfinite(sa) & torch.isfinite(sg)
             for key, val in new.items():
-                ls[key].copy_(torch.where(ok, val, ls[key]))
-            ls["shift_a"].copy_(torch.where(ok, sa, ls["shift_a"]))
-            ls["shift_g"].copy_(torch.where(ok, sg, ls["shift_g"]))
+                torch.where(ok, val, ls[key], out=ls[key])
+            torch.where(ok, sa, ls["shift_a"], out=ls["shift_a"])
+            torch.where(ok, sg, ls["shift_g"], out=ls["shift_g"])
             ls["inverses_rejected"] += ~ok
         if self.distributed and self.distributed_mode == "communication":
             keys = self._inverse_keys()
@@ -356,7 +363,10 @@ class KFAC(LayerOptimizer):
             nu, active = None, None
         for module, ls, p in zip(self.layers, st["layers"], ps):
             u = ls["momentum"]
-            u.mul_(mu).add_(p if nu is None else p * nu)
+            if nu is None:
+                u.mul_(mu).add_(p)
+            else:
+                u.mul_(mu).addcmul_(p, nu)
             add_to_params(module, u, -lr)
             if active is not None:
                 ls["kl_clip_active"] += active
