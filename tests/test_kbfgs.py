@@ -1,6 +1,9 @@
-"""K-BFGS / K-BFGS(L): oracles O-K3..O-K8 (ALGORITHMS.md §6), full steps against an independent
-dense float64 reimplementation, K-BFGS(L) = K-BFGS below capacity, Conv2d pairs against an
-explicit computation, exact resume, errors."""
+"""K-BFGS / K-BFGS(L) (docs/kronecker.md): exactly checkable properties of the math (double
+damping, BFGS, Hessian-action BFGS, homogeneous coordinate, cautious skip, paper parameter
+counts; test names ``ok3``..``ok8``), full steps against an independent dense float64
+reimplementation, the second pass and the zero-started A against it, K-BFGS(L) = K-BFGS
+below capacity, Conv2d pairs against an explicit computation, no host sync, exact resume,
+errors."""
 
 import io
 import math

@@ -1,5 +1,6 @@
-"""Oracles O-K1, O-K2, O-F1, O-F3 (ALGORITHMS.md §6) for secant.linalg.kron against dense
-float64 Kronecker matrices built with torch.kron."""
+"""secant.linalg.kron (docs/kronecker.md) against dense float64 Kronecker matrices built with
+torch.kron: the Kronecker identity, factored vs exact damping, the eigen paths, KL-clipping,
+and the eigendecomposition's retry and subnormal flush."""
 
 import math
 

@@ -9,7 +9,8 @@ has a curvature block approximated by ``A ⊗ G`` (column-major ``vec``), ``A`` 
 
 (row-major flattening, as ``Tensor.reshape`` does, swaps the order: ``(G ⊗ A)``). Everything
 here is pure tensor math on matrices, batched over leading dimensions where it makes sense.
-Decompositions run in at least float32 (half inputs are promoted, results cast back).
+Decompositions run in at least float32 (half inputs are promoted, results cast back). The math
+and the numerical decisions are described in docs/kronecker.md.
 """
 
 from __future__ import annotations
@@ -51,7 +52,7 @@ def factored_shifts(a: Tensor, g: Tensor, damping: float, use_pi: bool = True
     """Diagonal shifts ``(π√λ, √λ/π)`` added to ``A`` and ``G``; π = 1 when ``use_pi`` is false.
 
     The product of the damped factors is
-    ``A⊗G + √λ(π⁻¹ A⊗I + π I⊗G) + λ I`` — not ``A⊗G + λI`` (oracle O-K2).
+    ``A⊗G + √λ(π⁻¹ A⊗I + π I⊗G) + λ I`` — not ``A⊗G + λI``.
     """
     root = math.sqrt(damping)
     if use_pi:
@@ -121,8 +122,8 @@ def eigen_apply(q_g: Tensor, d_g: Tensor, x: Tensor, q_a: Tensor, d_a: Tensor,
                 shift_a: Tensor | float = 0.0) -> Tensor:
     """``Q_G [(Q_Gᵀ X Q_A) / D] Q_Aᵀ`` with ``D = (d_G + shift_g)(d_A + shift_a)ᵀ + denom_shift``.
 
-    * ``denom_shift = λ``, shifts 0: exact Tikhonov ``(A⊗G + λI)⁻¹ vec X`` (oracle O-F1; the
-      alecwangcq reference K-FAC).
+    * ``denom_shift = λ``, shifts 0: exact Tikhonov ``(A⊗G + λI)⁻¹ vec X`` (the standard
+      eigen K-FAC preconditioner).
     * ``shift_g = √λ/π``, ``shift_a = π√λ``: factored damping
       ``((A + π√λI) ⊗ (G + √λ/π I))⁻¹ vec X``.
     """
@@ -144,7 +145,7 @@ def kl_clip_scale(grads: list[Tensor], directions: list[Tensor], lr: float, kapp
     """KL-clipping factor ν (Ba, Grosse & Martens 2017).
 
     ``ν = min(1, sqrt(κ / (η² Σ_l ⟨∇W_l, P_l⟩)))``; ν = 1 when the sum is not positive. After
-    scaling, ``η² ν² Σ⟨∇W, P⟩ ≤ κ`` (oracle O-F3). Returns a 0-d tensor (no host sync).
+    scaling, ``η² ν² Σ⟨∇W, P⟩ ≤ κ``. Returns a 0-d tensor (no host sync).
     """
     if not grads:
         return torch.ones(())

@@ -1,5 +1,6 @@
 """K-BFGS and K-BFGS(L): Kronecker-factored block-diagonal BFGS / L-BFGS with double damping
-(Goldfarb, Ren & Bahamou, NeurIPS 2020, arXiv 2006.08877; ALGORITHMS.md §3)."""
+(Goldfarb, Ren & Bahamou, NeurIPS 2020, arXiv 2006.08877); the math and decisions are in
+docs/kronecker.md."""
 
 from __future__ import annotations
 
@@ -59,7 +60,7 @@ class _KroneckerBFGS(LayerOptimizer):
     stored and applied (dense BFGS matrix or L-BFGS history).
 
     Per supported layer with ``W̃ = [W, b]`` (bias = homogeneous coordinate) and one step ``k``
-    on the minibatch ``B`` (ALGORITHMS.md §3.2; the paper's official code):
+    on the minibatch ``B`` (docs/kronecker.md; the paper's official code):
 
     1. **Pass 1** (``closure()`` at ``θ_k``): loss, ``∇``, layer inputs ``ā``, the batch means
        ``h̄`` of the pre-activations and ``ḡ = mean_B(g)`` of the per-example pre-activation
@@ -67,8 +68,10 @@ class _KroneckerBFGS(LayerOptimizer):
     2. ``ĝ ← ρ ĝ + (1 − ρ)(∇W̃ + wd·W̃)`` (``momentum`` ρ = 0.9, from 0);
        ``A ← β A + (1 − β) mean_B(ā āᵀ)`` (``stat_decay`` β = 0.9). On the first step without a
        warm start ``A`` is the batch statistic and ``H_a = (A + √λ I)⁻¹`` (Cholesky); after
-       :meth:`warm_start` the first step's EMA update is skipped, as in the paper's code.
-    3. ``W̃ ← W̃ − η H_g ĝ H_a`` (Kronecker identity, ALGORITHMS.md §1).
+       :meth:`warm_start` the first step's EMA update is skipped, as in the paper's code;
+       ``a_init="zero"`` starts instead from ``(1 − β)·statistic`` (a zero-started average, the
+       authors' full-batch setting).
+    3. ``W̃ ← W̃ − η H_g ĝ H_a`` (Kronecker identity).
     4. **Pass 2** (``closure()`` again, at ``θ_{k+1}``, on the **same minibatch**): ``h̄⁺, ḡ⁺``;
        ``s = h̄⁺ − h̄``, ``y = ḡ⁺ − ḡ``; ``s̄ ← γ s̄ + (1 − γ) s``, ``ȳ ← γ ȳ + (1 − γ) y``
        (``pair_decay`` γ = 0.9; 0 for full-batch training).
@@ -443,9 +446,22 @@ class KBFGS(_KroneckerBFGS):
     r"""K-BFGS: ``H_g`` is a dense ``d_out × d_out`` BFGS matrix, started at ``I`` and updated
     by :func:`secant.linalg.bfgs_inverse_update_` with each accepted double-damped pair.
 
-    The algorithm (shared with :class:`KBFGSL`) follows below; use ``loss = opt.step(closure)``.
+    Use: ``opt = KBFGS(model, lr=0.1, damping=0.3)``; optionally ``opt.warm_start(train_loader)``
+    once before training (the paper's setting with minibatches); then each iteration
+    ``loss = opt.step(closure)``, where ``closure`` zeroes grads, computes the loss on the
+    current minibatch, calls ``backward()`` and returns the loss — it is called twice per step
+    on the same minibatch. Recommended start: ``lr`` 0.1 (0.03 to 1; the paper's 0.3 diverged
+    on one harness problem, ``benchmarks/tuning.md``), ``damping`` 0.3; ``pair_decay=0`` and
+    ``a_init="zero"`` for full-batch training.
+    Not supported: ``step()`` without a closure (``RuntimeError``), a closure that draws fresh
+    data or dropout masks between its two calls (silently wrong pairs), layers sharing a
+    parameter or frozen biases (``ValueError``; exclude them), a layer called twice in one
+    forward (``RuntimeError``); unsupported modules (norms, embeddings, grouped convs) get the
+    K-BFGS step with identity preconditioner.
 
-    Args (defaults: the paper's official code and its MNIST Demo, ALGORITHMS.md §3.2, §3.5):
+    The algorithm (shared with :class:`KBFGSL`) follows below.
+
+    Args (defaults: the paper's official code and its MNIST Demo):
         model: the model; its ``nn.Linear`` / ``nn.Conv2d`` layers are found automatically.
         lr: step size α (0.3, Demo MNIST; constant in the paper).
         damping: λ (0.3, Demo MNIST); ``√λ`` damps A (``H_a ≈ (A + √λ I)⁻¹``) and is μ2 of DD.
@@ -460,6 +476,8 @@ class KBFGS(_KroneckerBFGS):
         process_group: the ranks that share curvature work (default: the default group when
             ``torch.distributed`` is initialised with more than one rank, else none).
         distributed_mode: ``"memory"`` (default) or ``"communication"`` (see below).
+        a_init: ``"statistic"`` (default) or ``"zero"``: how ``A`` starts without
+            :meth:`warm_start` (see step 2 below).
     """
 
     __doc__ = (__doc__ or "") + "\n" + (_KroneckerBFGS.__doc__ or "")
@@ -485,13 +503,19 @@ class KBFGS(_KroneckerBFGS):
 
 
 class KBFGSL(_KroneckerBFGS):
-    r"""K-BFGS(L): ``H_g`` is the L-BFGS operator of the last ``history_size`` accepted pairs with
+    r"""K-BFGS(L): as :class:`KBFGS` with less memory. Use:
+    ``opt = KBFGSL(model, lr=0.1, damping=0.3, history_size=100)``, optional
+    ``opt.warm_start(train_loader)``, then ``loss = opt.step(closure)`` (closure called twice per
+    step on the same minibatch); same recommended start and same "not supported" list as
+    :class:`KBFGS`.
+
+    ``H_g`` is the L-BFGS operator of the last ``history_size`` accepted pairs with
     ``H₀ = I`` (γ fixed to 1, as the paper), kept in the shared ring-buffer history of
     :mod:`secant.linalg.lbfgs` (one block, ``c = d_out``) and applied in the compact form
     (:func:`secant.linalg.compact_apply`). Memory per layer: ``2·history_size·d_out`` instead of
     ``d_out²``.
 
-    Args: as :class:`KBFGS` (including ``process_group`` and ``distributed_mode``), plus
+    Args: as :class:`KBFGS` (including ``process_group``, ``distributed_mode``, ``a_init``), plus
     ``history_size`` (100, the paper's code).
     """
 

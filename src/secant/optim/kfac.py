@@ -1,5 +1,5 @@
 """K-FAC (Martens & Grosse 2015; convolutions: Grosse & Martens 2016), the Kronecker-factored
-baseline of the K-BFGS paper (ALGORITHMS.md §5)."""
+baseline of the K-BFGS paper; the math and decisions are in docs/kronecker.md."""
 
 from __future__ import annotations
 
@@ -42,8 +42,7 @@ def factor_statistics(module: nn.Module, x: Tensor, g: Tensor) -> tuple[Tensor, 
 
     i.e. ``A`` is the mean over examples and positions, ``G`` the mean over examples of the sum
     over positions — the KFC factors ``Ω/|T| ⊗ |T|Γ`` of Grosse & Martens (2016), whose product
-    equals ``Ω ⊗ Γ``. For one example of a Linear layer ``A ⊗ G`` is the exact Fisher block
-    (oracle O-F2).
+    equals ``Ω ⊗ Γ``. For one example of a Linear layer ``A ⊗ G`` is the exact Fisher block.
     """
     a = homogeneous_inputs(module, x)
     n = a.shape[0]
@@ -55,7 +54,20 @@ def factor_statistics(module: nn.Module, x: Tensor, g: Tensor) -> tuple[Tensor, 
 
 
 class KFAC(LayerOptimizer):
-    r"""K-FAC for the ``nn.Linear`` / ``nn.Conv2d`` layers of ``model``.
+    r"""K-FAC for the ``nn.Linear`` / ``nn.Conv2d`` layers of ``model`` (docs/kronecker.md).
+
+    Use: ``opt = KFAC(model, lr=1e-2, damping=3e-2)``; then each iteration either
+    ``opt.zero_grad(); loss.backward(); opt.step()`` or ``loss = opt.step(closure)`` (the closure
+    zeroes grads, computes the loss, calls ``backward()`` and returns it). Recommended start:
+    ``lr`` 1e-2 to 3e-2 with ``damping=3e-2`` (best learning rates of the harness grids in
+    ``benchmarks/tuning.md``); the class defaults are the standard K-FAC code's (1e-3, 1e-3).
+    Other modules' parameters get heavy-ball SGD. On factor-update steps every registered layer
+    must take part in exactly one forward (in grad mode) and backward; evaluation between steps
+    must run under ``torch.no_grad()``.
+    Not supported: layers sharing a parameter, frozen biases (``ValueError``; exclude them),
+    a layer called twice in one forward (``RuntimeError``), ``damping_mode="exact"`` with
+    ``inverse_method="cholesky"``; grouped, ``padding="same"`` or non-zero-padded convs are
+    left to the first-order fallback.
 
     Per supported layer with weight matrix ``W̃ = [W, b]`` (bias = homogeneous coordinate, conv
     weights flattened as ``F.unfold`` patches), every ``factor_update_period`` steps (from the
@@ -108,13 +120,12 @@ class KFAC(LayerOptimizer):
     and the update are replicated on every rank. With ``fisher="sampled"`` each rank samples its
     own targets, so runs match a single process only in distribution.
 
-    Use: ``loss.backward(); opt.step()`` or ``loss = opt.step(closure)`` (the closure zeroes
-    grads, computes the loss, calls ``backward()`` and returns the loss). On factor-update steps
-    every registered layer must take part in exactly one forward (in grad mode) and backward
-    between two steps; evaluation between steps must run under ``torch.no_grad()``.
+    Steady-state steps never synchronise with the device (decisions are device-side masks,
+    counters device tensors read by :meth:`diagnostics`), except that ``torch.linalg.eigh``
+    checks its own convergence once per inverse update of the eigen path.
 
-    Args (defaults from ``alecwangcq/KFAC-Pytorch`` and ``gpauloski/kfac-pytorch``, ALGORITHMS.md
-    §5.2):
+    Args (defaults from the standard K-FAC codes, ``alecwangcq/KFAC-Pytorch`` and
+    ``gpauloski/kfac-pytorch``):
         model: the model; its supported layers are found by ``named_modules()``.
         lr: learning rate η (1e-3).
         damping: Tikhonov damping λ (1e-3).
