@@ -84,18 +84,28 @@ def damped_inverse(m: Tensor, shift: Tensor | float) -> Tensor:
 def sym_eigh(m: Tensor, floor: float = 1e-10) -> tuple[Tensor, Tensor]:
     """Eigendecomposition ``M = Q diag(d) Qᵀ`` of a symmetric PSD matrix, in >= float32.
 
-    Only the lower triangle of ``M`` is read. Eigenvalues below ``floor`` are set to 0 (as the
-    standard K-FAC code does: they are rounding noise of a PSD matrix), and eigenvector entries
-    below the smallest normal float to 0: a factor with exactly zero rows (dead ReLU units)
-    gives eigenvectors with subnormal entries, which make every later product with ``Q``
-    several times slower on CPUs (docs/kronecker.md, "Eigendecompositions"). If LAPACK fails
-    to converge the decomposition is redone in float64, and if that fails too the result is NaN
-    (callers reject it). Returns ``(d, Q)`` in the input dtype.
+    Only the lower triangle of ``M`` is read. A zero diagonal entry of a PSD matrix means a zero
+    row and column (a dead ReLU unit feeding the layer); many of them make a large cluster of
+    zero eigenvalues on which LAPACK's float32 solver can fail to converge. Those diagonal
+    entries are set to ``c = 2 tr M`` (above every eigenvalue) before the decomposition, which
+    moves their eigenpairs ``(0, e_i)`` to ``(c, e_i)``, apart from all others; the ``k`` largest
+    eigenvalues (``k`` = number of zero rows) are then set back to 0 (docs/kronecker.md,
+    "Eigendecompositions"). Eigenvalues below ``floor`` are set to 0 (rounding noise of a PSD
+    matrix, as the standard K-FAC code does) and eigenvector entries below the smallest normal
+    float to 0 (subnormal entries make every later product with ``Q`` slow on CPUs). If LAPACK
+    still fails to converge the decomposition is redone in float64, and if that fails too the
+    result is NaN (callers reject it). Returns ``(d, Q)`` in the input dtype.
     """
     dt = compute_dtype(m.dtype)
+    n = m.shape[-1]
+    diag = m.diagonal(dim1=-2, dim2=-1)
+    dead = diag == 0
+    trace = diag.sum(-1, keepdim=True)
+    shift = dead * torch.where(trace > 0, 2 * trace, torch.ones_like(trace))
+    moved = torch.arange(n, device=m.device) >= n - dead.sum(-1, keepdim=True)
     for attempt in (dt, torch.float64):
         try:
-            d, q = torch.linalg.eigh(m.to(attempt))
+            d, q = torch.linalg.eigh((m + torch.diag_embed(shift)).to(attempt))
             break
         except torch.linalg.LinAlgError:
             continue
@@ -105,7 +115,7 @@ def sym_eigh(m: Tensor, floor: float = 1e-10) -> tuple[Tensor, Tensor]:
             torch.full_like(m, nan)
     d = d.to(m.dtype)
     q = q.to(m.dtype)
-    d.masked_fill_(d < floor, 0.0)
+    d.masked_fill_(moved | (d < floor), 0.0)
     q.masked_fill_(q.abs() < torch.finfo(q.dtype).tiny, 0.0)
     return d, q
 
