@@ -13,6 +13,7 @@ from secant.linalg.kron import (
     eigen_inverse,
     factored_pi,
     factored_shifts,
+    gram,
     kl_clip_scale,
     kron_apply,
     sym_eigh,
@@ -206,3 +207,11 @@ def test_sym_eigh_decouples_zero_rows(gen, monkeypatch):
     assert (d == 0).sum() == 3
     torch.testing.assert_close(q @ torch.diag(d) @ q.T, a, rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(q.T @ q, torch.eye(8), rtol=0, atol=1e-5)
+
+
+@pytest.mark.parametrize("d", [1, 7, 8, 9, 23])
+def test_gram_blocks_equal_dense_product(gen, d):
+    x = torch.randn(11, d, generator=gen, dtype=torch.float64)
+    got = gram(x, 0.5, block=8)
+    torch.testing.assert_close(got, 0.5 * x.T @ x, rtol=1e-13, atol=1e-13)
+    torch.testing.assert_close(got, got.T, rtol=1e-14, atol=1e-14)

@@ -28,7 +28,7 @@ from secant.linalg import (
     double_damping,
     push,
 )
-from secant.linalg.kron import damped_inverse
+from secant.linalg.kron import damped_inverse, gram
 from secant.optim.layer_optimizer import LayerOptimizer, check, check_finite_nonneg
 
 A_INITS = ("statistic", "zero")
@@ -42,7 +42,7 @@ def input_statistics(module: nn.Module, x: Tensor) -> tuple[Tensor, Tensor]:
     """``(mean ā āᵀ, mean ā)`` over examples and positions of a layer input (homogeneous)."""
     a = homogeneous_inputs(module, x)
     rows = a.reshape(-1, a.shape[-1])
-    return rows.T @ rows / rows.shape[0], rows.mean(0)
+    return gram(rows, 1.0 / rows.shape[0]), rows.mean(0)
 
 
 def _carry_grad(module: nn.Module, inputs: tuple, out: Any) -> Any:

@@ -21,6 +21,7 @@ from secant.linalg.kron import (
     eigen_apply,
     eigen_inverse,
     factored_shifts,
+    gram,
     kl_clip_scale,
     sym_eigh,
 )
@@ -47,9 +48,8 @@ def factor_statistics(module: nn.Module, x: Tensor, g: Tensor) -> tuple[Tensor, 
     a = homogeneous_inputs(module, x)
     n = a.shape[0]
     rows = a.reshape(-1, a.shape[-1])
-    big_a = rows.T @ rows / rows.shape[0]
-    gr = g.reshape(-1, g.shape[-1])
-    big_g = (gr.T @ gr) * n
+    big_a = gram(rows, 1.0 / rows.shape[0])
+    big_g = gram(g.reshape(-1, g.shape[-1]), float(n))
     return big_a, big_g
 
 
