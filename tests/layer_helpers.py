@@ -1,5 +1,7 @@
 """Small helpers shared by the layer-optimizer tests."""
 
+from contextlib import contextmanager
+
 import torch
 import torch.nn.functional as F
 
@@ -19,3 +21,21 @@ def make_closure(opt, model, x, y, calls=None):
 def wtilde(lin):
     """``W̃ = [W, b]`` of a Linear layer, detached."""
     return torch.cat((lin.weight.detach(), lin.bias.detach()[:, None]), 1)
+
+
+@contextmanager
+def no_host_sync():
+    """Make every Python-level device-to-host conversion of a tensor (``.item()``,
+    ``bool()``, ``float()``, ``int()``, ``.tolist()``) raise inside the block."""
+    def refuse(*args, **kwargs):
+        raise AssertionError("host synchronisation in a steady-state step")
+
+    names = ("item", "__bool__", "__float__", "__int__", "tolist")
+    saved = {n: getattr(torch.Tensor, n) for n in names}
+    for n in names:
+        setattr(torch.Tensor, n, refuse)
+    try:
+        yield
+    finally:
+        for n, f in saved.items():
+            setattr(torch.Tensor, n, f)

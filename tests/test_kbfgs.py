@@ -1,6 +1,9 @@
-"""K-BFGS / K-BFGS(L): oracles O-K3..O-K8 (ALGORITHMS.md §6), full steps against an independent
-dense float64 reimplementation, K-BFGS(L) = K-BFGS below capacity, Conv2d pairs against an
-explicit computation, exact resume, errors."""
+"""K-BFGS / K-BFGS(L) (docs/kronecker.md): exactly checkable properties of the math (double
+damping, BFGS, Hessian-action BFGS, homogeneous coordinate, cautious skip, paper parameter
+counts; test names ``ok3``..``ok8``), full steps against an independent dense float64
+reimplementation, the second pass and the zero-started A against it, K-BFGS(L) = K-BFGS
+below capacity, Conv2d pairs against an explicit computation, no host sync, exact resume,
+errors."""
 
 import io
 import math
@@ -8,7 +11,7 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
-from layer_helpers import make_closure, wtilde
+from layer_helpers import make_closure, no_host_sync, wtilde
 from torch import nn
 
 from secant import KBFGS, KBFGSL
@@ -132,7 +135,7 @@ def forward_stats(model, x, y):
 
 
 def reference_run(model, data, lr, lam, rho=0.9, wd=1e-5, beta=0.9, c=0.9, mu1=0.2,
-                  eps=1e-4):
+                  eps=1e-4, zero_a=False):
     lins = [m for m in model if isinstance(m, nn.Linear)]
     r = math.sqrt(lam)
     st = None
@@ -143,7 +146,7 @@ def reference_run(model, data, lr, lam, rho=0.9, wd=1e-5, beta=0.9, c=0.9, mu1=0
         if st is None:
             st = []
             for a, h, _g, gw in s1:
-                big_a = a.T @ a / len(a)
+                big_a = a.T @ a / len(a) * ((1 - beta) if zero_a else 1.0)
                 st.append(dict(A=big_a, Ha=torch.linalg.inv(big_a + r * torch.eye(len(big_a),
                                                                                   dtype=D)),
                                Hg=torch.eye(h.shape[1], dtype=D), m=torch.zeros_like(gw),
@@ -201,6 +204,29 @@ def test_steps_match_dense_reference(cls):
     assert d["g_pairs_accepted"] + d["g_pairs_rejected"] == 4 * 3
 
 
+@pytest.mark.parametrize("cls", [KBFGS, KBFGSL])
+def test_full_batch_zero_started_a_matches_dense_reference(cls):
+    """``a_init="zero"``, ``pair_decay=0`` (the authors' full-batch mode): the A average starts
+    at (1 − β)·statistic, H_a at its damped inverse; one batch repeated."""
+    data = batches(1) * 4
+    model, ref = mlp(5, (5, 6, 4, 3)), mlp(5, (5, 6, 4, 3))
+    opt = cls(model, lr=0.5, damping=0.1, pair_decay=0.0, a_init="zero")
+    losses = [float(opt.step(make_closure(opt, model, x, y)).detach()) for x, y in data]
+    ref_losses, ref_st = reference_run(ref, data, lr=0.5, lam=0.1, c=0.0, zero_a=True)
+    assert losses == pytest.approx(ref_losses, rel=1e-12)
+    for m, r in zip([m for m in model if isinstance(m, nn.Linear)],
+                    [m for m in ref if isinstance(m, nn.Linear)]):
+        torch.testing.assert_close(wtilde(m), wtilde(r), rtol=1e-10, atol=1e-12)
+    for ls, rs in zip(opt.state["kbfgs"]["layers"], ref_st):
+        torch.testing.assert_close(ls["A"], rs["A"])
+        torch.testing.assert_close(ls["H_a"], rs["Ha"], rtol=1e-9, atol=1e-11)
+    x = data[0][0]
+    first = torch.cat((x, torch.ones(len(x), 1, dtype=D)), 1)
+    # the input layer sees the same batch every step: A = (1 − 0.9⁴) · statistic
+    torch.testing.assert_close(opt.state["kbfgs"]["layers"][0]["A"],
+                               (1 - 0.9 ** 4) * first.T @ first / len(x))
+
+
 def test_kbfgsl_equals_kbfgs_below_capacity():
     data = batches(7, seed=5)
     m1, m2 = mlp(4), mlp(4)
@@ -239,6 +265,9 @@ def test_ok6_homogeneous_coordinate_after_warm_start_and_ema():
     model = mlp(1)
     data = batches(4, n=6)
     opt = KBFGS(model, lr=0.1)
+    assert KBFGS(mlp(1)).warm_start(iter(data), max_batches=2) == 2
+    with pytest.raises(ValueError, match="max_batches=0"):
+        opt.warm_start(data, max_batches=0)
     assert opt.warm_start(data) == 4
     xs = torch.stack([x.mean(0) for x, _ in data]).mean(0)
     a = opt.state["kbfgs"]["layers"][0]["A"]
@@ -340,6 +369,72 @@ def test_conv2d_pairs_use_spatial_means():
     torch.testing.assert_close(ls["A"], a.T @ a / a.shape[0])
 
 
+def test_second_pass_skips_parameter_gradients_and_keeps_pass1_grads():
+    """Pass 2 computes no parameter gradient, even with a fallback layer first and an in-place
+    ReLU; its pair statistics equal an explicit computation; after ``step`` every ``.grad`` is
+    the pass-1 gradient (torch.func at θ_k) and every parameter requires grad again."""
+    from torch.func import functional_call, grad
+
+    torch.manual_seed(12)
+    model = nn.Sequential(nn.LayerNorm(5), nn.Linear(5, 6), nn.ReLU(inplace=True),
+                          nn.Linear(6, 3)).to(D)
+    x, y = batches(1, n=8)[0]
+    opt = KBFGS(model, lr=0.2, damping=0.3, pair_decay=0.0)
+    theta0 = {k: v.detach().clone() for k, v in model.named_parameters()}
+
+    def explicit(params):
+        params = {k: v.detach().clone().requires_grad_() for k, v in params.items()}
+        h1 = F.linear(F.layer_norm(x, (5,), params["0.weight"], params["0.bias"]),
+                      params["1.weight"], params["1.bias"])
+        h2 = F.linear(torch.relu(h1), params["3.weight"], params["3.bias"])
+        h1.retain_grad()
+        h2.retain_grad()
+        F.cross_entropy(h2, y).backward()
+        return [(h.detach().mean(0), h.grad.mean(0) * len(x)) for h in (h1, h2)]
+
+    grads_none = []
+
+    def closure():
+        opt.zero_grad()
+        loss = F.cross_entropy(model(x), y)
+        loss.backward()
+        grads_none.append([p.grad is None for p in model.parameters()])
+        return loss
+
+    opt.step(closure)
+    assert grads_none == [[False] * 6, [True] * 6]
+    want = grad(lambda p: F.cross_entropy(functional_call(model, p, (x,)), y))(theta0)
+    for name, p in model.named_parameters():
+        assert p.requires_grad
+        torch.testing.assert_close(p.grad, want[name], rtol=1e-12, atol=1e-14)
+    before = explicit(theta0)
+    after = explicit(dict(model.named_parameters()))
+    for ls, (h1, g1), (h2, g2) in zip(opt.state["kbfgs"]["layers"], before, after):
+        torch.testing.assert_close(ls["s_bar"], h2 - h1, rtol=1e-12, atol=1e-14)
+        torch.testing.assert_close(ls["y_bar"], g2 - g1, rtol=1e-12, atol=1e-14)
+    assert len(model[1]._forward_hooks) == 1  # only the capture hook remains
+
+
+@pytest.mark.parametrize("cls", [KBFGS, KBFGSL])
+def test_steady_state_steps_do_not_sync(cls):
+    """After the first step, steps convert no tensor to a Python value (decisions stay on the
+    device); the device-side counters still count every decision."""
+    torch.manual_seed(13)
+    model = nn.Sequential(nn.Conv2d(2, 3, 3), nn.Tanh(), nn.Flatten(), nn.Linear(12, 6),
+                          nn.LayerNorm(6), nn.Linear(6, 3)).to(D)
+    x, y = torch.randn(6, 2, 4, 4, dtype=D), torch.randint(0, 3, (6,))
+    opt = cls(model, lr=0.1, damping=0.3)
+    opt.step(make_closure(opt, model, x, y))
+    with no_host_sync():
+        for _ in range(4):
+            opt.step(make_closure(opt, model, x, y))
+        with pytest.raises(AssertionError, match="host synchronisation"):
+            bool(torch.ones(()))  # the guard is on
+    d = opt.diagnostics()
+    assert d["g_pairs_accepted"] + d["g_pairs_rejected"] == 5 * 3
+    assert d["a_updates_accepted"] + d["a_updates_rejected"] == 5 * 3
+
+
 def test_unsupported_layer_trains_with_ema_fallback():
     torch.manual_seed(9)
     model = nn.Sequential(nn.Linear(5, 8), nn.LayerNorm(8), nn.Tanh(), nn.Linear(8, 3)).to(D)
@@ -394,6 +489,7 @@ def test_exact_resume_into_fresh_model(cls):
     (dict(momentum=1.0), "momentum=1.0"), (dict(stat_decay=-0.1), "stat_decay=-0.1"),
     (dict(pair_decay=1), "pair_decay=1"), (dict(mu1=0.0), "mu1=0.0"),
     (dict(weight_decay=float("nan")), "weight_decay=nan"),
+    (dict(a_init="ones"), "a_init='ones'"),
 ])
 def test_bad_arguments(kw, name):
     for cls in (KBFGS, KBFGSL):

@@ -8,7 +8,7 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
-from layer_helpers import make_closure, wtilde
+from layer_helpers import make_closure, no_host_sync, wtilde
 from torch import nn
 from torch.func import functional_call, grad
 
@@ -174,6 +174,25 @@ def test_plain_step_equals_closure_step():
         assert float(loss.detach()) == float(loss2.detach())
     for p1, p2 in zip(m1.parameters(), m2.parameters()):
         assert torch.equal(p1, p2)
+
+
+@pytest.mark.parametrize("method, mode", [("eigen", "exact"), ("eigen", "factored"),
+                                          ("cholesky", "factored")])
+def test_steady_state_steps_do_not_sync(method, mode):
+    """After the first step (first factors and inverses), no step converts a tensor to a Python
+    value, including factor and inverse updates and KL-clipping; the counters still count."""
+    torch.manual_seed(14)
+    model = nn.Sequential(nn.Conv2d(2, 3, 3), nn.Tanh(), nn.Flatten(), nn.Linear(12, 6),
+                          nn.LayerNorm(6), nn.Linear(6, 3)).to(D)
+    x, y = torch.randn(6, 2, 4, 4, dtype=D), torch.randint(0, 3, (6,))
+    opt = KFAC(model, lr=10.0, factor_update_period=2, inverse_update_period=3,
+               inverse_method=method, damping_mode=mode)
+    opt.step(make_closure(opt, model, x, y))
+    with no_host_sync():
+        for _ in range(6):
+            opt.step(make_closure(opt, model, x, y))
+    d = opt.diagnostics()
+    assert d["factor_updates"] == 4 and d["kl_clip_active"] == 7  # lr 10: always clipped
 
 
 def test_sampled_fisher_uses_sampled_targets():

@@ -1,5 +1,6 @@
-"""Oracles O-K1, O-K2, O-F1, O-F3 (ALGORITHMS.md §6) for secant.linalg.kron against dense
-float64 Kronecker matrices built with torch.kron."""
+"""secant.linalg.kron (docs/kronecker.md) against dense float64 Kronecker matrices built with
+torch.kron: the Kronecker identity, factored vs exact damping, the eigen paths, KL-clipping,
+and the eigendecomposition's retry and subnormal flush."""
 
 import math
 
@@ -12,6 +13,7 @@ from secant.linalg.kron import (
     eigen_inverse,
     factored_pi,
     factored_shifts,
+    gram,
     kl_clip_scale,
     kron_apply,
     sym_eigh,
@@ -169,3 +171,47 @@ def test_sym_eigh_retries_in_float64(gen, monkeypatch):
         torch.linalg.LinAlgError("never")))
     d, q = sym_eigh(a)
     assert torch.isnan(d).all() and torch.isnan(q).all()
+
+
+def test_sym_eigh_flushes_subnormal_eigenvector_entries(gen, monkeypatch):
+    """Subnormal entries of Q become 0 and nothing else changes; eigenvalues below the floor
+    become 0."""
+    a = spd(5, gen).float()
+    tiny = torch.finfo(torch.float32).tiny
+    d0, q0 = torch.linalg.eigh(a)
+    d0[0] = 1e-12  # below the floor
+    q0[1, 2] = tiny / 4  # subnormal
+    monkeypatch.setattr(torch.linalg, "eigh", lambda m: (d0.clone(), q0.clone()))
+    d, q = sym_eigh(a)
+    assert q[1, 2] == 0
+    mask = torch.ones_like(q, dtype=torch.bool)
+    mask[1, 2] = False
+    assert torch.equal(q[mask], q0[mask])
+    assert d[0] == 0 and torch.equal(d[1:], d0[1:])
+
+
+def test_sym_eigh_decouples_zero_rows(gen, monkeypatch):
+    """Zero rows / columns (dead units) reach LAPACK with a positive diagonal, and the result
+    still matches float64 ``eigvalsh`` of the original matrix and reconstructs it."""
+    x = torch.randn(30, 8, generator=gen, dtype=torch.float64)
+    x[:, [1, 4, 5]] = 0.0
+    a = (x.T @ x / 30).float()
+    real = torch.linalg.eigh
+    seen = []
+    monkeypatch.setattr(torch.linalg, "eigh", lambda m: seen.append(m) or real(m))
+    d, q = sym_eigh(a)
+    assert (seen[0].diagonal() > 0).all()
+    want = torch.linalg.eigvalsh(a.double())
+    torch.testing.assert_close(d.double().sort().values, want.clamp(min=0).where(
+        want >= 1e-10, 0.0), rtol=1e-5, atol=1e-5)
+    assert (d == 0).sum() == 3
+    torch.testing.assert_close(q @ torch.diag(d) @ q.T, a, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(q.T @ q, torch.eye(8), rtol=0, atol=1e-5)
+
+
+@pytest.mark.parametrize("d", [1, 7, 8, 9, 23])
+def test_gram_blocks_equal_dense_product(gen, d):
+    x = torch.randn(11, d, generator=gen, dtype=torch.float64)
+    got = gram(x, 0.5, block=8)
+    torch.testing.assert_close(got, 0.5 * x.T @ x, rtol=1e-13, atol=1e-13)
+    torch.testing.assert_close(got, got.T, rtol=1e-14, atol=1e-14)

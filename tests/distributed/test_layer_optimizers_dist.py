@@ -95,8 +95,8 @@ def train(model, opt, small, steps, start=0, rank=0, world=1, average_grads=Fals
             opt.zero_grad()
             loss = nn.functional.mse_loss(model(x), y)
             loss.backward()
-            if average_grads:
-                params = list(model.parameters())
+            if average_grads:  # K-BFGS's second pass computes no parameter gradient
+                params = [p for p in model.parameters() if p.grad is not None]
                 for p, g in zip(params, all_reduce_flat([p.grad for p in params],
                                                         dist.group.WORLD, average=True)):
                     p.grad.copy_(g)

@@ -9,7 +9,8 @@ has a curvature block approximated by ``A ⊗ G`` (column-major ``vec``), ``A`` 
 
 (row-major flattening, as ``Tensor.reshape`` does, swaps the order: ``(G ⊗ A)``). Everything
 here is pure tensor math on matrices, batched over leading dimensions where it makes sense.
-Decompositions run in at least float32 (half inputs are promoted, results cast back).
+Decompositions run in at least float32 (half inputs are promoted, results cast back). The math
+and the numerical decisions are described in docs/kronecker.md.
 """
 
 from __future__ import annotations
@@ -34,6 +35,28 @@ def kron_apply(left: Tensor, x: Tensor, right: Tensor) -> Tensor:
     return left @ x @ right
 
 
+def gram(x: Tensor, alpha: float, block: int = 256) -> Tensor:
+    """``alpha · xᵀx`` for ``x [n, d]`` (a factor statistic), computed block by block.
+
+    The columns are cut into blocks of ``block``; only the blocks on and below the diagonal
+    are multiplied (``b(b+1)/2`` of ``b²``) and the others are their transposes, so a wide
+    factor costs about half the multiply-adds of ``xᵀx``
+    (measured ≈ 2× faster for ``d`` = 785…1001, ``n`` = 1000 on one CPU thread, where the
+    plain product also pays a separate scaling pass).
+    """
+    d = x.shape[-1]
+    out = x.new_empty(d, d)
+    edges = list(range(0, d, block)) + [d]
+    spans = list(zip(edges[:-1], edges[1:]))
+    for i, (a, b) in enumerate(spans):
+        for c, e in spans[: i + 1]:
+            blk = torch.addmm(out[a:b, c:e], x[:, a:b].T, x[:, c:e], beta=0, alpha=alpha)
+            out[a:b, c:e] = blk
+            if c != a:
+                out[c:e, a:b] = blk.T
+    return out
+
+
 def factored_pi(a: Tensor, g: Tensor, eps: float = 1e-12) -> Tensor:
     """π of factored Tikhonov damping (Martens & Grosse 2015, §6.3).
 
@@ -51,7 +74,7 @@ def factored_shifts(a: Tensor, g: Tensor, damping: float, use_pi: bool = True
     """Diagonal shifts ``(π√λ, √λ/π)`` added to ``A`` and ``G``; π = 1 when ``use_pi`` is false.
 
     The product of the damped factors is
-    ``A⊗G + √λ(π⁻¹ A⊗I + π I⊗G) + λ I`` — not ``A⊗G + λI`` (oracle O-K2).
+    ``A⊗G + √λ(π⁻¹ A⊗I + π I⊗G) + λ I`` — not ``A⊗G + λI``.
     """
     root = math.sqrt(damping)
     if use_pi:
@@ -83,17 +106,28 @@ def damped_inverse(m: Tensor, shift: Tensor | float) -> Tensor:
 def sym_eigh(m: Tensor, floor: float = 1e-10) -> tuple[Tensor, Tensor]:
     """Eigendecomposition ``M = Q diag(d) Qᵀ`` of a symmetric PSD matrix, in >= float32.
 
-    Eigenvalues below ``floor`` are set to 0 (as the reference K-FAC code does: they are rounding
-    noise of a PSD matrix). LAPACK's float32 solver fails to converge on some large, nearly
-    singular factors (seen on 1000×1000 autoencoder factors); the decomposition is then redone
-    in float64, and if that fails too the result is NaN (callers reject it). Returns ``(d, Q)``
-    in the input dtype.
+    Only the lower triangle of ``M`` is read. A zero diagonal entry of a PSD matrix means a zero
+    row and column (a dead ReLU unit feeding the layer); many of them make a large cluster of
+    zero eigenvalues on which LAPACK's float32 solver can fail to converge. Those diagonal
+    entries are set to ``c = 2 tr M`` (above every eigenvalue) before the decomposition, which
+    moves their eigenpairs ``(0, e_i)`` to ``(c, e_i)``, apart from all others; the ``k`` largest
+    eigenvalues (``k`` = number of zero rows) are then set back to 0 (docs/kronecker.md,
+    "Eigendecompositions"). Eigenvalues below ``floor`` are set to 0 (rounding noise of a PSD
+    matrix, as the standard K-FAC code does) and eigenvector entries below the smallest normal
+    float to 0 (subnormal entries make every later product with ``Q`` slow on CPUs). If LAPACK
+    still fails to converge the decomposition is redone in float64, and if that fails too the
+    result is NaN (callers reject it). Returns ``(d, Q)`` in the input dtype.
     """
     dt = compute_dtype(m.dtype)
+    n = m.shape[-1]
+    diag = m.diagonal(dim1=-2, dim2=-1)
+    dead = diag == 0
+    trace = diag.sum(-1, keepdim=True)
+    shift = dead * torch.where(trace > 0, 2 * trace, torch.ones_like(trace))
+    moved = torch.arange(n, device=m.device) >= n - dead.sum(-1, keepdim=True)
     for attempt in (dt, torch.float64):
-        mm = m.to(attempt)
         try:
-            d, q = torch.linalg.eigh(0.5 * (mm + mm.transpose(-1, -2)))
+            d, q = torch.linalg.eigh((m + torch.diag_embed(shift)).to(attempt))
             break
         except torch.linalg.LinAlgError:
             continue
@@ -101,8 +135,11 @@ def sym_eigh(m: Tensor, floor: float = 1e-10) -> tuple[Tensor, Tensor]:
         nan = float("nan")
         return torch.full(m.shape[:-1], nan, dtype=m.dtype, device=m.device), \
             torch.full_like(m, nan)
-    d = torch.where(d < floor, torch.zeros_like(d), d)
-    return d.to(m.dtype), q.to(m.dtype)
+    d = d.to(m.dtype)
+    q = q.to(m.dtype)
+    d.masked_fill_(moved | (d < floor), 0.0)
+    q.masked_fill_(q.abs() < torch.finfo(q.dtype).tiny, 0.0)
+    return d, q
 
 
 def eigen_inverse(d: Tensor, q: Tensor, shift: Tensor | float) -> Tensor:
@@ -117,8 +154,8 @@ def eigen_apply(q_g: Tensor, d_g: Tensor, x: Tensor, q_a: Tensor, d_a: Tensor,
                 shift_a: Tensor | float = 0.0) -> Tensor:
     """``Q_G [(Q_Gᵀ X Q_A) / D] Q_Aᵀ`` with ``D = (d_G + shift_g)(d_A + shift_a)ᵀ + denom_shift``.
 
-    * ``denom_shift = λ``, shifts 0: exact Tikhonov ``(A⊗G + λI)⁻¹ vec X`` (oracle O-F1; the
-      alecwangcq reference K-FAC).
+    * ``denom_shift = λ``, shifts 0: exact Tikhonov ``(A⊗G + λI)⁻¹ vec X`` (the standard
+      eigen K-FAC preconditioner).
     * ``shift_g = √λ/π``, ``shift_a = π√λ``: factored damping
       ``((A + π√λI) ⊗ (G + √λ/π I))⁻¹ vec X``.
     """
@@ -140,7 +177,7 @@ def kl_clip_scale(grads: list[Tensor], directions: list[Tensor], lr: float, kapp
     """KL-clipping factor ν (Ba, Grosse & Martens 2017).
 
     ``ν = min(1, sqrt(κ / (η² Σ_l ⟨∇W_l, P_l⟩)))``; ν = 1 when the sum is not positive. After
-    scaling, ``η² ν² Σ⟨∇W, P⟩ ≤ κ`` (oracle O-F3). Returns a 0-d tensor (no host sync).
+    scaling, ``η² ν² Σ⟨∇W, P⟩ ≤ κ``. Returns a 0-d tensor (no host sync).
     """
     if not grads:
         return torch.ones(())

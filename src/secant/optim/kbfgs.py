@@ -1,15 +1,17 @@
 """K-BFGS and K-BFGS(L): Kronecker-factored block-diagonal BFGS / L-BFGS with double damping
-(Goldfarb, Ren & Bahamou, NeurIPS 2020, arXiv 2006.08877; ALGORITHMS.md §3). Dtypes,
-accumulation and parameter groups: ``docs/patterns.md``."""
+(Goldfarb, Ren & Bahamou, NeurIPS 2020, arXiv 2006.08877); the math and decisions are in
+docs/kronecker.md; dtypes, accumulation and parameter groups in docs/patterns.md."""
 
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
+from contextlib import contextmanager, nullcontext
 from typing import Any
 
 import torch
 from torch import Tensor, nn
+from torch.nn.parallel import DistributedDataParallel
 
 from secant.layers import add_to_params, homogeneous_inputs, matrix_shape
 from secant.linalg import (
@@ -20,13 +22,15 @@ from secant.linalg import (
     double_damping,
     push,
 )
-from secant.linalg.kron import damped_inverse
+from secant.linalg.kron import damped_inverse, gram
 from secant.optim.layer_optimizer import (
     LayerOptimizer,
     check,
     check_finite_nonneg,
     curvature_step,
 )
+
+A_INITS = ("statistic", "zero")
 
 
 def _vdot(a: Tensor, b: Tensor) -> Tensor:
@@ -37,7 +41,17 @@ def input_statistics(module: nn.Module, x: Tensor) -> tuple[Tensor, Tensor]:
     """``(mean ā āᵀ, mean ā)`` over examples and positions of a layer input (homogeneous)."""
     a = homogeneous_inputs(module, x)
     rows = a.reshape(-1, a.shape[-1])
-    return rows.T @ rows / rows.shape[0], rows.mean(0)
+    return gram(rows, 1.0 / rows.shape[0]), rows.mean(0)
+
+
+def _carry_grad(module: nn.Module, inputs: tuple, out: Any) -> Any:
+    """Forward hook of pass 2: an output that does not require grad (in grad mode) is replaced
+    by a copy of a leaf that does, so backward reaches the layer's pre-activations. The copy
+    (not the leaf itself) is returned so that in-place ops downstream (``ReLU(inplace=True)``)
+    stay legal."""
+    if isinstance(out, Tensor) and torch.is_grad_enabled() and not out.requires_grad:
+        return out.detach().requires_grad_().clone()
+    return None
 
 
 class _KroneckerBFGS(LayerOptimizer):
@@ -45,7 +59,7 @@ class _KroneckerBFGS(LayerOptimizer):
     stored and applied (dense BFGS matrix or L-BFGS history).
 
     Per supported layer with ``W̃ = [W, b]`` (bias = homogeneous coordinate) and one step ``k``
-    on the minibatch ``B`` (ALGORITHMS.md §3.2; the paper's official code):
+    on the minibatch ``B`` (docs/kronecker.md; the paper's official code):
 
     1. **Pass 1** (``closure()`` at ``θ_k``): loss, ``∇``, layer inputs ``ā``, the batch means
        ``h̄`` of the pre-activations and ``ḡ = mean_B(g)`` of the per-example pre-activation
@@ -53,8 +67,10 @@ class _KroneckerBFGS(LayerOptimizer):
     2. ``ĝ ← ρ ĝ + (1 − ρ)(∇W̃ + wd·W̃)`` (``momentum`` ρ = 0.9, from 0);
        ``A ← β A + (1 − β) mean_B(ā āᵀ)`` (``stat_decay`` β = 0.9). On the first step without a
        warm start ``A`` is the batch statistic and ``H_a = (A + √λ I)⁻¹`` (Cholesky); after
-       :meth:`warm_start` the first step's EMA update is skipped, as in the paper's code.
-    3. ``W̃ ← W̃ − η H_g ĝ H_a`` (Kronecker identity, ALGORITHMS.md §1).
+       :meth:`warm_start` the first step's EMA update is skipped, as in the paper's code;
+       ``a_init="zero"`` starts instead from ``(1 − β)·statistic`` (a zero-started average, the
+       authors' full-batch setting).
+    3. ``W̃ ← W̃ − η H_g ĝ H_a`` (Kronecker identity).
     4. **Pass 2** (``closure()`` again, at ``θ_{k+1}``, on the **same minibatch**): ``h̄⁺, ḡ⁺``;
        ``s = h̄⁺ − h̄``, ``y = ḡ⁺ − ḡ``; ``s̄ ← γ s̄ + (1 − γ) s``, ``ȳ ← γ ȳ + (1 − γ) y``
        (``pair_decay`` γ = 0.9; 0 for full-batch training).
@@ -93,10 +109,12 @@ class _KroneckerBFGS(LayerOptimizer):
     ``step(closure)`` is required: ``closure`` zeroes the gradients, evaluates the loss on the
     current minibatch, calls ``backward()`` and returns the loss; it is called twice per step and
     must use the same minibatch both times (no fresh data, no dropout randomness changing the
-    batch). ``step`` returns the pass-1 loss. After ``step`` the ``.grad`` fields hold the
-    pass-2 gradients. BatchNorm running statistics are restored after pass 2, so a step moves
-    them once. Gradient accumulation: run all micro-batches inside the closure (each loss
-    divided by their number ``k``); the statistics are their means (``ḡ`` times ``k``).
+    batch). ``step`` returns the pass-1 loss. Pass 2 computes no parameter gradient (only
+    pre-activation gradients; this optimizer's parameters do not require grad while it runs),
+    so after ``step`` the ``.grad`` fields hold the pass-1 gradients, the ones the step used.
+    BatchNorm running statistics are restored after pass 2, so a step moves them once.
+    Gradient accumulation: run all micro-batches inside the closure (each loss divided by
+    their number ``k``); the statistics are their means (``ḡ`` times ``k``).
     bf16 / fp16 parameters and autocast work (curvature in ``factor_dtype``);
     ``torch.amp.GradScaler`` does not (it refuses closures): ``grad_scaler=`` raises
     ``ValueError``, use bf16 autocast. A layer without data in a pass gets no curvature update;
@@ -120,6 +138,7 @@ class _KroneckerBFGS(LayerOptimizer):
         fallback_lr: float | None,
         process_group: Any = None,
         distributed_mode: str = "memory",
+        a_init: str = "statistic",
         **layer_options: Any,
     ) -> None:
         scaler = layer_options.get("grad_scaler")
@@ -135,6 +154,8 @@ class _KroneckerBFGS(LayerOptimizer):
         check(isinstance(mu1, (int, float)) and 0.0 < mu1 < 1.0, "mu1", mu1,
               "a value in (0, 1)")
         check_finite_nonneg("cautious_eps", cautious_eps)
+        check(a_init in A_INITS, "a_init", a_init, f"one of {A_INITS}")
+        self.a_init = a_init
         self.stat_decay = stat_decay
         self.pair_decay = pair_decay
         self.mu1 = mu1
@@ -150,7 +171,7 @@ class _KroneckerBFGS(LayerOptimizer):
 
     def _setup_description(self) -> str:
         return (f"stat_decay={self.stat_decay} pair_decay={self.pair_decay} mu1={self.mu1} "
-                f"cautious_eps={self.cautious_eps} "
+                f"cautious_eps={self.cautious_eps} a_init={self.a_init} "
                 f"history_size={getattr(self, 'history_size', None)}")
 
     def _works(self, owned: bool) -> bool:
@@ -201,20 +222,35 @@ class _KroneckerBFGS(LayerOptimizer):
     # ------------------------------------------------------------------ warm start
     @torch.no_grad()
     def warm_start(self, batches: Iterable[Any],
-                   forward: Callable[[Any], Any] | None = None) -> int:
-        """Initialise ``A`` by one pass over ``batches`` at the current parameters (paper §3.2).
+                   forward: Callable[[Any], Any] | None = None, *,
+                   max_batches: int | None = None) -> int:
+        """Initialise ``A`` from one pass over ``batches`` at the current parameters, as the
+        paper does before training (docs/kronecker.md, "Warm start").
 
-        ``A`` is the average over batches of ``mean_B(ā āᵀ)``, then ``H_a = (A + √λ I)⁻¹``.
-        ``forward(batch)`` runs the model on a batch (default: ``model(batch[0])`` for tuples /
-        lists, else ``model(batch)``). Runs without gradients. Returns the number of batches
-        (this rank's). Distributed: ``A`` is averaged over all ranks' batches.
+        ``A`` becomes the average over the batches of ``mean_B(ā āᵀ)`` and
+        ``H_a = (A + √λ I)⁻¹``; the first :meth:`step` then skips its ``A`` update. Typical use,
+        once before the training loop: ``opt.warm_start(train_loader)``.
+
+        Args:
+            batches: any iterable of batches, e.g. the training ``DataLoader`` (one epoch).
+            forward: ``forward(batch)`` runs the model on one batch; default: ``model(x)`` with
+                ``x = batch[0]`` for tuples / lists (``(inputs, targets)``), else ``batch``,
+                moved to the device of the model's first supported layer.
+            max_batches: stop after this many batches (default: the whole iterable).
+
+        Runs without gradients, in the model's current train / eval mode. Returns the number of
+        batches used (this rank's). Distributed: ``A`` is averaged over all ranks' batches.
         """
+        check(max_batches is None or (isinstance(max_batches, int) and max_batches >= 1),
+              "max_batches", max_batches, "None or an integer >= 1")
         if self.kron_group is None:
             return 0
         model = self.model
+        device = self.layers[0].weight.device
 
         def default_forward(b: Any) -> Any:
-            return model(b[0] if isinstance(b, (tuple, list)) else b)
+            x = b[0] if isinstance(b, (tuple, list)) else b
+            return model(x.to(device) if isinstance(x, Tensor) else x)
 
         fwd = forward or default_forward
         sums = []
@@ -224,6 +260,8 @@ class _KroneckerBFGS(LayerOptimizer):
         n = 0
         with self.capture.warm():
             for batch in batches:
+                if max_batches is not None and n >= max_batches:
+                    break
                 self.capture.start(lambda m, rec: [input_statistics(m, rec.x)[0]],
                                    inputs=True, grads=False)
                 fwd(batch)
@@ -293,7 +331,7 @@ class _KroneckerBFGS(LayerOptimizer):
         if kron:
             self.capture.start(self._pass2_stats, inputs=False, h_mean=True)
             try:
-                with torch.enable_grad(), self._batchnorm_frozen():
+                with torch.enable_grad(), self._batchnorm_frozen(), self._preactivation_pass():
                     closure()
                 recs2 = self._collected(self.capture.collect())
             finally:
@@ -301,6 +339,38 @@ class _KroneckerBFGS(LayerOptimizer):
             self._second_half(pass1, recs2)
         st["step"] = k
         return loss
+
+    @contextmanager
+    def _preactivation_pass(self) -> Iterator[None]:
+        """Pass 2 without parameter gradients (docs/kronecker.md, "The second pass").
+
+        Pass 2 needs only the batch means of the pre-activations and of their gradients. While
+        it runs, this optimizer's parameters do not require grad (so ``backward()`` computes no
+        weight gradient: about a third of a forward/backward's work), and a temporary forward
+        hook, run before the capture hook, gives a supported layer whose output would not
+        require grad (no trainable input upstream) an output that does, so the graph still
+        carries every pre-activation gradient. The pass-1 gradients are set aside (so the
+        closure's ``zero_grad`` cannot clear them) and put back afterwards, with the flags and
+        hooks, whatever happens. A ``DistributedDataParallel`` model runs the pass under
+        ``no_sync()`` (its gradient hooks would never fire).
+        """
+        params = [p for g in self.param_groups for p in g["params"]]
+        saved = [(p.grad, p.requires_grad) for p in params]
+        handles = [m.register_forward_hook(_carry_grad, prepend=True) for m in self.layers]
+        sync = (self.model.no_sync() if isinstance(self.model, DistributedDataParallel)
+                else nullcontext())
+        try:
+            for p in params:
+                p.grad = None
+                p.requires_grad_(False)
+            with sync:
+                yield
+        finally:
+            for h in handles:
+                h.remove()
+            for p, (grad, req) in zip(params, saved):
+                p.requires_grad_(req)
+                p.grad = grad
 
     def _stats_or_nan(self, recs: list[list[Tensor] | None], shapes: list[list[tuple]]
                       ) -> list[Tensor]:
@@ -341,6 +411,8 @@ class _KroneckerBFGS(LayerOptimizer):
                 ls["stats_rejected"] += ~ok
             if first:
                 lam_a = math.sqrt(group["damping"])
+                if self.a_init == "zero":  # a zero-started average after one update
+                    a_new = a_new * (1.0 - self.stat_decay)
                 ls["A"].copy_(torch.where(ok, a_new, ls["A"]))
                 ls["H_a"].copy_(torch.where(ok, damped_inverse(ls["A"], lam_a), ls["H_a"]))
             elif not skip_a:
@@ -416,9 +488,22 @@ class KBFGS(_KroneckerBFGS):
     r"""K-BFGS: ``H_g`` is a dense ``d_out × d_out`` BFGS matrix, started at ``I`` and updated
     by :func:`secant.linalg.bfgs_inverse_update_` with each accepted double-damped pair.
 
-    The algorithm (shared with :class:`KBFGSL`) follows below; use ``loss = opt.step(closure)``.
+    Use: ``opt = KBFGS(model, lr=0.1, damping=0.3)``; optionally ``opt.warm_start(train_loader)``
+    once before training (the paper's setting with minibatches); then each iteration
+    ``loss = opt.step(closure)``, where ``closure`` zeroes grads, computes the loss on the
+    current minibatch, calls ``backward()`` and returns the loss — it is called twice per step
+    on the same minibatch. Recommended start: ``lr`` 0.1 (0.03 to 1; the paper's 0.3 diverged
+    on one harness problem, ``benchmarks/tuning.md``), ``damping`` 0.3; ``pair_decay=0`` and
+    ``a_init="zero"`` for full-batch training.
+    Not supported: ``step()`` without a closure (``RuntimeError``), a closure that draws fresh
+    data or dropout masks between its two calls (silently wrong pairs), layers sharing a
+    parameter or frozen biases (``ValueError``; exclude them), a layer called twice in one
+    forward (``RuntimeError``); unsupported modules (norms, embeddings, grouped convs) get the
+    K-BFGS step with identity preconditioner.
 
-    Args (defaults: the paper's official code and its MNIST Demo, ALGORITHMS.md §3.2, §3.5):
+    The algorithm (shared with :class:`KBFGSL`) follows below.
+
+    Args (defaults: the paper's official code and its MNIST Demo):
         model: the model; its ``nn.Linear`` / ``nn.Conv2d`` layers are found automatically.
         lr: step size α (0.3, Demo MNIST; constant in the paper).
         damping: λ (0.3, Demo MNIST); ``√λ`` damps A (``H_a ≈ (A + √λ I)⁻¹``) and is μ2 of DD.
@@ -438,6 +523,8 @@ class KBFGS(_KroneckerBFGS):
         process_group: the ranks that share curvature work (default: the default group when
             ``torch.distributed`` is initialised with more than one rank, else none).
         distributed_mode: ``"memory"`` (default) or ``"communication"`` (see below).
+        a_init: ``"statistic"`` (default) or ``"zero"``: how ``A`` starts without
+            :meth:`warm_start` (see step 2 below).
     """
 
     __doc__ = (__doc__ or "") + "\n" + (_KroneckerBFGS.__doc__ or "")
@@ -448,10 +535,11 @@ class KBFGS(_KroneckerBFGS):
                  exclude: Iterable[nn.Module] = (), fallback_lr: float | None = None,
                  param_groups: list[dict[str, Any]] | None = None,
                  factor_dtype: torch.dtype | None = None, grad_scaler: Any = None,
-                 process_group: Any = None, distributed_mode: str = "memory") -> None:
+                 process_group: Any = None, distributed_mode: str = "memory",
+                 a_init: str = "statistic") -> None:
         super().__init__(model, lr, damping, momentum, weight_decay, stat_decay, pair_decay,
                          mu1, cautious_eps, exclude, fallback_lr, process_group,
-                         distributed_mode, param_groups=param_groups,
+                         distributed_mode, a_init, param_groups=param_groups,
                          factor_dtype=factor_dtype, grad_scaler=grad_scaler)
 
     def _fresh_hg(self, d_out: int, kw: dict[str, Any]) -> dict[str, Tensor]:
@@ -465,13 +553,19 @@ class KBFGS(_KroneckerBFGS):
 
 
 class KBFGSL(_KroneckerBFGS):
-    r"""K-BFGS(L): ``H_g`` is the L-BFGS operator of the last ``history_size`` accepted pairs with
+    r"""K-BFGS(L): as :class:`KBFGS` with less memory. Use:
+    ``opt = KBFGSL(model, lr=0.1, damping=0.3, history_size=100)``, optional
+    ``opt.warm_start(train_loader)``, then ``loss = opt.step(closure)`` (closure called twice per
+    step on the same minibatch); same recommended start and same "not supported" list as
+    :class:`KBFGS`.
+
+    ``H_g`` is the L-BFGS operator of the last ``history_size`` accepted pairs with
     ``H₀ = I`` (γ fixed to 1, as the paper), kept in the shared ring-buffer history of
     :mod:`secant.linalg.lbfgs` (one block, ``c = d_out``) and applied in the compact form
     (:func:`secant.linalg.compact_apply`). Memory per layer: ``2·history_size·d_out`` instead of
     ``d_out²``.
 
-    Args: as :class:`KBFGS` (including ``process_group`` and ``distributed_mode``), plus
+    Args: as :class:`KBFGS` (including ``process_group``, ``distributed_mode``, ``a_init``), plus
     ``history_size`` (100, the paper's code).
     """
 
@@ -484,13 +578,14 @@ class KBFGSL(_KroneckerBFGS):
                  fallback_lr: float | None = None,
                  param_groups: list[dict[str, Any]] | None = None,
                  factor_dtype: torch.dtype | None = None, grad_scaler: Any = None,
-                 process_group: Any = None, distributed_mode: str = "memory") -> None:
+                 process_group: Any = None, distributed_mode: str = "memory",
+                 a_init: str = "statistic") -> None:
         check(isinstance(history_size, int) and not isinstance(history_size, bool)
               and history_size >= 1, "history_size", history_size, "an integer >= 1")
         self.history_size = history_size
         super().__init__(model, lr, damping, momentum, weight_decay, stat_decay, pair_decay,
                          mu1, cautious_eps, exclude, fallback_lr, process_group,
-                         distributed_mode, param_groups=param_groups,
+                         distributed_mode, a_init, param_groups=param_groups,
                          factor_dtype=factor_dtype, grad_scaler=grad_scaler)
 
     def _fresh_hg(self, d_out: int, kw: dict[str, Any]) -> dict[str, Tensor]:

@@ -1,6 +1,6 @@
 """K-FAC (Martens & Grosse 2015; convolutions: Grosse & Martens 2016), the Kronecker-factored
-baseline of the K-BFGS paper; dtypes, AMP, accumulation and parameter groups:
-``docs/patterns.md``."""
+baseline of the K-BFGS paper; the math and decisions are in docs/kronecker.md; dtypes, AMP,
+accumulation and parameter groups in docs/patterns.md."""
 
 from __future__ import annotations
 
@@ -17,6 +17,7 @@ from secant.linalg.kron import (
     eigen_apply,
     eigen_inverse,
     factored_shifts,
+    gram,
     kl_clip_scale,
     sym_eigh,
 )
@@ -43,20 +44,31 @@ def factor_statistics(module: nn.Module, x: Tensor, g: Tensor) -> tuple[Tensor, 
 
     i.e. ``A`` is the mean over examples and positions, ``G`` the mean over examples of the sum
     over positions — the KFC factors ``Ω/|T| ⊗ |T|Γ`` of Grosse & Martens (2016), whose product
-    equals ``Ω ⊗ Γ``. For one example of a Linear layer ``A ⊗ G`` is the exact Fisher block
-    (oracle O-F2).
+    equals ``Ω ⊗ Γ``. For one example of a Linear layer ``A ⊗ G`` is the exact Fisher block.
     """
     a = homogeneous_inputs(module, x)
     n = a.shape[0]
     rows = a.reshape(-1, a.shape[-1])
-    big_a = rows.T @ rows / rows.shape[0]
-    gr = g.reshape(-1, g.shape[-1])
-    big_g = (gr.T @ gr) * n
+    big_a = gram(rows, 1.0 / rows.shape[0])
+    big_g = gram(g.reshape(-1, g.shape[-1]), float(n))
     return big_a, big_g
 
 
 class KFAC(LayerOptimizer):
-    r"""K-FAC for the ``nn.Linear`` / ``nn.Conv2d`` layers of ``model``.
+    r"""K-FAC for the ``nn.Linear`` / ``nn.Conv2d`` layers of ``model`` (docs/kronecker.md).
+
+    Use: ``opt = KFAC(model, lr=1e-2, damping=3e-2)``; then each iteration either
+    ``opt.zero_grad(); loss.backward(); opt.step()`` or ``loss = opt.step(closure)`` (the closure
+    zeroes grads, computes the loss, calls ``backward()`` and returns it). Recommended start:
+    ``lr`` 1e-2 to 3e-2 with ``damping=3e-2`` (best learning rates of the harness grids in
+    ``benchmarks/tuning.md``); the class defaults are the standard K-FAC code's (1e-3, 1e-3).
+    Other modules' parameters get heavy-ball SGD. On factor-update steps every registered layer
+    must take part in exactly one forward (in grad mode) and backward; evaluation between steps
+    must run under ``torch.no_grad()``.
+    Not supported: layers sharing a parameter, frozen biases (``ValueError``; exclude them),
+    a layer called twice in one forward (``RuntimeError``), ``damping_mode="exact"`` with
+    ``inverse_method="cholesky"``; grouped, ``padding="same"`` or non-zero-padded convs are
+    left to the first-order fallback.
 
     Per supported layer with weight matrix ``W̃ = [W, b]`` (bias = homogeneous coordinate, conv
     weights flattened as ``F.unfold`` patches), every ``factor_update_period`` steps (from the
@@ -118,8 +130,12 @@ class KFAC(LayerOptimizer):
     run on a factor-update step keeps its factors. Not supported: weight sharing (a layer called
     twice in one forward raises; exclude it), a process group with ``add_param_group``.
 
-    Args (defaults from ``alecwangcq/KFAC-Pytorch`` and ``gpauloski/kfac-pytorch``, ALGORITHMS.md
-    §5.2):
+    Steady-state steps never synchronise with the device (decisions are device-side masks,
+    counters device tensors read by :meth:`diagnostics`), except that ``torch.linalg.eigh``
+    checks its own convergence once per inverse update of the eigen path.
+
+    Args (defaults from the standard K-FAC codes, ``alecwangcq/KFAC-Pytorch`` and
+    ``gpauloski/kfac-pytorch``):
         model: the model; its supported layers are found by ``named_modules()``.
         lr: learning rate η (1e-3).
         damping: Tikhonov damping λ (1e-3).
@@ -335,11 +351,18 @@ class KFAC(LayerOptimizer):
                            "G_inv": eigen_inverse(d_g, q_g, sg)}
             else:
                 new = {"A_inv": damped_inverse(a, sa), "G_inv": damped_inverse(g, sg)}
-            ok = torch.stack([torch.isfinite(t).all() for t in new.values()]).all()
+            # the stored tensors are finite iff these vectors are: the eigenvalues (a failed
+            # decomposition is all NaN; A and G are finite) or the inverses' diagonals (a
+            # failed Cholesky is all NaN); no full-matrix scan
+            probe = (("d_A", "d_G") if self.damping_mode == "exact" else
+                     ("A_inv", "G_inv"))
+            ok = torch.stack([torch.isfinite(new[key].diagonal() if new[key].dim() == 2
+                                             else new[key]).all() for key in probe]).all()
+            ok = ok & torch.isfinite(sa) & torch.isfinite(sg)
             for key, val in new.items():
-                ls[key].copy_(torch.where(ok, val, ls[key]))
-            ls["shift_a"].copy_(torch.where(ok, sa, ls["shift_a"]))
-            ls["shift_g"].copy_(torch.where(ok, sg, ls["shift_g"]))
+                torch.where(ok, val, ls[key], out=ls[key])
+            torch.where(ok, sa, ls["shift_a"], out=ls["shift_a"])
+            torch.where(ok, sg, ls["shift_g"], out=ls["shift_g"])
             ls["inverses_rejected"] += ~ok
         if self.distributed and self.distributed_mode == "communication":
             keys = self._inverse_keys()
@@ -384,7 +407,11 @@ class KFAC(LayerOptimizer):
         for i, p, lr in zip(live, ps, lrs):
             ls = st["layers"][i]
             u = ls["momentum"]
-            u.mul_(self.layer_group(i)["momentum"]).add_(p if nu is None else p * nu)
+            u.mul_(self.layer_group(i)["momentum"])
+            if nu is None:
+                u.add_(p)
+            else:
+                u.addcmul_(p, nu)
             add_to_params(self.layers[i], u, -lr)
             if active is not None:
                 ls["kl_clip_active"] += active
