@@ -27,12 +27,14 @@ from secant.bench.tuned import TUNED
 @dataclass(frozen=True)
 class Knob:
     """A second hyperparameter searched on a log grid. With ``complement`` the grid is over
-    ``1 − value`` (for averaging factors such as β: 0.9, 0.99, 0.999 are equally spaced)."""
+    ``1 − value`` (for averaging factors such as β: 0.9, 0.99, 0.999 are equally spaced).
+    ``bounds`` limits grid extension, in the searched coordinate."""
 
     name: str
     default: float
     grid: tuple[float, ...]  # values of the knob itself, increasing
     complement: bool = False
+    bounds: tuple[float, float] = (0.0, float("inf"))
 
     def to_search(self, value: float) -> float:
         return 1.0 - value if self.complement else value
@@ -41,7 +43,9 @@ class Knob:
         return 1.0 - u if self.complement else u
 
     def valid(self, value: float) -> bool:
-        return 0.0 < self.to_search(value) < (1.0 if self.complement else float("inf"))
+        lo, hi = self.bounds
+        u = self.to_search(value)
+        return u > 0 and lo <= u <= hi and (u < 1 or not self.complement)
 
 
 Factory = Callable[[nn.Module, float, dict], object]
@@ -150,7 +154,8 @@ _add(OptimizerEntry("soap", "pytorch_optimizer.SOAP (Shampoo-family; betas 0.95,
 _add(OptimizerEntry("mlbfgs", "secant.MomentumLBFGS: momentum-averaged block-wise L-BFGS (Niu "
                     "et al. 2023); library defaults besides lr and β (the EMA factor, tuned)",
                     "secant", _secant("MomentumLBFGS"), 3e-2, _LR,
-                    Knob("beta", 0.99, (0.9, 0.99, 0.999), complement=True)))
+                    Knob("beta", 0.99, (0.9, 0.99, 0.999), complement=True,
+                         bounds=(1e-4, 0.3))))
 _add(OptimizerEntry("kfac", "secant.KFAC: Kronecker-factored natural gradient (Martens & "
                     "Grosse 2015), Cholesky inverses; damping tuned", "secant",
                     _secant("KFAC", layer=True, inverse_method="cholesky"), 1e-2, _LR_ADAPTIVE,

@@ -174,7 +174,7 @@ def run_one(problem: Problem, entry: OptimizerEntry, data: Dataset, cfg: RunConf
     try:
         model.train()
         initial, _ = do_eval()
-        rec["initial_train_loss"] = initial
+        rec["initial_train_loss"] = best = initial
         next_eval = 1
         t0 = time.perf_counter()
         opt = entry.make(net, cfg.lr, cfg.knob)
@@ -223,11 +223,12 @@ def run_one(problem: Problem, entry: OptimizerEntry, data: Dataset, cfg: RunConf
                 while fraction() >= next_eval / cfg.n_evals:
                     next_eval += 1
                 tr, te = do_eval()
-                if budgets.diverged(tr, initial, trivial, step / steps_per_epoch):
-                    cap = budgets.ceiling(initial, trivial, step / steps_per_epoch)
+                if budgets.diverged(tr, initial, trivial, best, step / steps_per_epoch):
+                    cap = budgets.ceiling(initial, trivial, best, step / steps_per_epoch)
                     rec.update(status="diverged", message=f"train loss {tr:.4g} above the "
                                f"ceiling {cap:.4g} at step {step}")
                     break
+                best = min(best, tr)
         if rec["status"] == "ok":
             if not rec["curve"] or rec["curve"][-1]["step"] != step:
                 do_eval()
