@@ -24,12 +24,12 @@ from secant.bench.tuned import TUNED
 BENCH_EPILOG = """\
 With no arguments: the quick suite (--suite quick, what `make bench` runs): every available
 optimizer on small real and synthetic problems, 3 seeds each, budgets in epochs,
-within 10 minutes on 2 CPU cores. The report's first table is the verdict: per problem, who reaches the
-target first and by what factor the best secant method beats or trails the best baseline, in
-steps and in time, with the range over seeds. Learning rates and second knobs come from the
-committed tuning table (secant tune), --lr overrides. Outputs in --out: results.json,
-report.md, loss_vs_step.png, loss_vs_time.png and, with several problems,
-performance_profile.png. See docs/bench.md.
+within 10 minutes on 2 CPU cores. The report's first table is the verdict: per problem,
+who reaches the target first and by what factor the best secant method beats or trails the
+best baseline, in steps and in time, with the range over seeds. Learning rates and second
+knobs come from the committed tuning table (secant tune), --lr overrides. Outputs in
+--out: results.json, report.md, loss_vs_step.png, loss_vs_time.png and, with several
+problems, performance_profile.png. See docs/bench.md.
 """
 
 
