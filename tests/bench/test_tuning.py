@@ -52,6 +52,11 @@ def test_search_stops_at_valid_range_for_complement_knob():
     grid = [knob.to_search(v) for v in knob.grid]
     best, _, note = T.search(lambda u: -u, grid, valid=lambda u: knob.valid(knob.from_search(u)))
     assert knob.from_search(best) == pytest.approx(0.9) and "valid range" in note
+    bounded = Knob("beta", 0.99, (0.9, 0.99, 0.999), complement=True, bounds=(1e-4, 0.3))
+    best, scores, note = T.search(lambda u: u, [bounded.to_search(v) for v in bounded.grid],
+                                  valid=lambda u: bounded.valid(bounded.from_search(u)))
+    # extended down to 1 - beta = 1e-4 exactly (the bound, no round-off), not past it
+    assert best == 1e-4 and min(scores) == 1e-4 and "lower edge of the valid range" in note
 
 
 def _run(status, final, curve_end=None):

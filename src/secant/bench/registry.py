@@ -37,10 +37,10 @@ class Knob:
     bounds: tuple[float, float] = (0.0, float("inf"))
 
     def to_search(self, value: float) -> float:
-        return 1.0 - value if self.complement else value
+        return float(f"{1.0 - value:.12g}") if self.complement else value
 
     def from_search(self, u: float) -> float:
-        return 1.0 - u if self.complement else u
+        return float(f"{1.0 - u:.12g}") if self.complement else u
 
     def valid(self, value: float) -> bool:
         lo, hi = self.bounds
