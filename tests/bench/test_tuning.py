@@ -85,8 +85,11 @@ def test_target_rule_on_hand_made_runs():
     finals = {"sgd": [0.5, 0.4, 0.6], "adam": [0.3, 0.2, INF], "muon": [INF, INF, 0.1]}
     assert S.target_from_reference(finals) == (0.3, "adam")  # median of adam's, inf counted
     assert S.target_from_reference({"sgd": [INF, INF, 1.0]}) is None
-    assert T.end_loss(_run("ok", 2.0, curve_end=1.5)) == 1.5
-    assert T.end_loss(_run("diverged", None)) == INF
+    run = {"status": "ok", "curve": [{"step": k * 10, "train_loss": 10.0 - k}
+                                      for k in range(9)]}  # steps 0..80, evaluated every 10
+    assert T.target_loss(run) == 4.0  # step 60 = 3/4 of 80
+    assert T.target_loss(run, fraction=1.0) == 2.0
+    assert T.target_loss(_run("diverged", None)) == INF
 
 
 def test_projected_time_to_target():
@@ -116,3 +119,10 @@ def test_verdict_every_seed_and_factor():
     v2 = S.verdict({"adam": _seeded([100, 100, 100]), "kfac": _seeded([50, 120, 40], 0.04)},
                    fam)
     assert v2["every_seed"] is False and v2["factor_time"]["median"] == pytest.approx(0.5)
+
+
+def test_verdict_loss_counts_seeds_where_both_miss_as_neither():
+    fam = {"soap": "baseline", "kfac": "secant"}
+    v = S.verdict({"soap": _seeded([320, 360, None]), "kfac": _seeded([None, None, None])}, fam)
+    assert v["first"] == "soap" and v["every_seed"] is False
+    assert v["secant_loses_every_seed"] is True and v["factor_steps"]["median"] == 0.0

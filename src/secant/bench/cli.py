@@ -331,7 +331,7 @@ def tune(args: argparse.Namespace, argv_text: str) -> int:
             print(f"{p.name}/{e.name}: lr {c['lr']:g} {knob} (final train loss "
                   f"{c['loss']:.5g}) {note}")
             choices[e.name] = c
-        finals = {n: [tuning.end_loss(c["run"](s)) for s in tuning.REFERENCE_SEEDS]
+        finals = {n: [tuning.target_loss(c["run"](s)) for s in tuning.REFERENCE_SEEDS]
                   for n, c in choices.items() if "run" in c and OPTIMIZERS[n].family == "baseline"}
         for c in choices.values():
             c.pop("run", None)
@@ -342,12 +342,12 @@ def tune(args: argparse.Namespace, argv_text: str) -> int:
             table.setdefault("targets", {})[p.name] = {
                 "loss": float(f"{loss:.6g}"), "baseline": base,
                 "seeds": list(tuning.REFERENCE_SEEDS), "budget": budget,
-                "how": f"median over seeds {list(tuning.REFERENCE_SEEDS)} of the end-of-budget "
-                       f"training-subset loss of the best tuned baseline ({base}, lr "
-                       f"{choices[base]['lr']:g}) after {budget} at batch "
+                "how": f"median over seeds {list(tuning.REFERENCE_SEEDS)} of the training-subset "
+                       f"loss of the best tuned baseline ({base}, lr {choices[base]['lr']:g}) at "
+                       f"3/4 of {budget} at batch "
                        f"{args.batch_size or p.batch_size}, in `{argv_text}`"}
             md += ["", f"Target {loss:.6g}: {table['targets'][p.name]['how']}. Baselines' "
-                   "median end losses: " + ", ".join(
+                   "median losses at 3/4 of the budget: " + ", ".join(
                        f"{b} {tuning.scoring.median_or_inf(v):.5g}" for b, v in finals.items())]
         md.append("")
     if args.write:

@@ -122,6 +122,8 @@ _LR = (1e-3, 3e-3, 1e-2, 3e-2, 0.1)
 _LR_ADAPTIVE = (3e-4, 1e-3, 3e-3, 1e-2, 3e-2)
 _DAMPING = (0.01, 0.03, 0.1, 0.3, 1.0)
 _WD = (1e-4, 1e-3, 1e-2, 0.1)
+# bounded: on the quadratic (optimum at θ = 0) unbounded decay "wins" by shrinking θ to 0
+_WD_KNOB = Knob("weight_decay", 1e-2, _WD, bounds=(1e-6, 0.3))
 
 
 def _add(entry: OptimizerEntry) -> None:
@@ -139,17 +141,17 @@ _add(OptimizerEntry("adam", "torch.optim.Adam (betas 0.9, 0.999; eps 1e-8)", "ba
                     _torch(torch.optim.Adam), 1e-3, _LR_ADAPTIVE))
 _add(OptimizerEntry("adamw", "torch.optim.AdamW (betas 0.9, 0.999); weight decay tuned",
                     "baseline", _torch(torch.optim.AdamW), 1e-3, _LR_ADAPTIVE,
-                    Knob("weight_decay", 1e-2, _WD)))
+                    _WD_KNOB))
 _add(OptimizerEntry("muon", "torch.optim.Muon (momentum 0.95, Nesterov, RMS matched to "
                     "AdamW) on hidden 2-D weights, torch.optim.AdamW on the rest; weight "
                     "decay tuned", "baseline",
                     lambda: None if not hasattr(torch.optim, "Muon") else (
                         lambda model, lr, knob: baselines.muon_with_adamw(model, lr, **knob)),
-                    1e-3, _LR_ADAPTIVE, Knob("weight_decay", 1e-2, _WD)))
+                    1e-3, _LR_ADAPTIVE, _WD_KNOB))
 _add(OptimizerEntry("soap", "pytorch_optimizer.SOAP (Shampoo-family; betas 0.95, 0.95, "
                     "preconditioner every 10 steps), from the optional 'baselines' extra",
                     "baseline", _optional("pytorch_optimizer", "SOAP"), 3e-3, _LR_ADAPTIVE,
-                    Knob("weight_decay", 1e-2, _WD)))
+                    _WD_KNOB))
 # ---- secant
 _add(OptimizerEntry("mlbfgs", "secant.MomentumLBFGS: momentum-averaged block-wise L-BFGS (Niu "
                     "et al. 2023); library defaults besides lr and β (the EMA factor, tuned)",

@@ -154,6 +154,11 @@ VERDICT_HEADER = ["problem", "target", "first to target", "best secant: steps",
 def _factor(f: dict | None) -> str:
     if f is None or f["median"] is None:
         return "—"
+    if f["median"] == 0:
+        return "0 (secant: not reached)"
+    if f["median"] == math.inf:
+        return "∞ (baseline: not reached)"
+
     def one(v):
         return "∞" if v == math.inf else format(v, ".2f")
     text = one(f["median"]) + "×"

@@ -86,9 +86,10 @@ def projected_time(steps: int | None, median_step_time: float | None) -> float |
 
 
 def target_from_reference(finals: dict[str, list[float]]) -> tuple[float, str] | None:
-    """The target rule: the loss the best tuned baseline reaches at the end of the budget,
-    median over seeds. ``finals[baseline]`` holds its end-of-budget training-subset losses
-    (``inf`` for a diverged seed); the best baseline is the one with the lowest median.
+    """The target rule: the loss the best tuned baseline reaches (at 3/4 of the budget, see
+    :func:`secant.bench.tuning.target_loss`), median over seeds. ``finals[baseline]`` holds
+    its training-subset losses there (``inf`` for a diverged seed); the best baseline is the
+    one with the lowest median.
     Returns ``(target, baseline)``, or ``None`` when no baseline finished."""
     med = {b: median_or_inf(v) for b, v in finals.items() if v}
     if not med:
@@ -140,7 +141,8 @@ def verdict(runs_by_opt: dict[str, list[dict]], families: dict[str, str]) -> dic
             "min": min(ratios, default=None), "max": max(ratios, default=None)}
         if what == "steps":
             out["every_seed"] = bool(seeds) and all(s[i] < b[i] for i in seeds)
-            out["secant_loses_every_seed"] = bool(seeds) and all(s[i] > b[i] for i in seeds)
+            out["secant_loses_every_seed"] = any(s[i] > b[i] for i in seeds) and all(
+                s[i] > b[i] or math.isinf(s[i]) and math.isinf(b[i]) for i in seeds)
     return out
 
 
