@@ -31,6 +31,10 @@ LIMIT_S = 8 * 60
 def suite_commands(args: argparse.Namespace) -> list[list[str]]:
     ae, cnn = (0.05, 0.02) if args.tiny else (args.ae_epochs, args.cnn_epochs)
     common = ["--device", args.device, "--no-progress", "--threads", str(args.threads)]
+    if args.optimizers:
+        common += ["--optimizers", args.optimizers]
+    if args.tiny:
+        common += ["--evals", "2"]
     data = ["--data-dir", args.data_dir] if args.data_dir else []
     return [
         ["bench", "--suite", "paper-ae", "--epochs", f"{ae:g}", "--seeds", "1" if args.tiny
@@ -48,6 +52,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--ae-epochs", type=float, default=20.0)
     p.add_argument("--cnn-epochs", type=float, default=1.0)
     p.add_argument("--threads", type=int, default=4, help="torch CPU threads")
+    p.add_argument("--optimizers", help="comma-separated subset (default: every available)")
     p.add_argument("--tiny", action="store_true", help="a few steps per run (CPU check)")
     args = p.parse_args(argv)
     start = time.perf_counter()

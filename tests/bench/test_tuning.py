@@ -47,14 +47,14 @@ def test_search_never_picks_diverged_values():
                                                       "every value diverged or failed")
 
 
-def test_search_stops_at_valid_range_for_complement_knob():
-    knob = Knob("beta", 0.99, (0.9, 0.99, 0.999), complement=True)
+def test_search_clamps_extensions_to_the_knob_bounds():
+    knob = Knob("beta", 0.99, (0.9, 0.99, 0.999), complement=True, bounds=(1e-4, 0.3))
     grid = [knob.to_search(v) for v in knob.grid]
-    best, _, note = T.search(lambda u: -u, grid, valid=lambda u: knob.valid(knob.from_search(u)))
-    assert knob.from_search(best) == pytest.approx(0.9) and "valid range" in note
-    bounded = Knob("beta", 0.99, (0.9, 0.99, 0.999), complement=True, bounds=(1e-4, 0.3))
-    best, scores, note = T.search(lambda u: u, [bounded.to_search(v) for v in bounded.grid],
-                                  valid=lambda u: bounded.valid(bounded.from_search(u)))
+    best, scores, note = T.search(lambda u: -u, grid, bounds=knob.bounds)
+    # 1 - beta: 0.1 is the top of the grid; the next value (1.0) is clamped to the bound 0.3
+    assert best == 0.3 and knob.from_search(best) == pytest.approx(0.7)
+    assert "upper edge of the valid range" in note and max(scores) == 0.3
+    best, scores, note = T.search(lambda u: u, grid, bounds=knob.bounds)
     # extended down to 1 - beta = 1e-4 exactly (the bound, no round-off), not past it
     assert best == 1e-4 and min(scores) == 1e-4 and "lower edge of the valid range" in note
 

@@ -28,7 +28,7 @@ from secant.bench.tuned import TUNED
 class Knob:
     """A second hyperparameter searched on a log grid. With ``complement`` the grid is over
     ``1 − value`` (for averaging factors such as β: 0.9, 0.99, 0.999 are equally spaced).
-    ``bounds`` limits grid extension, in the searched coordinate."""
+    ``bounds`` limits grid extension, in the searched coordinate (for β: 1 − β)."""
 
     name: str
     default: float
@@ -41,11 +41,6 @@ class Knob:
 
     def from_search(self, u: float) -> float:
         return float(f"{1.0 - u:.12g}") if self.complement else u
-
-    def valid(self, value: float) -> bool:
-        lo, hi = self.bounds
-        u = self.to_search(value)
-        return u > 0 and lo <= u <= hi and (u < 1 or not self.complement)
 
 
 Factory = Callable[[nn.Module, float, dict], object]

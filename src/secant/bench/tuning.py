@@ -38,10 +38,11 @@ def snap(v: float) -> float:
 
 
 def search(score: Callable[[float], float], grid: list[float],
-           valid: Callable[[float], bool] = lambda u: u > 0,
+           bounds: tuple[float, float] = (0.0, math.inf),
            max_extensions: int = MAX_EXTENSIONS) -> tuple[float | None, dict[float, float], str]:
     """Minimise ``score`` over a log grid (increasing, at least two points), extending it at
-    an edge while the best value sits there. Returns ``(best, scores, note)``: ``best`` is
+    an edge while the best value sits there; an extension past ``bounds`` is clamped to the
+    bound (tried once). Returns ``(best, scores, note)``: ``best`` is
     ``None`` when every value scored ``inf``; ``note`` is empty when ``best`` is strictly
     inside the values tried, else says why it is not."""
     if len(grid) < 2:
@@ -58,8 +59,8 @@ def search(score: Callable[[float], float], grid: list[float],
             return best, scores, ""
         low = best == pts[0]
         ratio = (pts[1] / pts[0]) if low else (pts[-1] / pts[-2])
-        new = snap(best / ratio if low else best * ratio)
-        if not valid(new):
+        new = min(max(snap(best / ratio if low else best * ratio), bounds[0]), bounds[1])
+        if new in scores or new <= 0:
             return best, scores, f"at the {'lower' if low else 'upper'} edge of the valid range"
         if len(scores) - len(grid) >= max_extensions:
             break
@@ -113,8 +114,7 @@ def tune_entry(run: Callable[[float, dict, int], dict], lr_grid: list[float], kn
     if lr is not None and knob is not None:
         u_best, _, knob_note = search(
             lambda u: score(lr, {knob.name: knob.from_search(u)}),
-            [knob.to_search(v) for v in knob.grid],
-            valid=lambda u: knob.valid(knob.from_search(u)))
+            [knob.to_search(v) for v in knob.grid], bounds=knob.bounds)
         if u_best is not None and knob.from_search(u_best) != knob.default:
             knob_value = {knob.name: knob.from_search(u_best)}
             ratio = lr_grid[1] / lr_grid[0]
