@@ -121,6 +121,20 @@ def test_verdict_every_seed_and_factor():
     assert v2["every_seed"] is False and v2["factor_time"]["median"] == pytest.approx(0.5)
 
 
+def test_verdict_best_of_a_family_that_misses_by_seeds_reached_then_final_loss():
+    fam = {"adam": "baseline", "kfac": "secant", "kbfgs": "secant", "mlbfgs": "secant"}
+    runs = {"adam": _seeded([10, 10, 10]), "mlbfgs": _seeded([None, None, None]),
+            "kfac": _seeded([None, None, None]), "kbfgs": _seeded([None, 50, None])}
+    for o, f in (("mlbfgs", 3.0), ("kfac", 1.0), ("kbfgs", 2.0)):
+        for r in runs[o]:
+            r["final_train_loss"] = f
+    assert S.verdict(runs, fam)["best_secant"] == "kbfgs"  # reached on one seed
+    runs["kbfgs"] = _seeded([None, None, None])
+    for r in runs["kbfgs"]:
+        r["final_train_loss"] = 2.0
+    assert S.verdict(runs, fam)["best_secant"] == "kfac"  # nobody reached: lowest final loss
+
+
 def test_verdict_loss_counts_seeds_where_both_miss_as_neither():
     fam = {"soap": "baseline", "kfac": "secant"}
     v = S.verdict({"soap": _seeded([320, 360, None]), "kfac": _seeded([None, None, None])}, fam)

@@ -108,13 +108,16 @@ def verdict(runs_by_opt: dict[str, list[dict]], families: dict[str, str]) -> dic
 
     ``runs_by_opt[o]`` are o's runs with ``steps_to_target`` and ``projected_time_to_target``
     set (``None`` = missed or diverged). The best of a family is the one with the lowest
-    median steps (ties: lowest median projected time). The factor's range is over seeds,
+    median steps (ties: most seeds reaching the target, then lowest median projected time,
+    then lowest median final training loss). The factor's range is over seeds,
     paired by seed; ``every_seed`` is True when the best secant method reaches the target in
     fewer steps than the best baseline on every seed (``False`` when it loses on any)."""
-    def key(o: str) -> tuple[float, float]:
-        return (median_or_inf(list(_per_seed(runs_by_opt[o], "steps_to_target").values())),
+    def key(o: str) -> tuple[float, int, float, float]:
+        steps = list(_per_seed(runs_by_opt[o], "steps_to_target").values())
+        return (median_or_inf(steps), -sum(math.isfinite(s) for s in steps),
                 median_or_inf(list(_per_seed(runs_by_opt[o],
-                                             "projected_time_to_target").values())))
+                                             "projected_time_to_target").values())),
+                median_or_inf(list(_per_seed(runs_by_opt[o], "final_train_loss").values())))
 
     ranked = sorted(runs_by_opt, key=key)
     if not ranked:
