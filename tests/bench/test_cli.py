@@ -54,6 +54,8 @@ def test_bench_several_problems_profile_and_divergence(tmp_path):
     (["--lr", "adam=-1"], "must be a finite number > 0"),
     (["--problem", "mnist"], "train-images-idx3-ubyte"),
     (["--problem", "cifar10"], "--synthetic"),
+    (["--suite", "nope"], "unknown suite 'nope'"),
+    (["--suite", "quick", "--problem", "digits"], "not allowed with argument"),
 ])
 def test_bad_input_one_line_nonzero(argv, expect, capsys, tmp_path):
     with pytest.raises(SystemExit) as exc:
@@ -62,6 +64,43 @@ def test_bad_input_one_line_nonzero(argv, expect, capsys, tmp_path):
     assert exc.value.code != 0
     err = capsys.readouterr().err
     assert expect in err and len(err.strip().splitlines()) == 1
+
+
+def _no_training(monkeypatch):
+    import secant.bench.cli as cli
+
+    def fail(*a, **k):
+        raise AssertionError("training started")
+
+    monkeypatch.setattr(cli, "run_one", fail)
+
+
+def test_corrupt_gz_rejected_before_training(tmp_path, capsys, monkeypatch):
+    _no_training(monkeypatch)
+    (tmp_path / "train-images-idx3-ubyte.gz").write_bytes(b"not gzip at all")
+    (tmp_path / "t10k-images-idx3-ubyte.gz").write_bytes(b"\x1f\x8b\x08garbage")
+    rc = main(["bench", "--problem", "mnist", "--data-dir", str(tmp_path), "--out",
+               str(tmp_path / "o")])
+    assert rc == 2
+    err = capsys.readouterr().err
+    assert "train-images-idx3-ubyte.gz" in err and len(err.strip().splitlines()) == 1
+
+
+@pytest.mark.parametrize("what", ["file", "earlier results"])
+def test_out_that_exists_is_rejected_before_training(what, tmp_path, capsys, monkeypatch):
+    _no_training(monkeypatch)
+    out = tmp_path / "out"
+    if what == "file":
+        out.write_text("x")
+    else:
+        out.mkdir()
+        (out / "results.json").write_text("{}")
+    rc = main(["bench", "--problem", "quadratic", "--epochs", "1", "--out", str(out)])
+    assert rc == 2
+    err = capsys.readouterr().err
+    assert str(out) in err and len(err.strip().splitlines()) == 1
+    assert (out.read_text() == "x") if what == "file" else \
+        (out / "results.json").read_text() == "{}"  # untouched
 
 
 def test_malformed_data_file_one_line(tmp_path, capsys):
@@ -77,16 +116,25 @@ def test_help_documents_every_option(capsys):
     with pytest.raises(SystemExit):
         main(["bench", "--help"])
     text = capsys.readouterr().out
-    for opt in ("--problem", "--optimizers", "--budget-seconds", "--epochs", "--seeds",
-                "--batch-size", "--lr", "--device", "--data-dir", "--out", "--list",
-                "10 minutes"):
+    for opt in ("--suite", "--problem", "--optimizers", "--budget-seconds", "--epochs",
+                "--seeds", "--batch-size", "--lr", "--device", "--data-dir", "--out", "--list",
+                "10 minutes", "verdict"):
         assert opt in text
+
+
+def test_tune_help_offers_no_list(capsys):
+    with pytest.raises(SystemExit):
+        main(["tune", "--help"])
+    text = capsys.readouterr().out
+    assert "--list" not in text and "--tune-seeds" in text and "--suite" in text
 
 
 def test_list_and_version(capsys):
     assert main(["bench", "--list"]) == 0
     text = capsys.readouterr().out
-    for name in ("curves", "mnist", "digits", "quadratic", "cifar10", "sgd", "adam", "mlbfgs"):
+    for name in ("quick", "paper-ae", "paper-cnn", "all", "curves", "mnist", "mnist1d",
+                 "digits", "quadratic", "cifar10", "sgd", "sgd-norm", "adamw", "muon", "soap",
+                 "mlbfgs"):
         assert f"  {name} " in text
     with pytest.raises(SystemExit) as exc:
         main(["--version"])
@@ -97,14 +145,46 @@ def test_tune_writes_table_and_target(tmp_path):
     table = tmp_path / "tuned.py"
     md = tmp_path / "tuning.md"
     rc = main(["tune", "--problem", "quadratic", "--optimizers", "sgd,adam", "--epochs", "1",
-               "--grid", "sgd=1e-3:1000", "--grid", "adam=0.01:0.1", "--write", str(table),
-               "--markdown", str(md), "--no-progress"])
+               "--grid", "sgd=1e-3:3e-3:1000", "--grid", "adam=0.01:0.03:0.1", "--write",
+               str(table), "--markdown", str(md), "--no-progress"])
     assert rc == 0
     spec = importlib.util.spec_from_file_location("tuned_tmp", table)
     mod = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(mod)
-    assert mod.TUNED["lrs"]["quadratic"]["sgd"] == 1e-3  # lr 1000 diverges
-    assert mod.TUNED["lrs"]["quadratic"]["adam"] in (0.01, 0.1)
+    sgd = mod.TUNED["choices"]["quadratic"]["sgd"]
+    assert sgd["lr"] != 1000  # lr 1000 diverges: never chosen
+    assert any(p["lr"] == 1000 and p["loss"] is None for p in sgd["points"])
     tgt = mod.TUNED["targets"]["quadratic"]
-    assert tgt["loss"] > 0 and "Adam" in tgt["how"]
-    assert "**best**" in md.read_text()
+    assert tgt["loss"] > 0 and tgt["baseline"] in ("sgd", "adam")
+    assert tgt["seeds"] == [1000, 1001, 1002] and "best tuned baseline" in tgt["how"]
+    assert "tried:" in md.read_text()
+
+
+def test_suites_resolve_to_known_problems():
+    from secant.bench.problems import PROBLEMS
+    from secant.bench.suites import SUITES
+
+    assert list(SUITES) == ["quick", "paper-ae", "paper-cnn", "all"]
+    for s in SUITES.values():
+        assert set(s.epochs) <= set(PROBLEMS) and s.seeds >= 3
+    assert SUITES["paper-ae"].problems(None) == ["curves"]
+    assert SUITES["paper-ae"].problems("data") == ["curves", "mnist"]
+    assert all(PROBLEMS[p].batch_size == 1000 for p in SUITES["paper-ae"].epochs)
+    assert set(SUITES["all"].epochs) == set().union(*(SUITES[n].epochs for n in
+                                                      ("quick", "paper-ae", "paper-cnn")))
+
+
+def test_suite_run_verdict_first(tmp_path, monkeypatch, capsys):
+    from secant.bench import suites
+
+    monkeypatch.setitem(suites.SUITES, "quick", suites.Suite(
+        "quick", "test", {"quadratic": 1}, seeds=3))
+    out = tmp_path / "q"
+    rc = main(["bench", "--optimizers", "sgd,mlbfgs", "--out", str(out), "--no-progress"])
+    assert rc == 0
+    res = json.loads((out / "results.json").read_text())
+    assert sorted(r["config"]["seed"] for r in res["runs"]) == [0, 0, 1, 1, 2, 2]
+    assert all(r["config"]["epochs"] == 1 for r in res["runs"])
+    report = (out / "report.md").read_text()
+    assert report.index("## Verdict") < report.index("## quadratic")
+    assert "quadratic" in res["verdicts"]

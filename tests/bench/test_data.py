@@ -143,3 +143,30 @@ def test_quadratic_spectrum():
     assert (eig[:90] >= -1e-4).all() and (eig[:90] <= 1 + 1e-4).all()
     assert (eig[90:] >= 30 - 1e-3).all() and (eig[90:] <= 60 + 1e-3).all()
     assert x_tr.shape == (1000, 100) and x_te.shape == (1000, 100)
+
+
+def test_mnist1d_from_its_real_generator_without_network(monkeypatch):
+    import random
+    import socket
+
+    pytest.importorskip("mnist1d")
+
+    def no_network(*a, **k):
+        raise AssertionError("mnist1d tried to open a network connection")
+
+    monkeypatch.setattr(socket, "socket", no_network)
+    np.random.seed(7)
+    random.seed(7)
+    before = (np.random.get_state()[1].copy(), random.getstate())
+    x_tr, y_tr, x_te, y_te = D.load_mnist1d()
+    assert x_tr.shape == (4000, 40) and x_te.shape == (1000, 40)
+    assert x_tr.dtype == torch.float32 and y_tr.dtype == torch.int64
+    assert set(y_tr.tolist()) == set(range(10)) and set(y_te.tolist()) <= set(range(10))
+    assert torch.bincount(torch.cat([y_tr, y_te])).tolist() == [500] * 10  # 5000 / 10 classes
+    # the package standardises the whole set to mean 0, std 1
+    x = torch.cat([x_tr, x_te]).double()
+    assert abs(float(x.mean())) < 1e-6 and abs(float(x.std()) - 1) < 1e-3
+    # deterministic, and the global random states are left as they were
+    assert np.array_equal(np.random.get_state()[1], before[0]) and random.getstate() == before[1]
+    again = D.load_mnist1d()
+    assert torch.equal(again[0], x_tr) and torch.equal(again[3], y_te)

@@ -7,7 +7,7 @@ from secant.bench import models as M
 
 
 def test_paper_autoencoder_parameter_counts():
-    # ALGORITHMS.md O-K8
+    # the K-BFGS paper's counts (docs/bench.md, Problems)
     assert M.count_parameters(M.autoencoder(M.CURVES_WIDTHS)) == 842_340
     assert M.count_parameters(M.autoencoder(M.MNIST_WIDTHS)) == 2_837_314
 

@@ -10,6 +10,10 @@ from secant.bench.registry import OptimizerEntry, get_optimizer
 from secant.bench.runner import RunConfig, run_one, state_bytes
 
 
+def _factory(cls):
+    return lambda model, lr, knob: cls(model.parameters(), lr=lr, **knob)
+
+
 def _cfg(opt, lr, steps=None, seconds=None, problem="quadratic"):
     return RunConfig(problem, opt, lr, "test", 0, 64, seconds, steps, "cpu", 4)
 
@@ -55,7 +59,8 @@ def test_divergence_is_recorded():
 
 def test_layer_optimizer_not_applicable_on_quadratic():
     p = get_problem("quadratic")
-    entry = OptimizerEntry("layerish", "", "layer", lambda: torch.optim.SGD, {}, 1.0, (1.0,))
+    entry = OptimizerEntry("layerish", "", "secant", lambda: _factory(torch.optim.SGD), 1.0,
+                           (1.0,), needs_layers=True)
     rec = run_one(p, entry, p.load(None, False), _cfg("layerish", 1.0, steps=1.0),
                   progress=False)
     assert rec["status"] == "not applicable"
@@ -82,7 +87,7 @@ class _Displaced(torch.optim.SGD):
 def test_evaluation_uses_undisplaced_and_closure_steps():
     p = get_problem("quadratic")
     data = p.load(None, False)
-    entry = OptimizerEntry("disp", "", "param", lambda: _Displaced, {}, 1e-3, (1e-3,))
+    entry = OptimizerEntry("disp", "", "baseline", lambda: _factory(_Displaced), 1e-3, (1e-3,))
     rec = run_one(p, entry, data, _cfg("disp", 1e-3, steps=1.0), progress=False)
     assert _Displaced.entered >= 3
     # at theta = 0 the loss is the mean of x^T H x / 2 over the evaluated examples
@@ -97,6 +102,6 @@ def test_failing_optimizer_is_recorded_not_raised():
         raise ValueError("lr=-1: expected a value >= 0")
 
     p = get_problem("quadratic")
-    entry = OptimizerEntry("broken", "", "param", lambda: broken, {}, 1.0, (1.0,))
+    entry = OptimizerEntry("broken", "", "baseline", lambda: _factory(broken), 1.0, (1.0,))
     rec = run_one(p, entry, p.load(None, False), _cfg("broken", 1.0, steps=1.0), progress=False)
     assert rec["status"] == "error" and "lr=-1" in rec["message"]

@@ -8,6 +8,7 @@ was expected, never a bare ``OSError`` or a reshape error.
 from __future__ import annotations
 
 import gzip
+import random
 import struct
 from pathlib import Path
 
@@ -30,7 +31,7 @@ def curves_images(n: int, seed: int, size: int = 28, chunk: int = 500) -> Tensor
     ``seed``.
 
     Our own recipe (the original ``digs3pts_1.mat`` generator is not published; see
-    ALGORITHMS.md §3.6), so losses are *not* comparable to published CURVES numbers:
+    docs/bench.md, Problems), so losses are *not* comparable to published CURVES numbers:
 
     1. draw three points ``p0, p1, p2`` uniformly in ``[2, size−3]²`` (pixel units);
     2. the curve is the parabola arc through them, ``c(t) = p0 L0(t) + p1 L1(t) + p2 L2(t)``
@@ -230,3 +231,28 @@ def quadratic_deep(dim: int = 100, n_train: int = 1000, n_test: int = 1000, seed
     h = 0.5 * (h + h.T)
     x = torch.randn(n_train + n_test, dim, generator=gen)
     return h, x[:n_train], x[n_train:]
+
+
+# ---------------------------------------------------------------------------------- MNIST-1D
+def load_mnist1d(n_samples: int = 5000, seed: int = 42) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """MNIST-1D (Greydanus 2020) generated procedurally by the ``mnist1d`` package's
+    ``make_dataset`` with its default arguments (10 one-dimensional digit templates padded,
+    scaled, sheared, translated and noised into length-40 signals; 4,000 train / 1,000 test):
+    no file and no download. The generator seeds numpy's and Python's global RNGs; their
+    states are restored afterwards. Returns ``x_train, y_train, x_test, y_test``."""
+    try:
+        from mnist1d.data import get_dataset_args, make_dataset
+    except ImportError:
+        raise BenchError("problem 'mnist1d' needs the mnist1d package: "
+                         "pip install 'secant[bench]'") from None
+    args = get_dataset_args()
+    args.num_samples, args.seed = n_samples, seed
+    np_state, py_state = np.random.get_state(), random.getstate()
+    try:
+        d = make_dataset(args)
+    finally:
+        np.random.set_state(np_state)
+        random.setstate(py_state)
+    return (torch.tensor(d["x"], dtype=torch.float32), torch.tensor(d["y"], dtype=torch.int64),
+            torch.tensor(d["x_test"], dtype=torch.float32),
+            torch.tensor(d["y_test"], dtype=torch.int64))

@@ -12,7 +12,7 @@ MNIST_WIDTHS = (784, 1000, 500, 250, 30, 250, 500, 1000, 784)
 
 
 def autoencoder(widths: tuple[int, ...] | list[int]) -> nn.Sequential:
-    """The paper's deep autoencoder (ALGORITHMS.md §3.5): all layers ``nn.Linear``, ReLU after
+    """The paper's deep autoencoder (docs/bench.md, Problems): all layers ``nn.Linear``, ReLU after
     every hidden layer except the code layer (the narrowest, linear) and the output layer
     (linear logits; the loss applies the sigmoid)."""
     code = min(range(len(widths)), key=lambda i: widths[i])

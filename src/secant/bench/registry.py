@@ -1,14 +1,17 @@
-"""The one list of optimizers the harness knows. An entry is *available* only when its class
-exists at run time (``torch.optim`` for the baselines, ``getattr(secant, name)`` for secant's
-own), so entries light up as optimizers land, with no other edit.
+"""The one list of optimizers the harness knows: the baselines users would pick instead and
+secant's own methods. An entry is *available* only when what it builds exists at run time
+(``torch.optim``, the optional ``pytorch_optimizer`` package of the ``baselines`` extra, or
+``getattr(secant, name)``), so entries light up as packages are installed, with no other edit.
 
-Every entry is built by a factory ``(model, lr) -> optimizer`` with its other hyperparameters
-fixed here; the learning rate comes from the committed tuning table
-(:mod:`secant.bench.tuned`, written by ``secant tune``), else from ``default_lr`` below.
+Every entry builds ``(model, lr, knob) -> optimizer``: the learning rate and, where the method
+has one, its main second hyperparameter (the *knob*: damping, β, weight decay), both searched on
+log grids by ``secant tune`` (``docs/bench.md``, Tuning) and read back from the committed table
+(:mod:`secant.bench.tuned`). Other hyperparameters are fixed here and stated in the description.
 """
 
 from __future__ import annotations
 
+import importlib
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -16,80 +19,156 @@ import torch
 from torch import nn
 
 import secant
+from secant.bench import baselines
 from secant.bench.data import BenchError
 from secant.bench.tuned import TUNED
 
 
-def _secant_class(name: str) -> Callable[..., torch.optim.Optimizer] | None:
-    return getattr(secant, name, None)
+@dataclass(frozen=True)
+class Knob:
+    """A second hyperparameter searched on a log grid. With ``complement`` the grid is over
+    ``1 − value`` (for averaging factors such as β: 0.9, 0.99, 0.999 are equally spaced).
+    ``bounds`` limits grid extension, in the searched coordinate (for β: 1 − β)."""
+
+    name: str
+    default: float
+    grid: tuple[float, ...]  # values of the knob itself, increasing
+    complement: bool = False
+    bounds: tuple[float, float] = (0.0, float("inf"))
+
+    def to_search(self, value: float) -> float:
+        return float(f"{1.0 - value:.12g}") if self.complement else value
+
+    def from_search(self, u: float) -> float:
+        return float(f"{1.0 - u:.12g}") if self.complement else u
+
+
+Factory = Callable[[nn.Module, float, dict], object]
 
 
 @dataclass(frozen=True)
 class OptimizerEntry:
     name: str
     description: str
-    shape: str  # "param" (built from model.parameters()) or "layer" (built from the model)
-    resolve: Callable[[], Callable[..., torch.optim.Optimizer] | None]
-    hyper: dict  # fixed hyperparameters besides lr
-    default_lr: float  # used when the tuning table has no entry for the problem
-    grid: tuple[float, ...]  # learning rates tried by ``secant tune``
+    family: str  # "baseline" or "secant"
+    resolve: Callable[[], Factory | None]  # None: not available here
+    default_lr: float
+    lr_grid: tuple[float, ...]
+    knob: Knob | None = None
+    needs_layers: bool = False  # hooks Linear/Conv2d layers (K-FAC, K-BFGS)
+    warm_start: bool = False  # K-BFGS: A from one pass over the training data before training
 
     @property
     def available(self) -> bool:
         return self.resolve() is not None
 
-    def make(self, model: nn.Module, lr: float) -> torch.optim.Optimizer:
-        cls = self.resolve()
-        if cls is None:
-            raise BenchError(f"optimizer {self.name!r} is not available in this secant version")
-        target = model if self.shape == "layer" else model.parameters()
-        return cls(target, lr=lr, **self.hyper)
+    def make(self, model: nn.Module, lr: float, knob: dict | None = None):
+        factory = self.resolve()
+        if factory is None:
+            raise BenchError(f"optimizer {self.name!r} is not available here "
+                             f"({self.description})")
+        return factory(model, lr, dict(knob or {}))
+
+    def chosen(self, problem: str) -> dict | None:
+        return TUNED.get("choices", {}).get(problem, {}).get(self.name)
 
     def lr_for(self, problem: str) -> float:
-        return float(TUNED.get("lrs", {}).get(problem, {}).get(self.name, self.default_lr))
+        c = self.chosen(problem)
+        return float(c["lr"]) if c else self.default_lr
+
+    def knob_for(self, problem: str) -> dict:
+        if self.knob is None:
+            return {}
+        c = self.chosen(problem)
+        if c and self.knob.name in c.get("knob", {}):
+            return {self.knob.name: float(c["knob"][self.knob.name])}
+        return {self.knob.name: self.knob.default}
 
     def lr_source(self, problem: str) -> str:
-        if self.name in TUNED.get("lrs", {}).get(problem, {}):
-            return "tuned"
-        return "default"
+        return "tuned" if self.chosen(problem) else "default"
+
+
+def _secant(name: str, layer: bool = False, **fixed) -> Callable[[], Factory | None]:
+    def resolve() -> Factory | None:
+        cls = getattr(secant, name, None)
+        if cls is None:
+            return None
+        return lambda model, lr, knob: cls(model if layer else model.parameters(), lr=lr,
+                                           **fixed, **knob)
+    return resolve
+
+
+def _torch(cls: Callable, **fixed) -> Callable[[], Factory]:
+    return lambda: (lambda model, lr, knob: cls(model.parameters(), lr=lr, **fixed, **knob))
+
+
+def _optional(module: str, attr: str, **fixed) -> Callable[[], Factory | None]:
+    def resolve() -> Factory | None:
+        try:
+            cls = getattr(importlib.import_module(module), attr)
+        except (ImportError, AttributeError):
+            return None
+        return lambda model, lr, knob: cls(model.parameters(), lr=lr, **fixed, **knob)
+    return resolve
 
 
 OPTIMIZERS: dict[str, OptimizerEntry] = {}
+_LR = (1e-3, 3e-3, 1e-2, 3e-2, 0.1)
+_LR_ADAPTIVE = (3e-4, 1e-3, 3e-3, 1e-2, 3e-2)
+_DAMPING = (0.01, 0.03, 0.1, 0.3, 1.0)
+_WD = (1e-4, 1e-3, 1e-2, 0.1)
+# bounded: on the quadratic (optimum at θ = 0) unbounded decay "wins" by shrinking θ to 0
+_WD_KNOB = Knob("weight_decay", 1e-2, _WD, bounds=(1e-6, 0.3))
 
 
 def _add(entry: OptimizerEntry) -> None:
     OPTIMIZERS[entry.name] = entry
 
 
-_add(OptimizerEntry(
-    "sgd", "torch.optim.SGD with heavy-ball momentum 0.9", "param",
-    lambda: torch.optim.SGD, {"momentum": 0.9}, 1e-3, (3e-4, 1e-3, 3e-3, 1e-2, 3e-2)))
-_add(OptimizerEntry(
-    "adam", "torch.optim.Adam (betas 0.9, 0.999; eps 1e-8)", "param",
-    lambda: torch.optim.Adam, {}, 1e-3, (3e-4, 1e-3, 3e-3, 1e-2, 3e-2)))
-_add(OptimizerEntry(
-    "mlbfgs", "secant.MomentumLBFGS: momentum-averaged block-wise L-BFGS (Niu et al. 2023); "
-    "beta 0.9, update_period 20, history 10, momentum 0.9", "param",
-    lambda: _secant_class("MomentumLBFGS"),
-    {"momentum": 0.9, "beta": 0.9, "update_period": 20, "history_size": 10}, 1e-3,
-    (3e-4, 1e-3, 3e-3, 1e-2, 3e-2)))
-_add(OptimizerEntry(
-    "kfac", "secant.KFAC: Kronecker-factored natural gradient (Martens & Grosse 2015); "
-    "damping 0.03, Cholesky inverses of the damped factors", "layer",
-    lambda: _secant_class("KFAC"), {"damping": 0.03, "inverse_method": "cholesky"}, 1e-2,
-    (1e-3, 3e-3, 1e-2, 3e-2, 0.1)))
-_add(OptimizerEntry(
-    "kbfgs", "secant.KBFGS: Kronecker-factored BFGS with double damping (Goldfarb et al. "
-    "2020); damping 0.3 (paper MNIST demo)", "layer",
-    lambda: _secant_class("KBFGS"), {"damping": 0.3}, 0.3, (0.03, 0.1, 0.3, 1.0, 3.0)))
-_add(OptimizerEntry(
-    "kbfgsl", "secant.KBFGSL: K-BFGS with limited-memory (L-BFGS) G factors (Goldfarb et al. "
-    "2020); damping 0.3", "layer",
-    lambda: _secant_class("KBFGSL"), {"damping": 0.3}, 0.3, (0.03, 0.1, 0.3, 1.0, 3.0)))
-_add(OptimizerEntry(
-    "neumann", "secant.Neumann: Neumann-series implicit inverse Hessian (Krishnan et al. "
-    "2018); library defaults besides lr", "param",
-    lambda: _secant_class("Neumann"), {}, 1e-3, (1e-4, 3e-4, 1e-3, 3e-3, 1e-2)))
+# ---- baselines
+_add(OptimizerEntry("sgd", "torch.optim.SGD, heavy-ball momentum 0.9", "baseline",
+                    _torch(torch.optim.SGD, momentum=0.9), 1e-2, _LR))
+_add(OptimizerEntry("sgd-norm", "SGD (momentum 0.9) on the gradient divided by its global "
+                    "norm: the mL-BFGS authors' baseline", "baseline",
+                    lambda: (lambda model, lr, knob: baselines.NormalisedSGD(
+                        model.parameters(), lr=lr, momentum=0.9, **knob)), 1e-2, _LR))
+_add(OptimizerEntry("adam", "torch.optim.Adam (betas 0.9, 0.999; eps 1e-8)", "baseline",
+                    _torch(torch.optim.Adam), 1e-3, _LR_ADAPTIVE))
+_add(OptimizerEntry("adamw", "torch.optim.AdamW (betas 0.9, 0.999); weight decay tuned",
+                    "baseline", _torch(torch.optim.AdamW), 1e-3, _LR_ADAPTIVE,
+                    _WD_KNOB))
+_add(OptimizerEntry("muon", "torch.optim.Muon (momentum 0.95, Nesterov, RMS matched to "
+                    "AdamW) on hidden 2-D weights, torch.optim.AdamW on the rest; weight "
+                    "decay tuned", "baseline",
+                    lambda: None if not hasattr(torch.optim, "Muon") else (
+                        lambda model, lr, knob: baselines.muon_with_adamw(model, lr, **knob)),
+                    1e-3, _LR_ADAPTIVE, _WD_KNOB))
+_add(OptimizerEntry("soap", "pytorch_optimizer.SOAP (Shampoo-family; betas 0.95, 0.95, "
+                    "preconditioner every 10 steps), from the optional 'baselines' extra",
+                    "baseline", _optional("pytorch_optimizer", "SOAP"), 3e-3, _LR_ADAPTIVE,
+                    _WD_KNOB))
+# ---- secant
+_add(OptimizerEntry("mlbfgs", "secant.MomentumLBFGS: momentum-averaged block-wise L-BFGS (Niu "
+                    "et al. 2023); library defaults besides lr and β (the EMA factor, tuned)",
+                    "secant", _secant("MomentumLBFGS"), 3e-2, _LR,
+                    Knob("beta", 0.99, (0.9, 0.99, 0.999), complement=True,
+                         bounds=(1e-4, 0.3))))
+_add(OptimizerEntry("kfac", "secant.KFAC: Kronecker-factored natural gradient (Martens & "
+                    "Grosse 2015), Cholesky inverses; damping tuned", "secant",
+                    _secant("KFAC", layer=True, inverse_method="cholesky"), 1e-2, _LR_ADAPTIVE,
+                    Knob("damping", 0.03, _DAMPING), needs_layers=True))
+_add(OptimizerEntry("kbfgs", "secant.KBFGS: Kronecker-factored BFGS with double damping "
+                    "(Goldfarb et al. 2020), A warm-started from one pass over the training "
+                    "data; damping tuned", "secant", _secant("KBFGS", layer=True), 0.3,
+                    (0.03, 0.1, 0.3, 1.0, 3.0), Knob("damping", 0.3, _DAMPING),
+                    needs_layers=True, warm_start=True))
+_add(OptimizerEntry("kbfgsl", "secant.KBFGSL: K-BFGS with limited-memory G factors, "
+                    "A warm-started; damping tuned", "secant", _secant("KBFGSL", layer=True), 0.3,
+                    (0.03, 0.1, 0.3, 1.0, 3.0), Knob("damping", 0.3, _DAMPING),
+                    needs_layers=True, warm_start=True))
+_add(OptimizerEntry("neumann", "secant.Neumann: Neumann-series implicit inverse Hessian "
+                    "(Krishnan et al. 2018); library defaults besides lr", "secant",
+                    _secant("Neumann"), 1e-3, (1e-4, 3e-4, 1e-3, 3e-3, 1e-2)))
 
 
 def get_optimizer(name: str) -> OptimizerEntry:
@@ -98,10 +177,14 @@ def get_optimizer(name: str) -> OptimizerEntry:
     entry = OPTIMIZERS[name]
     if not entry.available:
         avail = ", ".join(available_optimizers())
-        raise BenchError(f"optimizer {name!r} is not available in this secant version "
-                         f"(its class is missing); available: {avail}")
+        hint = " (pip install 'secant[baselines]')" if entry.family == "baseline" else ""
+        raise BenchError(f"optimizer {name!r} is not available here{hint}; available: {avail}")
     return entry
 
 
 def available_optimizers() -> list[str]:
     return [name for name, e in OPTIMIZERS.items() if e.available]
+
+
+def baseline_names() -> list[str]:
+    return [name for name, e in OPTIMIZERS.items() if e.family == "baseline"]

@@ -1,10 +1,15 @@
-"""One training run: an optimizer on a problem under a step or wall-clock budget.
+"""One training run: an optimizer on a problem under a step (epoch) or wall-clock budget
+(``docs/bench.md``, Budgets and divergence).
 
 Every optimizer is driven the same way, with a closure (``closure()`` zeroes the gradients,
 computes the minibatch loss, calls ``backward()`` and returns the loss; the step is
 ``loss = opt.step(closure)``), because K-BFGS evaluates the same minibatch twice per step.
 The clock counts training only: building the optimizer and every whole step (batch selection,
-forward, backward, update). Evaluations are not counted. An evaluation runs under
+forward, backward, update), and K-BFGS(L)'s warm start (one pass over the training data to
+initialise A, as in the paper); evaluations are not counted. The median step time leaves out
+the first steps (:func:`secant.bench.budgets.warmup_steps`); on a GPU every step is timed after
+``torch.cuda.synchronize``. A run stops as ``diverged`` by the rule of
+:mod:`secant.bench.budgets`. An evaluation runs under
 ``torch.no_grad()`` and ``model.eval()``, and inside ``opt.undisplaced()`` when the optimizer
 has it (the Neumann optimizer's evaluation weights).
 """
@@ -17,12 +22,12 @@ import statistics
 import sys
 import time
 import traceback
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 
 import torch
 from torch import Tensor, nn
 
-from secant.bench import distributed
+from secant.bench import budgets, distributed
 from secant.bench.problems import Dataset, Problem, seeded_model
 from secant.bench.registry import OptimizerEntry
 
@@ -38,7 +43,8 @@ class RunConfig:
     budget_seconds: float | None  # exactly one of budget_seconds / epochs is set
     epochs: float | None
     device: str
-    n_evals: int = 20
+    n_evals: int = 40
+    knob: dict = field(default_factory=dict)  # the second hyperparameter, e.g. {"damping": 0.3}
 
 
 def state_bytes(opt: torch.optim.Optimizer) -> int:
@@ -108,7 +114,7 @@ def run_one(problem: Problem, entry: OptimizerEntry, data: Dataset, cfg: RunConf
     """Train and return a JSON-ready record: config, status (``ok``, ``diverged``, ``error``,
     ``not applicable``), evaluation curve, final losses, step times, optimizer-state bytes."""
     rec: dict = {"config": asdict(cfg), "status": "ok", "message": "", "curve": []}
-    if entry.shape == "layer" and not problem.layer_optimizers:
+    if entry.needs_layers and not problem.layer_optimizers:
         rec.update(status="not applicable",
                    message=f"{entry.name} needs Linear/Conv2d layers; {problem.name} has none")
         return rec
@@ -117,6 +123,8 @@ def run_one(problem: Problem, entry: OptimizerEntry, data: Dataset, cfg: RunConf
     model = seeded_model(problem, cfg.seed).to(device)
     net = distributed.wrap(model)  # trained through DDP under torchrun, evaluated as is
     rec["parameters"] = sum(p.numel() for p in model.parameters())
+    trivial = problem.trivial_loss(data)
+    rec["trivial_loss"] = trivial
     x_tr, x_te = data.x_train.to(device), data.x_test.to(device)
     y_tr = None if data.y_train is None else data.y_train.to(device)
     y_te = None if data.y_test is None else data.y_test.to(device)
@@ -165,10 +173,15 @@ def run_one(problem: Problem, entry: OptimizerEntry, data: Dataset, cfg: RunConf
 
     try:
         model.train()
-        do_eval()
+        initial, _ = do_eval()
+        rec["initial_train_loss"] = best = initial
         next_eval = 1
         t0 = time.perf_counter()
-        opt = entry.make(net, cfg.lr)
+        opt = entry.make(net, cfg.lr, cfg.knob)
+        if entry.warm_start:
+            with torch.no_grad():
+                opt.warm_start([(x_tr[distributed.local_rows(torch.arange(lo, lo + batch))],)
+                                 for lo in range(0, n - batch + 1, batch)])
         _sync(device)
         train_time += time.perf_counter() - t0
         perm = torch.randperm(n, generator=gen).to(device)
@@ -210,9 +223,12 @@ def run_one(problem: Problem, entry: OptimizerEntry, data: Dataset, cfg: RunConf
                 while fraction() >= next_eval / cfg.n_evals:
                     next_eval += 1
                 tr, te = do_eval()
-                if not math.isfinite(tr):
-                    rec.update(status="diverged", message=f"non-finite train loss at step {step}")
+                if budgets.diverged(tr, initial, trivial, best, step / steps_per_epoch):
+                    cap = budgets.ceiling(initial, trivial, best, step / steps_per_epoch)
+                    rec.update(status="diverged", message=f"train loss {tr:.4g} above the "
+                               f"ceiling {cap:.4g} at step {step}")
                     break
+                best = min(best, tr)
         if rec["status"] == "ok":
             if not rec["curve"] or rec["curve"][-1]["step"] != step:
                 do_eval()
@@ -236,7 +252,8 @@ def run_one(problem: Problem, entry: OptimizerEntry, data: Dataset, cfg: RunConf
     rec["steps"] = step
     rec["epochs_done"] = step / steps_per_epoch
     rec["train_time"] = train_time
-    rec["median_step_time"] = statistics.median(step_times) if step_times else None
+    timed = step_times[budgets.warmup_steps(len(step_times)):] or step_times
+    rec["median_step_time"] = statistics.median(timed) if timed else None
     rec["opt_state_bytes"] = state_bytes(opt) if opt is not None else None
     if device.type == "cuda":
         rec["cuda_max_memory_allocated"] = torch.cuda.max_memory_allocated(device)
