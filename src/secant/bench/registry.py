@@ -151,7 +151,7 @@ _add(OptimizerEntry("soap", "pytorch_optimizer.SOAP (Shampoo-family; betas 0.95,
 _add(OptimizerEntry("mlbfgs", "secant.MomentumLBFGS: momentum-averaged block-wise L-BFGS (Niu "
                     "et al. 2023); library defaults besides lr and β (the EMA factor, tuned)",
                     "secant", _secant("MomentumLBFGS"), 3e-2, _LR,
-                    Knob("beta", 0.99, (0.9, 0.99, 0.999), complement=True,
+                    Knob("beta", 0.999, (0.9, 0.99, 0.999), complement=True,
                          bounds=(1e-4, 0.3))))
 _add(OptimizerEntry("kfac", "secant.KFAC: Kronecker-factored natural gradient (Martens & "
                     "Grosse 2015), Cholesky inverses; damping tuned", "secant",
@@ -168,7 +168,7 @@ _add(OptimizerEntry("kbfgsl", "secant.KBFGSL: K-BFGS with limited-memory G facto
                     needs_layers=True, warm_start=True))
 _add(OptimizerEntry("neumann", "secant.Neumann: Neumann-series implicit inverse Hessian "
                     "(Krishnan et al. 2018); library defaults besides lr", "secant",
-                    _secant("Neumann"), 1e-3, (1e-4, 3e-4, 1e-3, 3e-3, 1e-2)))
+                    _secant("Neumann"), 1e-2, _LR))
 
 
 def get_optimizer(name: str) -> OptimizerEntry:
