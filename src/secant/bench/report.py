@@ -118,7 +118,7 @@ def _fmt_range(r: dict | None, spec: str, seeds: int) -> str:
 
 
 def _hyper(c: dict) -> str:
-    knob = "".join(f", {k} {v:.3g}" for k, v in c.get("knob", {}).items())
+    knob = "".join(f", {k} {v:.6g}" for k, v in c.get("knob", {}).items())
     return f"{c['lr']:.3g}{knob} ({c['lr_source']})"
 
 
