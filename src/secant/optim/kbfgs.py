@@ -424,7 +424,6 @@ class _KroneckerBFGS(LayerOptimizer):
                           for p in params)
                 saved.append(None)
                 continue
-            x = self._layer_grad(i)
             # a Gram matrix is finite iff its diagonal is (|A_ij| ≤ sqrt(A_ii A_jj))
             ok = torch.isfinite(a_new.diagonal()).all() & torch.isfinite(v).all()
             if recs[i] is not None:
@@ -436,8 +435,9 @@ class _KroneckerBFGS(LayerOptimizer):
                 ls["A"].copy_(torch.where(ok, a_new, ls["A"]))
                 ls["H_a"].copy_(torch.where(ok, damped_inverse(ls["A"], lam_a), ls["H_a"]))
             elif not skip_a:
-                ls["A"].lerp_(torch.where(ok, a_new, ls["A"]), 1.0 - self.stat_decay)
-            ls["grad_ema"].lerp_(x, 1.0 - group["momentum"])
+                # a_new is this step's own buffer: mask it in place (no d_in² temporary)
+                ls["A"].lerp_(torch.where(ok, a_new, ls["A"], out=a_new), 1.0 - self.stat_decay)
+            self._update_grad_ema(i, ls["grad_ema"], 1.0 - group["momentum"])
             ps.extend(self._direction(ls, ls["grad_ema"], len(params) == 2))
             saved.append(None if recs[i] is None else (h_mean, g_sum, v, ok))
         if self.distributed and self.distributed_mode == "memory":
@@ -450,6 +450,25 @@ class _KroneckerBFGS(LayerOptimizer):
                     p.add_(d.view_as(p), alpha=-lr)
         st["a_initialized"] = True
         return saved
+
+    def _update_grad_ema(self, i: int, ema: Tensor, rate: float) -> None:
+        """``ĝ ← ĝ + rate·(∇W̃ + wd·W̃ − ĝ)`` for layer ``i``, column block by column block
+        (``[∇W, ∇b]`` with each block's own group weight decay; a missing gradient counts as
+        zero), in place: ``lerp`` towards the gradient, then ``+ rate·wd·W̃`` — the same update
+        as a ``lerp`` towards ``∇W̃ + wd·W̃`` up to rounding, without building ``[∇W, ∇b]``."""
+        m = self.layers[i]
+        params = layer_params(m)
+        blocks = [ema[:, :-1], ema[:, -1]] if len(params) == 2 else [ema]
+        gw, gb = self._layer_groups[i]
+        groups = (gw, gw if gb is None else gb)
+        for p, blk, gi in zip(params, blocks, groups):
+            wd = self.param_groups[gi]["weight_decay"]
+            if p.grad is None:
+                blk.mul_(1.0 - rate)
+            else:
+                blk.lerp_(p.grad.detach().reshape(blk.shape).to(ema.dtype), rate)
+            if wd:
+                blk.add_(p.detach().reshape(blk.shape), alpha=rate * wd)
 
     def _second_half(self, pass1: list, recs: list[list[Tensor] | None]) -> None:
         c = self.pair_decay
