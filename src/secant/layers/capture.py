@@ -109,8 +109,9 @@ def add_to_params(module: nn.Module, update: Tensor, alpha: float) -> None:
             b.add_(update[:, -1], alpha=alpha)
 
 
-def homogeneous_inputs(module: nn.Module, x: Tensor) -> Tensor:
-    """Layer inputs ``ā [N, T, d_in(+1)]``: conv patches by ``F.unfold``; 1 appended if biased."""
+def homogeneous_inputs(module: nn.Module, x: Tensor, ones: bool = True) -> Tensor:
+    """Layer inputs ``ā [N, T, d_in(+1)]``: conv patches by ``F.unfold``; 1 appended if biased
+    (and ``ones``)."""
     if isinstance(module, nn.Conv2d):
         if x.dim() == 3:
             x = x.unsqueeze(0)
@@ -119,7 +120,7 @@ def homogeneous_inputs(module: nn.Module, x: Tensor) -> Tensor:
         a = cols.transpose(1, 2)
     else:
         a = x.reshape(x.shape[0], -1, x.shape[-1]) if x.dim() > 1 else x.view(1, 1, -1)
-    if module.bias is not None:
+    if ones and module.bias is not None:
         a = torch.cat((a, a.new_ones(*a.shape[:-1], 1)), dim=-1)
     return a
 

@@ -38,10 +38,15 @@ def _vdot(a: Tensor, b: Tensor) -> Tensor:
 
 
 def input_statistics(module: nn.Module, x: Tensor) -> tuple[Tensor, Tensor]:
-    """``(mean ā āᵀ, mean ā)`` over examples and positions of a layer input (homogeneous)."""
-    a = homogeneous_inputs(module, x)
+    """``(mean ā āᵀ, mean ā)`` over examples and positions of a layer input (homogeneous: the
+    1 of a biased layer's ``ā`` is added by :func:`~secant.linalg.kron.gram`, not stored)."""
+    a = homogeneous_inputs(module, x, ones=False)
     rows = a.reshape(-1, a.shape[-1])
-    return gram(rows, 1.0 / rows.shape[0]), rows.mean(0)
+    bias = module.bias is not None
+    mean = rows.mean(0)
+    if bias:
+        mean = torch.cat((mean, mean.new_ones(1)))
+    return gram(rows, 1.0 / rows.shape[0], ones=bias), mean
 
 
 def _carry_grad(module: nn.Module, inputs: tuple, out: Any) -> Any:
