@@ -200,19 +200,23 @@ class _KroneckerBFGS(LayerOptimizer):
         y = self._apply_hg(ls, x)
         return y[:, :-1], y[:, -1]
 
-    def _direction(self, ls: dict[str, Any], x: Tensor, bias: bool) -> list[Tensor]:
-        """``P = H_g X H_a`` as ``[P_W, p_b]`` (the blocks of ``layer_params``), ``[P]`` without
-        bias. With ``H_a = [[H, h], [h′ᵀ, η]]`` (``h`` its last column, ``h′`` its last row):
-        ``P_W = (H_g X_W) H + (H_g x_b) h′ᵀ`` and ``p_b = (H_g X_W) h + η H_g x_b`` — the same
-        product, but the GEMMs run on the even ``d_out × d_in`` shapes instead of the odd
-        ``d_in + 1`` ones, which one CPU thread multiplies ≈ 1.5× slower (docs/kronecker.md)."""
+    def _add_direction(self, ls: dict[str, Any], x: Tensor, targets: list[Tensor],
+                       alpha: float) -> None:
+        """``targets += alpha · P`` with ``P = H_g X H_a``, ``targets = [T_W, t_b]`` (matrix
+        views of ``layer_params``), ``[T]`` without bias. With ``H_a = [[H, h], [h′ᵀ, η]]``
+        (``h`` its last column, ``h′`` its last row): ``P_W = (H_g X_W) H + (H_g x_b) h′ᵀ`` and
+        ``p_b = (H_g X_W) h + η H_g x_b`` — the same product, but the GEMMs run on the even
+        ``d_out × d_in`` shapes instead of the odd ``d_in + 1`` ones, which one CPU thread
+        multiplies ≈ 1.5× slower, and accumulate straight into the targets (no temporary
+        ``P``; docs/kronecker.md)."""
         h_a = ls["H_a"]
-        if not bias:
-            return [self._apply_hg(ls, x) @ h_a]
+        if len(targets) == 1:
+            targets[0].addmm_(self._apply_hg(ls, x), h_a, alpha=alpha)
+            return
         y_w, y_b = self._apply_hg_split(ls, x)
-        p_w = (y_w @ h_a[:-1, :-1]).addr_(y_b, h_a[-1, :-1])
-        p_b = torch.addmv(y_b * h_a[-1, -1], y_w, h_a[:-1, -1])
-        return [p_w, p_b]
+        t_w, t_b = targets
+        t_w.addmm_(y_w, h_a[:-1, :-1], alpha=alpha).addr_(y_b, h_a[-1, :-1], alpha=alpha)
+        t_b.addmv_(y_w, h_a[:-1, -1], alpha=alpha).add_(y_b * h_a[-1, -1], alpha=alpha)
 
     # ------------------------------------------------------------------ state
     def _fresh_layer_state(self, module: nn.Module, owned: bool) -> dict[str, Any]:
@@ -413,20 +417,30 @@ class _KroneckerBFGS(LayerOptimizer):
         shapes = [[(i, i), (i,), (o,), (o,)] for o, i in map(matrix_shape, self.layers)]
         stats = self._all_reduce(self._stats_or_nan(recs, shapes),
                                  average=True)  # global-batch statistics
+        shared = self.distributed and self.distributed_mode == "memory"
         saved: list[Any] = []
-        ps: list[Tensor] = []
-        live: list[int] = []
+        bufs: list[Tensor] = []  # directions added to the parameters after the loop
+        buffered: list[int] = []
         for i, (own, ls) in enumerate(zip(self._owned, st["layers"])):
             a_new, v, h_mean, g_sum = stats[4 * i: 4 * i + 4]
             group = self.layer_group(i)
             if not self._has_grad(i):  # no gradient: no update at all
                 saved.append(None)
                 continue
-            live.append(i)
             params = layer_params(self.layers[i])
+            # the step goes straight into the parameters (as matrices), or into buffers added
+            # after the loop: shared over the ranks, or a dtype / layout GEMMs cannot write to
+            if not shared and all(p.dtype == self.factor_dtype and p.is_contiguous()
+                                  for p in params):
+                targets = [p.detach().view(p.shape[0], -1) if p.dim() > 1 else p.detach()
+                           for p in params]
+            else:
+                targets = [torch.zeros(p.shape if p.dim() == 1 else (p.shape[0], p[0].numel()),
+                                       dtype=self.factor_dtype, device=self._device)
+                           for p in params]
+                bufs.extend(targets)
+                buffered.append(i)
             if not self._works(own):
-                ps.extend(torch.zeros(p.shape, dtype=self.factor_dtype, device=self._device)
-                          for p in params)
                 saved.append(None)
                 continue
             # a Gram matrix is finite iff its diagonal is (|A_ij| ≤ sqrt(A_ii A_jj))
@@ -443,16 +457,16 @@ class _KroneckerBFGS(LayerOptimizer):
                 # a_new is this step's own buffer: mask it in place (no d_in² temporary)
                 ls["A"].lerp_(torch.where(ok, a_new, ls["A"], out=a_new), 1.0 - self.stat_decay)
             self._update_grad_ema(i, ls["grad_ema"], 1.0 - group["momentum"])
-            ps.extend(self._direction(ls, ls["grad_ema"], len(params) == 2))
+            with torch.no_grad():
+                self._add_direction(ls, ls["grad_ema"], targets, -group["lr"])
             saved.append(None if recs[i] is None else (h_mean, g_sum, v, ok))
-        if self.distributed and self.distributed_mode == "memory":
-            ps = self._all_reduce(ps)  # owners' directions, zeros elsewhere: summed = shared
-        parts = iter(ps)
+        if shared:
+            bufs = self._all_reduce(bufs)  # owners' steps, zeros elsewhere: summed = shared
+        parts = iter(bufs)
         with torch.no_grad():
-            for i in live:
-                lr = self.layer_group(i)["lr"]
+            for i in buffered:
                 for p, d in zip(layer_params(self.layers[i]), parts):
-                    p.add_(d.view_as(p), alpha=-lr)
+                    p.add_(d.view_as(p))
         st["a_initialized"] = True
         return saved
 
