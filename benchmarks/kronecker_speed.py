@@ -149,7 +149,7 @@ METHODS = ["SGD-momentum", "K-FAC (bench: cholesky, factored)", "K-FAC (eigen, e
 def inverse_update(opt: object) -> Callable[[], None] | None:
     """The inverse update of a K-FAC variant as a call (timed on its own), else None."""
     if isinstance(opt, KFAC):
-        return lambda: opt._update_inverses(opt.param_groups[0]["damping"])
+        return opt._update_inverses
     if isinstance(opt, ReferenceKFAC):
         return opt.update_inverses
     return None
