@@ -149,7 +149,7 @@ METHODS = ["SGD-momentum", "K-FAC (bench: cholesky, factored)", "K-FAC (eigen, e
 def inverse_update(opt: object) -> Callable[[], None] | None:
     """The inverse update of a K-FAC variant as a call (timed on its own), else None."""
     if isinstance(opt, KFAC):
-        return lambda: opt._update_inverses(opt.param_groups[0]["damping"])
+        return opt._update_inverses
     if isinstance(opt, ReferenceKFAC):
         return opt.update_inverses
     return None
@@ -163,12 +163,20 @@ def main() -> None:
     ap.add_argument("--warmup", type=int, default=T_COV)
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--out", default=None)
+    ap.add_argument("--methods", nargs="+", default=None, metavar="NAME",
+                    help="a subset of the methods (by name, e.g. SGD-momentum K-BFGS); "
+                         "SGD-momentum, the baseline of the ratios, is always included")
     args = ap.parse_args()
+    methods = METHODS if args.methods is None else [
+        m for m in METHODS if m == "SGD-momentum" or m in args.methods]
+    unknown = set(args.methods or ()) - set(METHODS)
+    if unknown:
+        ap.error(f"unknown methods {sorted(unknown)}; choose from {METHODS}")
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
     x = torch.rand(args.batch, MNIST_WIDTHS[0])
     runs: dict[str, tuple[nn.Module, object, Callable]] = {}
-    for name in METHODS:
+    for name in methods:
         torch.manual_seed(0)
         model = autoencoder(MNIST_WIDTHS)
         opt = make(name, model)
@@ -184,10 +192,10 @@ def main() -> None:
             opt.step(closure)
         runs[name] = (model, opt, closure)
     t0_all = time.perf_counter()
-    times: dict[str, list[float]] = {n: [] for n in METHODS}
-    inv_times: dict[str, list[float]] = {n: [] for n in METHODS}
+    times: dict[str, list[float]] = {n: [] for n in methods}
+    inv_times: dict[str, list[float]] = {n: [] for n in methods}
     for _ in range(args.rounds):
-        for name in METHODS:
+        for name in methods:
             _, opt, closure = runs[name]
             t0 = time.perf_counter()
             for _ in range(args.steps):
@@ -201,7 +209,7 @@ def main() -> None:
                 inv_times[name].append(time.perf_counter() - t0)
     total = time.perf_counter() - t0_all
     per_iter = {n: statistics.median(times[n]) + (statistics.median(inv_times[n]) / T_INV
-                                                  if inv_times[n] else 0.0) for n in METHODS}
+                                                  if inv_times[n] else 0.0) for n in methods}
     base = per_iter["SGD-momentum"]
     n_params = sum(p.numel() for p in runs["SGD-momentum"][0].parameters())
     lines = [
@@ -219,7 +227,7 @@ def main() -> None:
         "state / #params (floats) |",
         "|---|---|---|---|---|---|---|---|",
     ]
-    for name in METHODS:
+    for name in methods:
         opt = runs[name][1]
         sb = opt.state_bytes() if isinstance(opt, ReferenceKFAC) else state_bytes(opt)
         rounds = ", ".join(f"{t:.3f}" for t in times[name])

@@ -209,9 +209,11 @@ def test_sym_eigh_decouples_zero_rows(gen, monkeypatch):
     torch.testing.assert_close(q.T @ q, torch.eye(8), rtol=0, atol=1e-5)
 
 
+@pytest.mark.parametrize("ones", [False, True])
 @pytest.mark.parametrize("d", [1, 7, 8, 9, 23])
-def test_gram_blocks_equal_dense_product(gen, d):
+def test_gram_blocks_equal_dense_product(gen, d, ones):
     x = torch.randn(11, d, generator=gen, dtype=torch.float64)
-    got = gram(x, 0.5, block=8)
-    torch.testing.assert_close(got, 0.5 * x.T @ x, rtol=1e-13, atol=1e-13)
+    got = gram(x, 0.5, block=8, ones=ones)
+    rows = torch.cat((x, torch.ones(11, 1, dtype=x.dtype)), 1) if ones else x
+    torch.testing.assert_close(got, 0.5 * rows.T @ rows, rtol=1e-13, atol=1e-13)
     torch.testing.assert_close(got, got.T, rtol=1e-14, atol=1e-14)

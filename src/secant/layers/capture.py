@@ -109,8 +109,9 @@ def add_to_params(module: nn.Module, update: Tensor, alpha: float) -> None:
             b.add_(update[:, -1], alpha=alpha)
 
 
-def homogeneous_inputs(module: nn.Module, x: Tensor) -> Tensor:
-    """Layer inputs ``ā [N, T, d_in(+1)]``: conv patches by ``F.unfold``; 1 appended if biased."""
+def homogeneous_inputs(module: nn.Module, x: Tensor, ones: bool = True) -> Tensor:
+    """Layer inputs ``ā [N, T, d_in(+1)]``: conv patches by ``F.unfold``; 1 appended if biased
+    (and ``ones``)."""
     if isinstance(module, nn.Conv2d):
         if x.dim() == 3:
             x = x.unsqueeze(0)
@@ -119,7 +120,7 @@ def homogeneous_inputs(module: nn.Module, x: Tensor) -> Tensor:
         a = cols.transpose(1, 2)
     else:
         a = x.reshape(x.shape[0], -1, x.shape[-1]) if x.dim() > 1 else x.view(1, 1, -1)
-    if module.bias is not None:
+    if ones and module.bias is not None:
         a = torch.cat((a, a.new_ones(*a.shape[:-1], 1)), dim=-1)
     return a
 
@@ -302,8 +303,10 @@ class LayerCapture:
         """Reduce one completed call and add its statistics to the layer's sums."""
         stats = self.reduce(self.layers[name], rec)
         s = self.sums[name]
-        ok = torch.stack([torch.isfinite(t).all() for t in stats]).all()
-        stats = [torch.where(ok, t, torch.zeros_like(t)) for t in stats]
+        # sum(0·t) is 0 iff t has no ±inf / NaN (one multiply-and-sum; isfinite(t).all() is
+        # ≈ 4× slower on a factor statistic)
+        ok = torch.stack([(t * 0).sum() == 0 for t in stats]).all()
+        stats = [torch.where(ok, t, 0.0) for t in stats]
         if s.calls == 0:
             s.stats, s.finite = stats, ok.to(stats[0].dtype)
         else:

@@ -13,7 +13,7 @@ import torch
 from torch import Tensor, nn
 from torch.nn.parallel import DistributedDataParallel
 
-from secant.layers import add_to_params, homogeneous_inputs, matrix_shape
+from secant.layers import homogeneous_inputs, layer_params, matrix_shape
 from secant.linalg import (
     History,
     bfgs_inverse_update_,
@@ -38,10 +38,15 @@ def _vdot(a: Tensor, b: Tensor) -> Tensor:
 
 
 def input_statistics(module: nn.Module, x: Tensor) -> tuple[Tensor, Tensor]:
-    """``(mean ā āᵀ, mean ā)`` over examples and positions of a layer input (homogeneous)."""
-    a = homogeneous_inputs(module, x)
+    """``(mean ā āᵀ, mean ā)`` over examples and positions of a layer input (homogeneous: the
+    1 of a biased layer's ``ā`` is added by :func:`~secant.linalg.kron.gram`, not stored)."""
+    a = homogeneous_inputs(module, x, ones=False)
     rows = a.reshape(-1, a.shape[-1])
-    return gram(rows, 1.0 / rows.shape[0]), rows.mean(0)
+    bias = module.bias is not None
+    mean = rows.mean(0)
+    if bias:
+        mean = torch.cat((mean, mean.new_ones(1)))
+    return gram(rows, 1.0 / rows.shape[0], ones=bias), mean
 
 
 def _carry_grad(module: nn.Module, inputs: tuple, out: Any) -> Any:
@@ -189,6 +194,29 @@ class _KroneckerBFGS(LayerOptimizer):
     def _update_hg(self, ls: dict[str, Any], s: Tensor, y: Tensor, accept: Tensor) -> Tensor:
         """Apply the pair where ``accept``; return the final acceptance (0-d bool)."""
         raise NotImplementedError
+
+    def _apply_hg_split(self, ls: dict[str, Any], x: Tensor) -> tuple[Tensor, Tensor]:
+        """``(H_g X_W, H_g x_b)`` for ``X = [X_W, x_b]`` (the bias column last)."""
+        y = self._apply_hg(ls, x)
+        return y[:, :-1], y[:, -1]
+
+    def _add_direction(self, ls: dict[str, Any], x: Tensor, targets: list[Tensor],
+                       alpha: float) -> None:
+        """``targets += alpha · P`` with ``P = H_g X H_a``, ``targets = [T_W, t_b]`` (matrix
+        views of ``layer_params``), ``[T]`` without bias. With ``H_a = [[H, h], [h′ᵀ, η]]``
+        (``h`` its last column, ``h′`` its last row): ``P_W = (H_g X_W) H + (H_g x_b) h′ᵀ`` and
+        ``p_b = (H_g X_W) h + η H_g x_b`` — the same product, but the GEMMs run on the even
+        ``d_out × d_in`` shapes instead of the odd ``d_in + 1`` ones, which one CPU thread
+        multiplies ≈ 1.5× slower, and accumulate straight into the targets (no temporary
+        ``P``; docs/kronecker.md)."""
+        h_a = ls["H_a"]
+        if len(targets) == 1:
+            targets[0].addmm_(self._apply_hg(ls, x), h_a, alpha=alpha)
+            return
+        y_w, y_b = self._apply_hg_split(ls, x)
+        t_w, t_b = targets
+        t_w.addmm_(y_w, h_a[:-1, :-1], alpha=alpha).addr_(y_b, h_a[-1, :-1], alpha=alpha)
+        t_b.addmv_(y_w, h_a[:-1, -1], alpha=alpha).add_(y_b * h_a[-1, -1], alpha=alpha)
 
     # ------------------------------------------------------------------ state
     def _fresh_layer_state(self, module: nn.Module, owned: bool) -> dict[str, Any]:
@@ -389,22 +417,32 @@ class _KroneckerBFGS(LayerOptimizer):
         shapes = [[(i, i), (i,), (o,), (o,)] for o, i in map(matrix_shape, self.layers)]
         stats = self._all_reduce(self._stats_or_nan(recs, shapes),
                                  average=True)  # global-batch statistics
+        shared = self.distributed and self.distributed_mode == "memory"
         saved: list[Any] = []
-        ps: list[Tensor] = []
-        live: list[int] = []
+        bufs: list[Tensor] = []  # directions added to the parameters after the loop
+        buffered: list[int] = []
         for i, (own, ls) in enumerate(zip(self._owned, st["layers"])):
             a_new, v, h_mean, g_sum = stats[4 * i: 4 * i + 4]
             group = self.layer_group(i)
             if not self._has_grad(i):  # no gradient: no update at all
                 saved.append(None)
                 continue
-            live.append(i)
+            params = layer_params(self.layers[i])
+            # the step goes straight into the parameters (as matrices), or into buffers added
+            # after the loop: shared over the ranks, or a dtype / layout GEMMs cannot write to
+            if not shared and all(p.dtype == self.factor_dtype and p.is_contiguous()
+                                  for p in params):
+                targets = [p.detach().view(p.shape[0], -1) if p.dim() > 1 else p.detach()
+                           for p in params]
+            else:
+                targets = [torch.zeros(p.shape if p.dim() == 1 else (p.shape[0], p[0].numel()),
+                                       dtype=self.factor_dtype, device=self._device)
+                           for p in params]
+                bufs.extend(targets)
+                buffered.append(i)
             if not self._works(own):
-                ps.append(torch.zeros(matrix_shape(self.layers[i]), dtype=self.factor_dtype,
-                                      device=self._device))
                 saved.append(None)
                 continue
-            x = self._layer_grad(i)
             # a Gram matrix is finite iff its diagonal is (|A_ij| ≤ sqrt(A_ii A_jj))
             ok = torch.isfinite(a_new.diagonal()).all() & torch.isfinite(v).all()
             if recs[i] is not None:
@@ -416,16 +454,40 @@ class _KroneckerBFGS(LayerOptimizer):
                 ls["A"].copy_(torch.where(ok, a_new, ls["A"]))
                 ls["H_a"].copy_(torch.where(ok, damped_inverse(ls["A"], lam_a), ls["H_a"]))
             elif not skip_a:
-                ls["A"].lerp_(torch.where(ok, a_new, ls["A"]), 1.0 - self.stat_decay)
-            ls["grad_ema"].lerp_(x, 1.0 - group["momentum"])
-            ps.append(self._apply_hg(ls, ls["grad_ema"]) @ ls["H_a"])
+                # a_new is this step's own buffer: mask it in place (no d_in² temporary)
+                ls["A"].lerp_(torch.where(ok, a_new, ls["A"], out=a_new), 1.0 - self.stat_decay)
+            self._update_grad_ema(i, ls["grad_ema"], 1.0 - group["momentum"])
+            with torch.no_grad():
+                self._add_direction(ls, ls["grad_ema"], targets, -group["lr"])
             saved.append(None if recs[i] is None else (h_mean, g_sum, v, ok))
-        if self.distributed and self.distributed_mode == "memory":
-            ps = self._all_reduce(ps)  # owners' directions, zeros elsewhere: summed = shared
-        for i, p in zip(live, ps):
-            add_to_params(self.layers[i], p, -self.layer_group(i)["lr"])
+        if shared:
+            bufs = self._all_reduce(bufs)  # owners' steps, zeros elsewhere: summed = shared
+        parts = iter(bufs)
+        with torch.no_grad():
+            for i in buffered:
+                for p, d in zip(layer_params(self.layers[i]), parts):
+                    p.add_(d.view_as(p))
         st["a_initialized"] = True
         return saved
+
+    def _update_grad_ema(self, i: int, ema: Tensor, rate: float) -> None:
+        """``ĝ ← ĝ + rate·(∇W̃ + wd·W̃ − ĝ)`` for layer ``i``, column block by column block
+        (``[∇W, ∇b]`` with each block's own group weight decay; a missing gradient counts as
+        zero), in place: ``lerp`` towards the gradient, then ``+ rate·wd·W̃`` — the same update
+        as a ``lerp`` towards ``∇W̃ + wd·W̃`` up to rounding, without building ``[∇W, ∇b]``."""
+        m = self.layers[i]
+        params = layer_params(m)
+        blocks = [ema[:, :-1], ema[:, -1]] if len(params) == 2 else [ema]
+        gw, gb = self._layer_groups[i]
+        groups = (gw, gw if gb is None else gb)
+        for p, blk, gi in zip(params, blocks, groups):
+            wd = self.param_groups[gi]["weight_decay"]
+            if p.grad is None:
+                blk.mul_(1.0 - rate)
+            else:
+                blk.lerp_(p.grad.detach().reshape(blk.shape).to(ema.dtype), rate)
+            if wd:
+                blk.add_(p.detach().reshape(blk.shape), alpha=rate * wd)
 
     def _second_half(self, pass1: list, recs: list[list[Tensor] | None]) -> None:
         c = self.pair_decay
@@ -547,6 +609,9 @@ class KBFGS(_KroneckerBFGS):
 
     def _apply_hg(self, ls: dict[str, Any], x: Tensor) -> Tensor:
         return ls["H_g"] @ x
+
+    def _apply_hg_split(self, ls: dict[str, Any], x: Tensor) -> tuple[Tensor, Tensor]:
+        return ls["H_g"] @ x[:, :-1], ls["H_g"] @ x[:, -1]
 
     def _update_hg(self, ls: dict[str, Any], s: Tensor, y: Tensor, accept: Tensor) -> Tensor:
         return bfgs_inverse_update_(ls["H_g"], s, y, accept)
