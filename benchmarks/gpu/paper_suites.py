@@ -1,7 +1,7 @@
 """Run the paper-ae and paper-cnn suites on one GPU and write their reports.
 
     python benchmarks/gpu/paper_suites.py --out gpu-results [--data-dir DIR]
-    python benchmarks/gpu/paper_suites.py --out /tmp/x --device cpu --tiny   # plumbing check
+    python benchmarks/gpu/paper_suites.py --out gpu-check --device cpu --tiny   # plumbing check
 
 Plan for one H100 within 8 minutes (an estimate: this script has not yet run on a GPU; the
 wall time of each suite is printed and the script exits 1 when the total passes 8 minutes):
