@@ -309,7 +309,11 @@ class Neumann(Optimizer):
             gst["reset_gap"] *= 2
             gst["resets"] += 1
         regular = s > 0 and not is_reset
-        coef = torch.where(ok, self._regulariser_coefficient(g_norm), 0.0) if regular else None
+        if regular:  # r = w − v of every parameter, once: its norm sets c, each group uses it
+            vs_all = [self.state[p]["v"] for p in self._params]
+            rs = dict(zip(map(id, self._params),
+                          torch._foreach_sub(_work(self._params), vs_all)))
+            coef = torch.where(ok, self._regulariser_coefficient(list(rs.values()), g_norm), 0.0)
         for group, params in zip(self.param_groups, active):
             if not params:
                 continue
@@ -327,7 +331,7 @@ class Neumann(Optimizer):
                 continue
             else:
                 vs = [self.state[p]["v"] for p in params]
-                d = torch._foreach_sub(ws, vs)  # r = w − v
+                d = [rs[id(p)] for p in params]  # r = w − v
                 torch._foreach_mul_(d, coef)
                 torch._foreach_add_(d, gs)  # d = g + c r
                 torch._foreach_mul_(d, lr)  # η d
@@ -345,11 +349,10 @@ class Neumann(Optimizer):
         device = self._params[0].device
         return torch.linalg.vector_norm(torch.stack([n.to(device) for n in norms]))
 
-    def _regulariser_coefficient(self, g_norm: Tensor) -> Tensor:
-        """``c`` with regulariser gradient ``c · r``, ``r = w − v`` over all parameters: the
-        paper's ``α‖r‖ − β_eff/‖r‖³``, bounded to ``‖c r‖ ≤ reg_ratio·‖g‖`` by default."""
-        vs = [self.state[p]["v"] for p in self._params]
-        r_norm = self._global_norm(torch._foreach_sub(_work(self._params), vs))
+    def _regulariser_coefficient(self, rs: list[Tensor], g_norm: Tensor) -> Tensor:
+        """``c`` with regulariser gradient ``c · r``, ``r = w − v`` over all parameters (``rs``):
+        the paper's ``α‖r‖ − β_eff/‖r‖³``, bounded to ``‖c r‖ ≤ reg_ratio·‖g‖`` by default."""
+        r_norm = self._global_norm(rs)
         if self.regularizer == "paper":
             return regulariser_coefficient(r_norm, self.alpha, self.beta_effective, self.reg_eps)
         return bounded_regulariser_coefficient(r_norm, g_norm, self.alpha, self.beta_effective,
