@@ -188,3 +188,36 @@ def test_suite_run_verdict_first(tmp_path, monkeypatch, capsys):
     report = (out / "report.md").read_text()
     assert report.index("## Verdict") < report.index("## quadratic")
     assert "quadratic" in res["verdicts"]
+
+
+def test_tune_knob_grid_fixes_the_knob(tmp_path):
+    md = tmp_path / "tuning.md"
+    rc = main(["tune", "--problem", "quadratic", "--optimizers", "adamw", "--epochs", "1",
+               "--grid", "adamw=0.01:0.1", "--knob-grid", "adamw=3e-4", "--markdown", str(md),
+               "--no-progress"])
+    assert rc == 0
+    text = md.read_text()
+    assert "weight_decay 0.0003" in text and "fixed, not searched" in text
+    assert "weight_decay 0.01" not in text  # the registry's grid was not searched
+
+
+@pytest.mark.parametrize("flag", [["--knob-grid", "sgd=0.1"], ["--knob-grid", "adamw=-1"],
+                                  ["--grid", "sgd=0.1"]])
+def test_tune_grid_flags_checked_before_training(flag, tmp_path, capsys, monkeypatch):
+    _no_training(monkeypatch)
+    rc = main(["tune", "--problem", "quadratic", "--optimizers", "sgd,adamw", *flag])
+    err = capsys.readouterr().err.strip()
+    assert rc == 2 and len(err.splitlines()) == 1 and flag[0] in err
+
+
+def test_suite_contenders_limit_the_optimizers(monkeypatch):
+    import argparse
+
+    from secant.bench.cli import _resolve
+
+    args = argparse.Namespace(problem=None, suite="paper-ae", optimizers=None, data_dir=None,
+                              device="cpu", threads=None)
+    _, entries = _resolve(args)
+    assert [e.name for e in entries] == ["sgd", "adam", "kfac", "kbfgs", "kbfgsl"]
+    args.optimizers = "adamw,kbfgs"  # an explicit list wins
+    assert [e.name for e in _resolve(args)[1]] == ["adamw", "kbfgs"]

@@ -105,3 +105,22 @@ def test_failing_optimizer_is_recorded_not_raised():
     entry = OptimizerEntry("broken", "", "baseline", lambda: _factory(broken), 1.0, (1.0,))
     rec = run_one(p, entry, p.load(None, False), _cfg("broken", 1.0, steps=1.0), progress=False)
     assert rec["status"] == "error" and "lr=-1" in rec["message"]
+
+
+def test_warm_start_never_uses_more_batches_than_the_run_trains():
+    import secant
+
+    used = []
+
+    class Spy(secant.KBFGS):
+        def warm_start(self, batches, forward=None, *, max_batches=None):
+            used.append(super().warm_start(batches, forward, max_batches=max_batches))
+            return used[-1]
+
+    p = get_problem("digits")  # 1,297 training images: 12 batches of 100 per epoch
+    entry = OptimizerEntry("spy", "", "secant", lambda: (lambda m, lr, k: Spy(m, lr=lr)), 0.1,
+                           (0.1,), needs_layers=True, warm_start=True)
+    for epochs, expect in ((0.25, 3), (2.0, 12)):
+        cfg = RunConfig("digits", "spy", 0.1, "test", 0, 100, None, epochs, "cpu", 2)
+        assert run_one(p, entry, p.load(None, False), cfg, progress=False)["status"] == "ok"
+        assert used[-1] == expect  # the run's steps, at most one pass

@@ -140,3 +140,16 @@ def test_verdict_loss_counts_seeds_where_both_miss_as_neither():
     v = S.verdict({"soap": _seeded([320, 360, None]), "kfac": _seeded([None, None, None])}, fam)
     assert v["first"] == "soap" and v["every_seed"] is False
     assert v["secant_loses_every_seed"] is True and v["factor_steps"]["median"] == 0.0
+
+
+def test_tune_entry_one_value_knob_grid_is_fixed_and_said():
+    knob = Knob("damping", 0.1, (0.3,))
+    seen = []
+
+    def run(lr, kv, seed):
+        seen.append(kv["damping"])
+        return _run("ok", (math.log10(lr) + 2) ** 2 + 1)
+
+    c = T.tune_entry(run, [1e-3, 1e-2, 0.1], knob, [1000])
+    assert c["lr"] == pytest.approx(1e-2) and set(seen) == {0.1}  # no knob search ran
+    assert c["knob"] == {"damping": 0.1} and "fixed" in c["knob_note"]

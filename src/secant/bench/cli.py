@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import datetime as dt
 import math
 import pprint
@@ -77,8 +78,8 @@ def _common(p: argparse.ArgumentParser, listing: str) -> None:
     w.add_argument("--problem", metavar="NAME[,NAME...]",
                    help=f"problem(s), comma-separated, instead of a suite: {', '.join(PROBLEMS)}")
     p.add_argument("--optimizers", metavar="a,b,...",
-                   help="optimizers, comma-separated (default: every available one"
-                   f"{listing})")
+                   help="optimizers, comma-separated (default: the suite's contenders, else "
+                   f"every available one{listing})")
     g = p.add_mutually_exclusive_group()
     g.add_argument("--epochs", type=_positive_float, metavar="E",
                    help="budget per run in epochs (default: the suite's or the problem's)")
@@ -134,6 +135,9 @@ def add_tune_parser(sub) -> argparse.ArgumentParser:
                    "final training loss over them")
     p.add_argument("--grid", action="append", default=[], metavar="OPT=LR:LR:...",
                    help="replace an optimizer's learning-rate grid (default: the registry's)")
+    p.add_argument("--knob-grid", action="append", default=[], metavar="OPT=V:V:...",
+                   help="replace an optimizer's second-knob grid; a single value fixes the knob "
+                   "there (no search)")
     p.add_argument("--write", metavar="PATH",
                    help="update this tuning table (a Python file like secant/bench/tuned.py)")
     p.add_argument("--markdown", metavar="PATH", help="append the log as Markdown here")
@@ -154,15 +158,18 @@ def _resolve(args: argparse.Namespace) -> tuple[list, list]:
                              + ", ".join(PROBLEMS))
         args.problem_epochs = {}
         args.suite_seeds = 1
+        suite_optimizers = ()
     else:
         suite = get_suite(args.suite or "quick")
         names = suite.problems(args.data_dir)
         args.problem_epochs = dict(suite.epochs)
         args.suite_seeds = suite.seeds
+        suite_optimizers = suite.optimizers
         if args.data_dir is None and set(names) & set(suite.synthetic_without_data):
             args.synthetic = True
     problems = [get_problem(n) for n in names]
-    names = _split(args.optimizers) if args.optimizers else available_optimizers()
+    names = (_split(args.optimizers) if args.optimizers else
+             [n for n in available_optimizers() if not suite_optimizers or n in suite_optimizers])
     entries = [get_optimizer(n) for n in names]
     if not entries:
         raise BenchError("--optimizers is empty; expected names from: " + ", ".join(OPTIMIZERS))
@@ -267,18 +274,32 @@ def bench(args: argparse.Namespace, argv_text: str) -> int:
     return 0
 
 
-def _parse_grid(items: list[str]) -> dict[str, list[float]]:
+def _parse_grid(items: list[str], flag: str = "--grid") -> dict[str, list[float]]:
     grids = {}
     for item in items:
         name, sep, values = item.partition("=")
         if not sep or name not in OPTIMIZERS:
-            raise BenchError(f"--grid {item!r}: expected OPT=LR:LR:... with OPT one of "
+            raise BenchError(f"{flag} {item!r}: expected OPT=V:V:... with OPT one of "
                              f"{', '.join(OPTIMIZERS)}")
+        if flag == "--knob-grid" and OPTIMIZERS[name].knob is None:
+            raise BenchError(f"{flag} {item!r}: {name} has no second knob")
         try:
-            grids[name] = [_positive_float(v) for v in values.split(":")]
+            grids[name] = sorted(_positive_float(v) for v in values.split(":"))
         except argparse.ArgumentTypeError as exc:
-            raise BenchError(f"--grid {item!r}: {exc}") from None
+            raise BenchError(f"{flag} {item!r}: {exc}") from None
+        if flag == "--grid" and len(grids[name]) < 2:
+            raise BenchError(f"{flag} {item!r}: a learning-rate grid needs at least two values")
     return grids
+
+
+def _knob(entry, knob_grids: dict[str, list[float]]):
+    """The entry's knob, with its grid replaced by ``--knob-grid`` (a single value: fixed
+    there, its default moved to it)."""
+    if entry.name not in knob_grids:
+        return entry.knob
+    grid = tuple(knob_grids[entry.name])
+    default = entry.knob.default if entry.knob.default in grid else grid[len(grid) // 2]
+    return dataclasses.replace(entry.knob, grid=grid, default=default)
 
 
 def _cached_runner(args, problem, entry, data, cache: dict):
@@ -295,6 +316,7 @@ def _cached_runner(args, problem, entry, data, cache: dict):
 def tune(args: argparse.Namespace, argv_text: str) -> int:
     problems, entries = _resolve(args)
     grids = _parse_grid(args.grid)
+    knob_grids = _parse_grid(args.knob_grid, "--knob-grid")
     seeds = [tuning.TUNE_SEED + i for i in range(args.tune_seeds)]
     table = {k: dict(v) for k, v in TUNED.items() if k in ("choices", "targets")}
     md = [f"## `{argv_text}`", "",
@@ -313,7 +335,8 @@ def tune(args: argparse.Namespace, argv_text: str) -> int:
             if e.needs_layers and not p.layer_optimizers:
                 continue
             run = _cached_runner(args, p, e, data, cache)
-            c = tuning.tune_entry(run, grids.get(e.name, list(e.lr_grid)), e.knob, seeds)
+            c = tuning.tune_entry(run, grids.get(e.name, list(e.lr_grid)),
+                                  _knob(e, knob_grids), seeds)
             if c["lr"] is None:
                 choices.pop(e.name, None)
                 md.append(f"| {e.name} | — | — | — | {c['lr_note']}: not chosen |")

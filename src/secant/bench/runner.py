@@ -6,9 +6,10 @@ computes the minibatch loss, calls ``backward()`` and returns the loss; the step
 ``loss = opt.step(closure)``), because K-BFGS evaluates the same minibatch twice per step.
 The clock counts training only: building the optimizer and every whole step (batch selection,
 forward, backward, update), and K-BFGS(L)'s warm start (one pass over the training data to
-initialise A, as in the paper); evaluations are not counted. The median step time leaves out
-the first steps (:func:`secant.bench.budgets.warmup_steps`); on a GPU every step is timed after
-``torch.cuda.synchronize``. A run stops as ``diverged`` by the rule of
+initialise A, as in the paper; capped at the run's own number of steps, so a run of a few
+steps does not pay for a pass over CIFAR); evaluations are not counted. The median step time
+leaves out the first steps (:func:`secant.bench.budgets.warmup_steps`); on a GPU every step
+is timed after ``torch.cuda.synchronize``. A run stops as ``diverged`` by the rule of
 :mod:`secant.bench.budgets`. An evaluation runs under
 ``torch.no_grad()`` and ``model.eval()``, and inside ``opt.undisplaced()`` when the optimizer
 has it (the Neumann optimizer's evaluation weights).
@@ -178,10 +179,11 @@ def run_one(problem: Problem, entry: OptimizerEntry, data: Dataset, cfg: RunConf
         next_eval = 1
         t0 = time.perf_counter()
         opt = entry.make(net, cfg.lr, cfg.knob)
-        if entry.warm_start:
+        if entry.warm_start:  # one pass, but never more batches than the run will train on
             with torch.no_grad():
-                opt.warm_start([(x_tr[distributed.local_rows(torch.arange(lo, lo + batch))],)
-                                 for lo in range(0, n - batch + 1, batch)])
+                opt.warm_start(((x_tr[distributed.local_rows(torch.arange(lo, lo + batch))],)
+                                for lo in range(0, n - batch + 1, batch)),
+                               max_batches=total_steps)
         _sync(device)
         train_time += time.perf_counter() - t0
         perm = torch.randperm(n, generator=gen).to(device)

@@ -5,7 +5,8 @@ For each problem and optimizer, at the problem's full budget and on tuning seeds
 evaluation does not use (1000, 1001, ...; evaluation uses 0, 1, ...):
 
 1. search the learning rate on the entry's log grid (the second knob at its default);
-2. search the knob (damping, β, weight decay) on its log grid at that learning rate;
+2. search the knob (damping, β, weight decay) on its log grid at that learning rate (a grid of
+   one value fixes the knob there: no search);
 3. if the knob moved, search the learning rate again around the best value.
 
 Each search extends its grid by one point past an edge, at the grid's own ratio, while the best
@@ -111,7 +112,7 @@ def tune_entry(run: Callable[[float, dict, int], dict], lr_grid: list[float], kn
 
     lr, _, lr_note = search(lambda u: score(u, knob_value), list(lr_grid))
     knob_note = ""
-    if lr is not None and knob is not None:
+    if lr is not None and knob is not None and len(knob.grid) > 1:
         u_best, _, knob_note = search(
             lambda u: score(lr, {knob.name: knob.from_search(u)}),
             [knob.to_search(v) for v in knob.grid], bounds=knob.bounds)
@@ -120,6 +121,8 @@ def tune_entry(run: Callable[[float, dict, int], dict], lr_grid: list[float], kn
             ratio = lr_grid[1] / lr_grid[0]
             lr, _, lr_note = search(lambda u: score(u, knob_value),
                                     [snap(lr / ratio), lr, snap(lr * ratio)])
+    elif knob is not None:
+        knob_note = "fixed, not searched (a grid of one value)"
     points = [{"lr": k[0], **dict(k[1]), "loss": (v if math.isfinite(v) else None)}
               for k, v in sorted(tried.items())]
     return {"lr": lr, "knob": knob_value, "loss": None if lr is None else score(lr, knob_value),
