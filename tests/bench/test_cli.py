@@ -221,3 +221,19 @@ def test_suite_contenders_limit_the_optimizers(monkeypatch):
     assert [e.name for e in entries] == ["sgd", "adam", "kfac", "kbfgs", "kbfgsl"]
     args.optimizers = "adamw,kbfgs"  # an explicit list wins
     assert [e.name for e in _resolve(args)[1]] == ["adamw", "kbfgs"]
+
+
+def test_jobs_give_the_same_runs_in_the_same_order(tmp_path):
+    def runs(jobs):
+        out = tmp_path / f"j{jobs}"
+        rc = main(["bench", "--problem", "quadratic", "--optimizers", "sgd,adam", "--seeds", "2",
+                   "--epochs", "1", "--jobs", str(jobs), "--out", str(out), "--no-progress"])
+        assert rc == 0
+        return json.loads((out / "results.json").read_text())["runs"]
+
+    one, two = runs(1), runs(2)
+    key = [(r["config"]["optimizer"], r["config"]["seed"]) for r in one]
+    assert key == [("sgd", 0), ("sgd", 1), ("adam", 0), ("adam", 1)]
+    assert [(r["config"]["optimizer"], r["config"]["seed"]) for r in two] == key
+    assert [[p["train_loss"] for p in r["curve"]] for r in two] == \
+        [[p["train_loss"] for p in r["curve"]] for r in one]

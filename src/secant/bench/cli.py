@@ -14,7 +14,7 @@ from pathlib import Path
 
 import torch
 
-from secant.bench import distributed, report, tuning
+from secant.bench import distributed, parallel, report, tuning
 from secant.bench.data import BenchError
 from secant.bench.problems import PROBLEMS, get_problem
 from secant.bench.registry import OPTIMIZERS, available_optimizers, get_optimizer
@@ -116,6 +116,9 @@ def add_bench_parser(sub) -> argparse.ArgumentParser:
                    help="output folder, new or empty (default: a new timestamped folder in "
                    "./bench-results/)")
     p.add_argument("--note", default="", help="free text stored in results.json and report.md")
+    p.add_argument("--jobs", type=_positive_int, default=1, metavar="N",
+                   help="runs side by side in N processes (default 1); verdicts in steps do not "
+                   "change, measured times are those of the shared machine")
     p.add_argument("--list", action="store_true",
                    help="list suites, problems and optimizers with one-line descriptions, then "
                    "exit")
@@ -249,15 +252,17 @@ def bench(args: argparse.Namespace, argv_text: str) -> int:
     datasets = {p.name: p.load(args.data_dir, args.synthetic) for p in problems}
     meta = _meta(args, argv_text) | {"world_size": world}
     meta["config"]["seeds"] = seeds
-    runs = []
+    if args.jobs > 1 and world > 1:
+        raise BenchError(f"--jobs {args.jobs}: not under torchrun (each rank runs one process)")
+    tasks = []
     for p in problems:
         for e in entries:
             lr, src = (overrides[e.name], "override") if e.name in overrides else (
                 e.lr_for(p.name), e.lr_source(p.name))
             for seed in range(seeds):
                 cfg = _config(args, p, e, lr, src, seed, e.knob_for(p.name))
-                runs.append(run_one(p, e, datasets[p.name], cfg,
-                                    progress=not args.no_progress and rank == 0))
+                tasks.append((p, e, datasets[p.name], cfg))
+    runs = parallel.run_all(tasks, args.jobs, progress=not args.no_progress and rank == 0)
     if rank != 0:  # under torchrun, rank 0 reports
         return 0
     info = {p.name: _problem_info(args, p) for p in problems}
