@@ -34,6 +34,7 @@ from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
+from report_out import emit
 from torch import Tensor, nn
 
 from secant import KBFGS, KBFGSL, KFAC
@@ -239,10 +240,7 @@ def main() -> None:
                      f"{per_iter[name] / base:.2f}x | {paired:.2f}x | {sb / 2**20:.1f} | "
                      f"{sb / 4 / n_params:.2f} |")
     text = "\n".join(lines)
-    print(text)
-    if args.out:
-        with open(args.out, "w") as f:
-            f.write(text + "\n")
+    emit(text, args.out)
 
 
 if __name__ == "__main__":

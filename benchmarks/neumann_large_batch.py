@@ -30,6 +30,7 @@ import statistics
 import time
 
 import torch
+from report_out import emit
 from torch import nn
 
 from secant import Neumann
@@ -216,10 +217,7 @@ def main() -> None:
               f"{torch.get_num_threads()} torch thread(s); torch {torch.__version__}; "
               f"total wall time {time.time() - t_start:.0f} s", ""]
     text = "\n".join(header + lines)
-    print(text)
-    if args.out:
-        with open(args.out, "w") as f:
-            f.write(text + "\n")
+    emit(text, args.out)
 
 
 if __name__ == "__main__":

@@ -28,6 +28,7 @@ import statistics
 import time
 
 import torch
+from report_out import emit
 from torch import nn
 
 from secant import Neumann
@@ -170,10 +171,7 @@ def main() -> None:
     head = [f"**Neumann default ends above start where SGD-Nesterov trains: {n_bad} of {n_sgd} "
             f"runs.** Paper form: {n_bad_paper} of {n_sgd}.", ""]
     text = "\n".join(lines[:2] + head + lines[2:])
-    print(text)
-    if args.out:
-        with open(args.out, "w") as f:
-            f.write(text + "\n")
+    emit(text, args.out)
 
 
 if __name__ == "__main__":
