@@ -4,8 +4,10 @@ For every cell learning rate × warm-up × gradient clipping × problem × seed,
 from the same initialisation and batch order:
 
 * ``sgd``: ``torch.optim.SGD(lr, momentum=0.9, nesterov=True)``;
-* ``neumann``: ``secant.Neumann(params, lr)``, the library defaults (bounded regulariser);
-* ``paper``: ``secant.Neumann(params, lr, regularizer="paper")``, the paper's literal term.
+* ``neumann``: ``secant.Neumann(params, lr)``, the library defaults (bounded regulariser,
+  gradient growth guard);
+* ``paper``: ``secant.Neumann(params, lr, regularizer="paper", grad_growth=None)``, the paper's
+  literal algorithm (unbounded regulariser, no gradient growth guard).
 
 A run *trains* when its loss on a fixed evaluation batch after the last step is finite and
 below the loss at the start (Neumann evaluated at its undisplaced weights). Warm-up is
@@ -70,7 +72,7 @@ def make_opt(name: str, params, lr: float):
         return torch.optim.SGD(params, lr=lr, momentum=0.9, nesterov=True)
     if name == "neumann":
         return Neumann(params, lr=lr)
-    return Neumann(params, lr=lr, regularizer="paper")
+    return Neumann(params, lr=lr, regularizer="paper", grad_growth=None)
 
 
 def run(problem, opt_name: str, lr: float, warmup: bool, clip: bool, seed: int,

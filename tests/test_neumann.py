@@ -12,8 +12,10 @@ import pytest
 import torch
 
 from secant import Neumann
+from secant.bench.problems import get_problem
 from secant.linalg.neumann_series import (
     bounded_regulariser_coefficient,
+    growth_guard,
     mu_schedule,
     regulariser_coefficient,
 )
@@ -151,7 +153,8 @@ def test_o_n2_equals_nesterov_sgd(dtype, tol):
     sgd = torch.optim.SGD([{"params": p_ref[:2]}, {"params": p_ref[2:], "lr": 0.01}], lr=0.03,
                           momentum=mu, nesterov=True)
     neu = Neumann([{"params": p_neu[:2]}, {"params": p_neu[2:], "lr": 0.01}], lr=0.03,
-                  alpha=0.0, beta=0.0, mu_min=mu, mu_max=mu, burn_in_steps=0, reset_period=None)
+                  alpha=0.0, beta=0.0, mu_min=mu, mu_max=mu, burn_in_steps=0, reset_period=None,
+                  grad_growth=None)
     for k in range(1, 51):
         for ps, opt in ((p_ref, sgd), (p_neu, neu)):
             set_grads(ps, k)
@@ -444,7 +447,7 @@ def test_works_with_closure_and_no_grad_params():
     dict(mu_min=0.6, mu_max=0.5), dict(mu_max=1.0), dict(burn_in_steps=-1),
     dict(burn_in_steps=2.5), dict(reset_period=0), dict(reset_period=1.5), dict(mu_period=0),
     dict(reg_eps=-1.0), dict(regularizer="cubic"), dict(reg_ratio=-0.1),
-    dict(reg_ratio=float("nan")),
+    dict(reg_ratio=float("nan")), dict(grad_growth=0.5), dict(grad_growth=float("inf")),
 ])
 def test_bad_arguments(kwargs):
     name = next(iter(kwargs)) if "mu_max" not in kwargs else "mu_max"
@@ -574,7 +577,8 @@ def test_add_param_group_gets_fresh_state_and_follows_nesterov():
     buffer, as torch.optim.SGD's add_param_group does."""
     p_ref, p_neu = make_params(), make_params()
     sgd = torch.optim.SGD(p_ref[:2], lr=0.03, momentum=0.7, nesterov=True)
-    neu = Neumann(p_neu[:2], lr=0.03, alpha=0.0, beta=0.0, mu_min=0.7, mu_max=0.7)
+    neu = Neumann(p_neu[:2], lr=0.03, alpha=0.0, beta=0.0, mu_min=0.7, mu_max=0.7,
+                  grad_growth=None)
     for k in range(1, 16):
         if k == 6:
             sgd.add_param_group({"params": [p_ref[2]], "lr": 0.01})
@@ -610,3 +614,88 @@ def test_steady_state_step_has_no_host_sync(monkeypatch):
     opt.step()  # a skipped step does not sync either
     monkeypatch.undo()
     assert opt.diagnostics()["skipped_steps"] == 1 and opt.diagnostics()["resets"] == 3
+
+
+def guard_scales(norms, growth, decay=0.9):
+    """The growth guard on a list of gradient norms, in Python floats: each norm is cut to at
+    most ``growth`` times the running average of the cut norms before it (docs/neumann.md)."""
+    avg, scales = 0.0, []
+    for n in norms:
+        if not math.isfinite(n):
+            scales.append(1.0)
+            continue
+        s = min(1.0, growth * avg / n) if avg > 0 else 1.0
+        avg = n * s if avg == 0 else decay * avg + (1 - decay) * n * s
+        scales.append(s)
+    return scales
+
+
+def test_growth_guard_matches_python_reference():
+    norms = [2.0, 2.5, 30.0, float("nan"), 3.0, 0.5, 9.0, 9.0, 9.0, 9.0, 1e6]
+    avg, got = torch.zeros(()), []
+    for n in norms:
+        scale, avg = growth_guard(torch.tensor(n), avg, 2.0, 0.9)
+        got.append(scale.item())
+    want = guard_scales(norms, 2.0)
+    assert want[2] < 0.2 and want[-1] < 1e-4  # the guard bound in this sequence
+    torch.testing.assert_close(torch.tensor(got), torch.tensor(want), rtol=1e-12, atol=0)
+
+
+def test_growth_guard_step_is_nesterov_sgd_on_cut_gradients():
+    """α = β = 0, constant μ: the default Neumann with gradient spikes (×40 at steps 6 and 13)
+    and a NaN step equals torch.optim.SGD(nesterov) fed the gradients cut by the Python rule."""
+    mu, spikes, nan_step = 0.8, {6: 40.0, 13: 40.0}, 9
+    p_ref, p_neu = make_params(), make_params()
+    sgd = torch.optim.SGD(p_ref, lr=0.02, momentum=mu, nesterov=True)
+    neu = Neumann(p_neu, lr=0.02, alpha=0.0, beta=0.0, mu_min=mu, mu_max=mu)
+    avg_norms = []
+    for k in range(1, 21):
+        for ps in (p_ref, p_neu):
+            set_grads(ps, k)
+            for p in ps:
+                p.grad.mul_(spikes.get(k, 1.0))
+        g_norm = torch.linalg.vector_norm(torch.cat([p.grad.reshape(-1) for p in p_ref]))
+        avg_norms.append(float(g_norm) if k != nan_step else float("nan"))
+        if k == nan_step:
+            p_neu[0].grad[0, 0] = float("nan")
+        else:
+            scale = guard_scales(avg_norms, 2.0)[-1]
+            for p in p_ref:
+                p.grad.mul_(scale)
+            sgd.step()
+        neu.step()
+        for a, b in zip(p_ref, p_neu):
+            torch.testing.assert_close(b, a, rtol=1e-12, atol=1e-12)
+    assert min(guard_scales(avg_norms, 2.0)) < 0.1  # the spikes were cut
+    assert neu.diagnostics()["skipped_steps"] == 1
+
+
+def _digits_autoencoder_run(lr, seed, steps=60, **kw):
+    """The harness's digits autoencoder (sigmoid, pixel-summed BCE, batch 100): start loss and
+    end loss at the undisplaced weights on 500 fixed images."""
+    prob = get_problem("digits")
+    x = get_problem("digits-clf").load(None, False).x_train.to(torch.float64)
+    torch.manual_seed(seed)
+    model = prob.build().double()
+    opt = Neumann(model.parameters(), lr=lr, **kw)
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        start = float(prob.loss(model, x[:500], None))
+    for _ in range(steps):
+        idx = torch.randint(len(x), (100,), generator=gen)
+        opt.zero_grad()
+        prob.loss(model, x[idx], None).backward()
+        opt.step()
+    with torch.no_grad(), opt.undisplaced():
+        return start, float(prob.loss(model, x[:500], None))
+
+
+def test_growth_guard_keeps_lr_1_autoencoder_from_blowing_up():
+    """At lr 1 the digits autoencoder is past its edge of stability: without the guard the
+    gradient norm grows geometrically and the run ends at NaN/huge loss on some seeds
+    (benchmarks/neumann_safety.md); with the default guard every seed ends below its start."""
+    unguarded = [_digits_autoencoder_run(1.0, seed, grad_growth=None) for seed in range(4)]
+    assert any(not (end < start) for start, end in unguarded)  # the failure, reproduced
+    for seed in range(4):
+        start, end = _digits_autoencoder_run(1.0, seed)
+        assert end < start

@@ -52,3 +52,27 @@ def bounded_regulariser_coefficient(r_norm: Tensor, g_norm: Tensor, alpha: float
     cap = ratio * g_norm.to(length.dtype)
     scale = torch.where(length > cap, cap / torch.where(length > cap, length, 1.0), 1.0)
     return c * scale
+
+
+def growth_guard(g_norm: Tensor, avg: Tensor, growth: float,
+                 decay: float) -> tuple[Tensor, Tensor]:
+    r"""Scale for the gradient so that its norm is at most ``growth`` times the running average
+    of the (scaled) gradient norms before it, and that average updated::
+
+        s    = min(1, growth · ā / ‖g‖)        (s = 1 while ā = 0: nothing seen yet)
+        ā'   = decay · ā + (1 − decay) · s‖g‖   (ā' = ‖g‖ at the first step)
+
+    A run past its stable step length shows itself as a gradient norm that grows
+    geometrically from one step to the next; the guard turns that growth into at most a
+    factor ``growth`` over the average, which itself can rise by ``(1 − decay)(growth − 1)``
+    per step (10 % with growth 2, decay 0.9), so a gradient norm that rises for real is
+    followed within tens of steps. Non-finite ``‖g‖`` leaves ``ā`` unchanged. No host sync.
+    """
+    seen = avg > 0
+    finite = torch.isfinite(g_norm)
+    cap = growth * avg
+    scale = torch.where(seen & finite & (g_norm > cap), cap / torch.where(g_norm > 0, g_norm, 1.0),
+                        1.0)
+    kept = scale * g_norm
+    new = torch.where(seen, decay * avg + (1.0 - decay) * kept, kept)
+    return scale, torch.where(finite, new, avg)

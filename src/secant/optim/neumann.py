@@ -14,6 +14,7 @@ from torch.optim import Optimizer
 
 from secant.linalg.neumann_series import (
     bounded_regulariser_coefficient,
+    growth_guard,
     mu_schedule,
     regulariser_coefficient,
 )
@@ -22,6 +23,7 @@ from secant.optim.validation import check, is_int
 _STATE = "neumann"
 _REGULARIZERS = ("bounded", "paper")
 _FULL = (torch.float32, torch.float64)
+_GROWTH_DECAY = 0.9  # running average of gradient norms for the growth guard (~10 steps)
 
 
 def _check_lr(lr: Any) -> None:
@@ -100,6 +102,15 @@ class Neumann(Optimizer):
     ``regularizer="paper"`` keeps the literal term. The measured effect (safety grid over lr ×
     warm-up × clipping × 5 problems; large-batch steps-to-target) is in docs/neumann.md.
 
+    **Default: gradient growth guard** (``grad_growth=2``). With ``ā`` the running average
+    (factor 0.9) of the gradient norms the optimizer used before, a gradient is shortened to
+    ``min(‖g‖, 2ā)`` before the step. Reason: past the edge of stability (``η λ_max`` too
+    large, where the Neumann series itself diverges) ``‖g‖`` grows geometrically from step to
+    step and the weights overflow within a few steps; the guard turns that into a bounded
+    step. Ordinary gradients never exceed twice their recent average, so it rarely binds
+    elsewhere, and ``ā`` can follow a real rise by 10 % per step.
+    ``regularizer="paper", grad_growth=None`` is the paper's algorithm.
+
     The weights to evaluate or checkpoint for use are the *undisplaced* ``w − μ m``: use
     :meth:`undisplaced`. With ``alpha = beta = 0``, constant μ, no burn-in and no resets the
     trajectory of the parameters is exactly ``torch.optim.SGD(lr, momentum=μ, nesterov=True)``
@@ -145,6 +156,10 @@ class Neumann(Optimizer):
         regularizer: ``"bounded"`` (default, above) or ``"paper"`` (the literal term).
         reg_ratio: bound of the bounded form: ``‖ρ‖ ≤ reg_ratio · ‖g‖``.
         reg_eps: the regulariser is dropped while ``‖w − v‖ ≤ reg_eps``.
+        grad_growth: the gradient growth guard (default 2): a gradient whose global norm
+            exceeds ``grad_growth`` times the running average (factor 0.9) of the norms before
+            it is scaled down to that length; ``None`` turns the guard off (the paper's
+            literal algorithm is ``regularizer="paper", grad_growth=None``).
 
     Parameters whose ``.grad`` is ``None`` are left unchanged in a step (their ``m`` and ``v``
     too), as :class:`torch.optim.SGD` does; they still count in ``n`` and in ``‖w − v‖``.
@@ -175,6 +190,7 @@ class Neumann(Optimizer):
         regularizer: str = "bounded",
         reg_ratio: float = 0.1,
         reg_eps: float = 1e-12,
+        grad_growth: float | None = 2.0,
     ) -> None:
         check(math.isfinite(alpha) and alpha >= 0.0, "alpha", alpha, "a finite value >= 0")
         check(math.isfinite(beta) and beta >= 0.0, "beta", beta, "a finite value >= 0")
@@ -193,7 +209,11 @@ class Neumann(Optimizer):
                "reg_ratio", reg_ratio, "a finite value >= 0")
         check(math.isfinite(reg_eps) and reg_eps >= 0.0, "reg_eps", reg_eps,
                "a finite value >= 0")
+        check(grad_growth is None or (isinstance(grad_growth, (int, float))
+                                      and math.isfinite(grad_growth) and grad_growth >= 1.0),
+               "grad_growth", grad_growth, "None or a finite value >= 1")
         _check_lr(lr)
+        self.grad_growth = None if grad_growth is None else float(grad_growth)
         self.alpha = float(alpha)
         self.beta = float(beta)
         self.gamma = float(gamma)
@@ -254,6 +274,8 @@ class Neumann(Optimizer):
         return {"step": 0, "resets": 0, "next_reset": 0 if self.reset_period is None else 1,
                 "reset_gap": self.reset_period or 0, "mu": 0.0,
                 "skipped_steps": torch.zeros((), dtype=torch.int64,
+                                             device=self._params[0].device),
+                "grad_norm_avg": torch.zeros((), dtype=self._norm_dtype,
                                              device=self._params[0].device)}
 
     # ------------------------------------------------------------------ checkpoints
@@ -268,7 +290,8 @@ class Neumann(Optimizer):
             raise ValueError("state_dict was not saved by a Neumann optimizer")
         super().load_state_dict(state_dict)
         glob = copy.deepcopy(saved)
-        glob["skipped_steps"] = glob["skipped_steps"].to(self._params[0].device)
+        for key in ("skipped_steps", "grad_norm_avg"):
+            glob[key] = glob[key].to(self._params[0].device)
         self.state[_STATE] = glob
         # the base class casts state to the parameter's dtype: take m, v from the saved dict
         # instead (float32 for bf16/fp16 parameters), into own storage shaped as p
@@ -300,6 +323,10 @@ class Neumann(Optimizer):
         ok = torch.isfinite(g_norm)  # no branch on it: a skipped step multiplies by 0 / 1
         gst["skipped_steps"].add_(~ok.to(gst["skipped_steps"].device))
         okf = ok.to(self._norm_dtype)
+        if self.grad_growth is not None:
+            g_scale, gst["grad_norm_avg"] = growth_guard(g_norm, gst["grad_norm_avg"],
+                                                         self.grad_growth, _GROWTH_DECAY)
+            g_norm = g_norm * g_scale
         t = gst["step"] = gst["step"] + 1  # host-side count of steps with gradients
         s = t - self.burn_in_steps
         mu = gst["mu"] = mu_schedule(s, self.mu_period, self.mu_min, self.mu_max) if s > 0 else 0.0
@@ -320,6 +347,8 @@ class Neumann(Optimizer):
             lr = okf * group["lr"]  # 0 on a skipped step
             ws = _work(params)
             gs = [torch.where(ok, p.grad.to(w.dtype), 0.0) for p, w in zip(params, ws)]
+            if self.grad_growth is not None:
+                torch._foreach_mul_(gs, g_scale)
             ms = [self.state[p]["m"] for p in params]
             if s <= 0:  # burn-in: w ← w − η g
                 torch._foreach_mul_(gs, lr)
