@@ -43,11 +43,12 @@ from secant.optim import momentum_lbfgs as mlbfgs_module
 
 CACHE = Path(__file__).with_suffix(".json")
 EVAL_EVERY = 10
-STEPS = {"digits": 1500, "digits-clf": 1500, "quadratic": 1000, "curves": 600}
+STEPS = {"digits": 1500, "digits-clf": 1500, "quadratic": 1000, "curves": 600, "mnist1d": 1500}
 # From the SGD pilot (--pilot, seed 99): loss at 2/3 of the budget at SGD's best LR (digits
 # 18.59 at lr 0.01; quadratic 241.44 at lr 0.00316, minimum 240.43; digits-clf 4.5e-5 at lr
 # 0.316, rounded up to 1e-4, reached there at ~45% of the budget), then frozen.
-TARGETS = {"digits": 18.6, "digits-clf": 1e-4, "quadratic": 241.5, "curves": math.nan}
+TARGETS = {"digits": 18.6, "digits-clf": 1e-4, "quadratic": 241.5, "curves": math.nan,
+           "mnist1d": 0.08}
 LR_LADDER = [10.0 ** (k / 2) for k in range(-10, 3)]  # 1e-5, 3.2e-5, ..., 1, 3.2, 10
 
 
@@ -64,7 +65,7 @@ class NormalizedSGD(torch.optim.SGD):
 
 
 class Variant(MomentumLBFGS):
-    """MomentumLBFGS with two experimental rules (the library code is not changed).
+    """MomentumLBFGS with experimental rules (the library code is not changed).
 
     * ``gamma="shared"``: ``H0 = gamma I`` with one ``gamma = sum_b s_b'y_b / sum_b y_b'y_b``
       over the blocks' newest pairs instead of one ``gamma`` per block.
@@ -72,14 +73,50 @@ class Variant(MomentumLBFGS):
       the pair (so to the cosine of s and y) and ``s`` is mixed in at that scale,
       ``y_hat = tau y + (1 - tau) c s``: invariant to rescaling the loss, unlike the paper's
       absolute bounds on ``s'y / s's``.
+    * ``scale="gtd"``: the quasi-Newton direction ``d`` is scaled by ``g'g / g'd`` (the step
+      decreases the linear model as much as SGD's); ``cap`` bounds that factor by ``cap``
+      times the ``grad_norm`` factor ``||g|| / ||d||``.
+    * ``warmup="normalized"`` (with ``step_rule="unit"``): normalised SGD before the first pair
+      instead of SGD, so ``lr`` is a step length from the first step (normalised SGD +
+      curvature).
     """
 
-    def __init__(self, params, gamma="block", damping_scale="absolute", **kw):
+    def __init__(self, params, gamma="block", damping_scale="absolute", scale=None, cap=None,
+                 warmup="sgd", **kw):
         super().__init__(params, **kw)
         self.gamma_mode = gamma
         self.damping_scale = damping_scale
+        self.scale, self.cap, self.warmup = scale, cap, warmup
+
+    def _normalize_warmup(self):
+        """``warmup="normalized"``: before the first pair (steps 1..2T-1) the gradient is
+        divided by its global norm, so the warm-up is normalised SGD (weight decay 0 here)."""
+        warm = self.state["mlbfgs"]["step"] + 1 < 2 * self.update_period
+        if self.warmup == "normalized" and warm:
+            grads = [p.grad for g in self.param_groups for p in g["params"] if p.grad is not None]
+            norm = torch.linalg.vector_norm(torch.stack(torch._foreach_norm(grads)))
+            torch._foreach_div_(grads, norm.clamp(min=1e-30))
+
+    def _precondition(self, d):
+        if self.scale is None:
+            return super()._precondition(d)
+        rows = self._layout.curvature_rows
+        g = d[:rows].clone()
+        rule, self.step_rule = self.step_rule, "none"
+        try:
+            super()._precondition(d)
+        finally:
+            self.step_rule = rule
+        q = d[:rows]
+        gg, gd = (g * g).sum(), (g * q).sum()
+        norm_factor = gg.sqrt() / torch.linalg.vector_norm(q).clamp(min=1e-300)
+        f = torch.where(gd > 0, gg / gd.clamp(min=1e-300), norm_factor)
+        if self.cap is not None:
+            f = torch.minimum(f, self.cap * norm_factor)
+        d.mul_(f)
 
     def step(self, closure=None):
+        self._normalize_warmup()
         if self.gamma_mode == "block":
             return super().step(closure)
         original = mlbfgs_module.newest_gamma
@@ -101,9 +138,9 @@ class Variant(MomentumLBFGS):
         finally:
             mlbfgs_module.newest_gamma = original
 
-    def _form_pair(self):
+    def _form_pair(self, ok):
         if self.damping_scale == "absolute" or self.pair_momentum > 0:
-            return super()._form_pair()
+            return super()._form_pair(ok)
         st = self.state["mlbfgs"]
         h = self._history()
         s = st["param_ema"] - st["param_snapshot"]
@@ -113,12 +150,13 @@ class Variant(MomentumLBFGS):
         yy = block_dot(y, y, h.chunk_block, h.num_blocks)
         c = (yy / ss).sqrt()
         tau, active = tau_coefficient(sy, c * ss, self.sigma_low, self.sigma_high, self.tau_max)
-        accept = torch.isfinite(tau) & (ss > 0) & (yy > 0)
+        attempt = st["has_snapshot"] & ok
+        accept = torch.isfinite(tau) & (ss > 0) & (yy > 0) & attempt
         t = torch.where(accept, tau, 0.0)[h.chunk_block].unsqueeze(1)
         cs = torch.where(accept, c, 0.0)[h.chunk_block].unsqueeze(1)
         push(h, s, t * y + (1.0 - t) * cs * s, accept)
         st["pairs_accepted"] += accept
-        st["pairs_rejected"] += ~accept
+        st["pairs_rejected"] += attempt & ~accept
         st["damping_activations"] += accept & active
 
 
@@ -146,6 +184,11 @@ METHODS = {
     "mlb-rel-shared": (mlb(blocks="tensor", damping_scale="relative", gamma="shared"),
                        SGD_GRID),
     "mlb-sH1e6-group": (mlb(sigma_high=1e6, blocks="group"), SGD_GRID),
+    "mlb-gtd-group": (mlb(blocks="group", scale="gtd"), SGD_GRID),
+    "mlb-normalized": (mlb(blocks="group", step_rule="unit", warmup="normalized"), NORM_GRID),
+    "mlb-gtd10-group": (mlb(blocks="group", scale="gtd", cap=10.0), SGD_GRID),
+    "mlb-gtd-sH1e6-group": (mlb(blocks="group", scale="gtd", sigma_high=1e6), SGD_GRID),
+    "mlb-unit-sH1e6-group": (mlb(blocks="group", step_rule="unit", sigma_high=1e6), NORM_GRID),
 }
 
 
@@ -272,7 +315,7 @@ class PairRecorder(Variant):
     """Records, per block and curvature pair: cos(s, y), r = s'y / s's and whether the damping
     bounds were active (r outside [sigma_L, sigma_H])."""
 
-    def _form_pair(self):
+    def _form_pair(self, ok):
         st = self.state["mlbfgs"]
         h = self._history()
         s = st["param_ema"] - st["param_snapshot"]
@@ -282,7 +325,7 @@ class PairRecorder(Variant):
         r = sy / ss
         self.records.append({"cos": (sy / (ss * yy).sqrt()).tolist(), "r": r.tolist(),
                              "damped": ((r < self.sigma_low) | (r > self.sigma_high)).tolist()})
-        return super()._form_pair()
+        return super()._form_pair(ok)
 
 
 def pair_quality(problem_name, lr, seed=0, **kw):
