@@ -88,15 +88,6 @@ class Variant(MomentumLBFGS):
         self.damping_scale = damping_scale
         self.scale, self.cap, self.warmup = scale, cap, warmup
 
-    def _normalize_warmup(self):
-        """``warmup="normalized"``: before the first pair (steps 1..2T-1) the gradient is
-        divided by its global norm, so the warm-up is normalised SGD (weight decay 0 here)."""
-        warm = self.state["mlbfgs"]["step"] + 1 < 2 * self.update_period
-        if self.warmup == "normalized" and warm:
-            grads = [p.grad for g in self.param_groups for p in g["params"] if p.grad is not None]
-            norm = torch.linalg.vector_norm(torch.stack(torch._foreach_norm(grads)))
-            torch._foreach_div_(grads, norm.clamp(min=1e-30))
-
     def _precondition(self, d):
         if self.scale is None:
             return super()._precondition(d)
@@ -115,8 +106,16 @@ class Variant(MomentumLBFGS):
             f = torch.minimum(f, self.cap * norm_factor)
         d.mul_(f)
 
+    def _update_curvature(self, t, g_own, ok):
+        """``warmup="normalized"``: before the first pair (steps 1..2T-1) the direction is the
+        gradient divided by its global norm (after the averages took the raw gradient), so the
+        warm-up is normalised SGD. ``g_own`` is a view of the whole direction buffer in a
+        single process; weight decay is 0 in these runs."""
+        super()._update_curvature(t, g_own, ok)
+        if self.warmup == "normalized" and t < 2 * self.update_period:
+            g_own.div_(torch.linalg.vector_norm(g_own).clamp(min=torch.finfo(g_own.dtype).tiny))
+
     def step(self, closure=None):
-        self._normalize_warmup()
         if self.gamma_mode == "block":
             return super().step(closure)
         original = mlbfgs_module.newest_gamma

@@ -71,8 +71,8 @@ class Neumann(Optimizer):
     * learning rate: start at 0.01 (trains on every problem of the safety grid, with or
       without warm-up and clipping); 0.1–0.3 was best for small classifiers. In that grid
       (lr 1e-4…1, benchmarks/neumann_safety.md) the default ends above its start where
-      SGD-Nesterov 0.9 trains in 4 of 324 runs (all at lr 1 on one autoencoder, where the
-      regulariser-free update diverges too), the paper form in 177. Only ``lr`` is tuned.
+      SGD-Nesterov 0.9 trains in none of 324 runs, the paper's algorithm in 177. Only
+      ``lr`` is tuned.
 
     The parameters hold the *displaced* iterate ``w`` (the point where gradients are taken).
     With Neumann iterate ``m`` and moving average ``v`` of the weights, a step with gradient
