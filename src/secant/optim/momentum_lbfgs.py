@@ -109,8 +109,11 @@ class MomentumLBFGS(Optimizer):
               and the step length is continuous with the warm-up. The most robust rule across
               learning rates in ``benchmarks/mlbfgs_step_rule.md``.
             * ``"unit"`` — divide ``d`` by its global norm (the released ``slimblock.py``):
-              ``lr`` is then a step length. Fastest of all on the harness quadratic, slower
-              than SGD with momentum on the digits autoencoder.
+              ``lr`` is then a step length, while the warm-up before the first pair is SGD at
+              that same ``lr``. Fastest on the harness quadratic, because of that warm-up
+              (with a normalised warm-up it is level with normalised SGD); the warm-up
+              collapses the digits autoencoder at the learning rates the rule needs
+              (``benchmarks/mlbfgs_defaults.md``, second study).
             * ``"kl_clip"`` — ``d ← ν d``, ``ν = min(1, sqrt(κ / (η² gᵀd)))`` with ``g`` the
               weight-decayed gradient: the KL clip of K-FAC (Ba et al. 2017). The released
               full-model variant (``slim.py``) uses ``min(1, sqrt(κ / g_rawᵀd))`` (raw
