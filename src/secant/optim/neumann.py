@@ -107,8 +107,9 @@ class Neumann(Optimizer):
     ``min(‖g‖, 2ā)`` before the step. Reason: past the edge of stability (``η λ_max`` too
     large, where the Neumann series itself diverges) ``‖g‖`` grows geometrically from step to
     step and the weights overflow within a few steps; the guard turns that into a bounded
-    step. Ordinary gradients never exceed twice their recent average, so it rarely binds
-    elsewhere, and ``ā`` can follow a real rise by 10 % per step.
+    step. Ordinary mini-batch gradients seldom exceed twice their recent average, so it
+    seldom binds elsewhere (no step count changed in benchmarks/neumann_large_batch.md), and
+    ``ā`` can follow a real rise by 10 % per step. Evidence: docs/neumann.md, section 3b.
     ``regularizer="paper", grad_growth=None`` is the paper's algorithm.
 
     The weights to evaluate or checkpoint for use are the *undisplaced* ``w − μ m``: use
