@@ -4,8 +4,10 @@ Each cell trains a tiny model on one fixed batch (the loss must end finite and c
 its start) or raises the documented error at set-up.
 """
 
+import gc
 import io
 import warnings
+import weakref
 
 import pytest
 import torch
@@ -407,6 +409,19 @@ def test_second_optimizer_on_the_same_model(name):
     assert_trains(train(opt, model, x, y))
     with pytest.raises(RuntimeError, match="newer optimizer"):
         old.step(closure_for(old, model, x, y))
+
+
+@pytest.mark.parametrize("name", ALL)
+def test_model_and_optimizer_are_freed_when_dropped(name):
+    """Nothing global keeps a trained model or its optimizer alive (a leak would also pin a
+    process group they reference, and its threads, for the life of the process)."""
+    model, x, y = make("mlp")
+    opt = build(name, model)
+    train(opt, model, x, y, steps=2)
+    refs = [weakref.ref(model), weakref.ref(opt)]
+    del model, opt
+    gc.collect()
+    assert [r() for r in refs] == [None, None]
 
 
 @pytest.mark.parametrize("name", ALL)

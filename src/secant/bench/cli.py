@@ -242,41 +242,41 @@ def bench(args: argparse.Namespace, argv_text: str) -> int:
         Path("bench-results") / dt.datetime.now().strftime("%Y%m%d-%H%M%S"))
     _check_out(out)
     problems, entries = _resolve(args)
-    seeds = args.seeds or args.suite_seeds
-    rank, world = distributed.init(args.device)
-    overrides = dict(args.lr)
-    for name in overrides:
-        if name not in [e.name for e in entries]:
-            raise BenchError(f"--lr {name}=...: {name} is not among the optimizers being run "
-                             f"({', '.join(e.name for e in entries)})")
-    datasets = {p.name: p.load(args.data_dir, args.synthetic) for p in problems}
-    meta = _meta(args, argv_text) | {"world_size": world}
-    meta["config"]["seeds"] = seeds
-    if args.jobs > 1 and world > 1:
-        raise BenchError(f"--jobs {args.jobs}: not under torchrun (each rank runs one process)")
-    tasks = []
-    for p in problems:
-        for e in entries:
-            lr, src = (overrides[e.name], "override") if e.name in overrides else (
-                e.lr_for(p.name), e.lr_source(p.name))
-            for seed in range(seeds):
-                cfg = _config(args, p, e, lr, src, seed, e.knob_for(p.name))
-                tasks.append((p, e, datasets[p.name], cfg))
-    runs = parallel.run_all(tasks, args.jobs, progress=not args.no_progress and rank == 0)
-    if rank != 0:  # under torchrun, rank 0 reports
+    with distributed.session(args.device) as (rank, world):
+        seeds = args.seeds or args.suite_seeds
+        overrides = dict(args.lr)
+        for name in overrides:
+            if name not in [e.name for e in entries]:
+                raise BenchError(f"--lr {name}=...: {name} is not among the optimizers being run "
+                                 f"({', '.join(e.name for e in entries)})")
+        datasets = {p.name: p.load(args.data_dir, args.synthetic) for p in problems}
+        meta = _meta(args, argv_text) | {"world_size": world}
+        meta["config"]["seeds"] = seeds
+        if args.jobs > 1 and world > 1:
+            raise BenchError(f"--jobs {args.jobs}: not under torchrun (each rank runs one process)")
+        tasks = []
+        for p in problems:
+            for e in entries:
+                lr, src = (overrides[e.name], "override") if e.name in overrides else (
+                    e.lr_for(p.name), e.lr_source(p.name))
+                for seed in range(seeds):
+                    cfg = _config(args, p, e, lr, src, seed, e.knob_for(p.name))
+                    tasks.append((p, e, datasets[p.name], cfg))
+        runs = parallel.run_all(tasks, args.jobs, progress=not args.no_progress and rank == 0)
+        if rank != 0:  # under torchrun, rank 0 reports
+            return 0
+        info = {p.name: _problem_info(args, p) for p in problems}
+        meta["wall_seconds"] = time.perf_counter() - started
+        summary, verdicts = report.write_outputs(out, meta, info, runs)
+        targets = {p: i["target"] for p, i in info.items()}
+        print("\nverdict (steps to target, median [range] over seeds)")
+        print(report.text_table(report.verdict_rows(verdicts, targets), report.VERDICT_HEADER))
+        for p in problems:
+            tgt = info[p.name]["target"]
+            print(f"\n{p.name} (target {'none' if tgt is None else format(tgt, '.4g')})")
+            print(report.text_table(report.table_rows(summary, p.name)))
+        print(f"\nwrote {out}/ (results.json, report.md, plots) in {meta['wall_seconds']:.0f} s")
         return 0
-    info = {p.name: _problem_info(args, p) for p in problems}
-    meta["wall_seconds"] = time.perf_counter() - started
-    summary, verdicts = report.write_outputs(out, meta, info, runs)
-    targets = {p: i["target"] for p, i in info.items()}
-    print("\nverdict (steps to target, median [range] over seeds)")
-    print(report.text_table(report.verdict_rows(verdicts, targets), report.VERDICT_HEADER))
-    for p in problems:
-        tgt = info[p.name]["target"]
-        print(f"\n{p.name} (target {'none' if tgt is None else format(tgt, '.4g')})")
-        print(report.text_table(report.table_rows(summary, p.name)))
-    print(f"\nwrote {out}/ (results.json, report.md, plots) in {meta['wall_seconds']:.0f} s")
-    return 0
 
 
 def _parse_grid(items: list[str], flag: str = "--grid") -> dict[str, list[float]]:

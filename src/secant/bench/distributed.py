@@ -2,13 +2,15 @@
 global batch split across ranks; rank 0 prints and writes the results.
 
 ``torchrun --standalone --nproc-per-node N -m secant bench ...`` sets ``WORLD_SIZE`` / ``RANK`` /
-``LOCAL_RANK``; :func:`init` then joins the process group (gloo on CPU, NCCL with
+``LOCAL_RANK``; :func:`session` then joins the process group (gloo on CPU, NCCL with
 ``--device cuda``, one GPU per local rank). Without ``torchrun`` nothing changes.
 """
 
 from __future__ import annotations
 
 import os
+from collections.abc import Iterator
+from contextlib import contextmanager
 
 import torch
 import torch.distributed as dist
@@ -19,15 +21,22 @@ from secant.bench.data import BenchError
 from secant.distributed import all_gather_rows
 
 
-def init(device: str) -> tuple[int, int]:
-    """Join the ``torchrun`` process group if launched by it; returns ``(rank, world)``."""
+@contextmanager
+def session(device: str) -> Iterator[tuple[int, int]]:
+    """Join the ``torchrun`` process group if launched by it, for the ``with`` block; yields
+    ``(rank, world)``. A group joined here is destroyed at the end, so its threads do not run
+    into interpreter exit."""
     world = int(os.environ.get("WORLD_SIZE", "1"))
     if world == 1 or dist.is_initialized():
-        return (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
+        yield (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
+        return
     if device == "cuda":
         torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
     dist.init_process_group("nccl" if device == "cuda" else "gloo")
-    return dist.get_rank(), dist.get_world_size()
+    try:
+        yield dist.get_rank(), dist.get_world_size()
+    finally:
+        dist.destroy_process_group()
 
 
 def world() -> tuple[int, int]:

@@ -11,6 +11,17 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
+if dist.is_available():
+    # Imported here, before any process group exists, on purpose. This module's functions bind
+    # ``group.WORLD`` as default arguments when first imported; torch imports it lazily (with
+    # torch._dynamo, e.g. at the first optimizer or DDP construction), which after
+    # ``init_process_group`` pins the default group for the life of the process.
+    # ``destroy_process_group()`` then cannot free it, its gloo worker threads outlive the
+    # script, and one still releasing the last collective's buffer (a tensor with a Python
+    # object, as every buffer here is) aborts the process during interpreter exit (SIGABRT,
+    # "terminate called without an active exception").
+    import torch.distributed.nn.functional  # noqa: F401
+
 # torch >= 2.10 names it all_gather_single; older releases all_gather_into_tensor.
 _all_gather = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
 

@@ -136,8 +136,16 @@ def output_rows(module: nn.Module, out: Tensor) -> Tensor:
 
 Reduce = Callable[[nn.Module, "LayerRecord"], list[Tensor]]
 
-# the capture that currently owns each layer (one optimizer at a time; see the module docstring)
-_OWNERS: weakref.WeakKeyDictionary[nn.Module, LayerCapture] = weakref.WeakKeyDictionary()
+# the capture that currently owns each layer (one optimizer at a time; see the module docstring).
+# Weak on both sides: a strong value would hold its own key (the capture holds its layers), so no
+# model, optimizer or process group its hooks reach could ever be freed.
+_OWNERS: weakref.WeakKeyDictionary[nn.Module, weakref.ref[LayerCapture]] = (
+    weakref.WeakKeyDictionary())
+
+
+def _owner(module: nn.Module) -> LayerCapture | None:
+    ref = _OWNERS.get(module)
+    return None if ref is None else ref()
 
 
 @dataclass
@@ -213,10 +221,10 @@ class LayerCapture:
     def _take_over(self, layers: dict[str, nn.Module]) -> None:
         previous = []
         for m in layers.values():
-            old = _OWNERS.get(m)
+            old = _owner(m)
             if old is not None and old is not self and old.attached and old not in previous:
                 previous.append(old)
-            _OWNERS[m] = self
+            _OWNERS[m] = weakref.ref(self)
         for old in previous:
             old.remove()
             warnings.warn(
@@ -283,7 +291,7 @@ class LayerCapture:
         self._handles = []
         self.attached = False
         for m in self.layers.values():
-            if _OWNERS.get(m) is self:
+            if _owner(m) is self:
                 del _OWNERS[m]
         self.stop()
 
