@@ -39,6 +39,7 @@ that builds a new optimizer just works); the previous owner then refuses to coll
 
 from __future__ import annotations
 
+import functools
 import warnings
 import weakref
 from collections.abc import Callable, Iterator
@@ -206,6 +207,13 @@ class LayerCapture:
         self._handles += [model.register_forward_pre_hook(self._model_pre_hook),
                           model.register_forward_hook(self._model_hook)]
 
+    def __setstate__(self, state: dict) -> None:
+        """A copied or unpickled capture owns the copied layers its hooks are on."""
+        self.__dict__.update(state)
+        if self.attached:
+            for m in self.layers.values():
+                _OWNERS[m] = weakref.ref(self)
+
     def add_layers(self, layers: dict[str, nn.Module]) -> None:
         """Register more layers (fresh hooks; they take part from the next :meth:`start`)."""
         for name, m in layers.items():
@@ -215,7 +223,7 @@ class LayerCapture:
         if self.active:
             self.sums.update({n: _Sums() for n in layers})
         self._take_over(layers)
-        self._handles.extend(m.register_forward_hook(self._make_hook(n))
+        self._handles.extend(m.register_forward_hook(functools.partial(self._layer_hook, n))
                              for n, m in layers.items())
 
     def _take_over(self, layers: dict[str, nn.Module]) -> None:
@@ -322,34 +330,32 @@ class LayerCapture:
             s.finite = s.finite + ok
         s.calls += 1
 
-    def _make_hook(self, name: str) -> Callable:
+    def _layer_hook(self, name: str, mod: nn.Module, inputs: tuple, out: Tensor) -> None:
+        """Forward hook of layer ``name`` (registered as a partial of this bound method, so a
+        deep copy or pickle of the model carries hooks of the copied capture)."""
         module = self.layers[name]
-
-        def hook(mod: nn.Module, inputs: tuple, out: Tensor) -> None:
-            if not self._capturing(out):
-                return
-            if self._calls.get(name, 0) >= 1 and not self.warming:
-                raise RuntimeError(
-                    f"layer {name!r} ({type(module).__name__}) was called more than once in one "
-                    f"forward pass of the model; weight sharing / repeated calls are not "
-                    f"supported by Kronecker-factored optimizers (exclude it with `exclude=`)")
-            self._calls[name] = self._calls.get(name, 0) + 1
-            rec = LayerRecord()
-            if self.need_inputs or self.warming:
-                rec.x = self._cast(inputs[0])
-            if self.need_h_mean and not self.warming:
-                rec.h_mean = output_rows(module, self._cast(out)).mean(dim=(0, 1))
-            if self.warming or not self.need_grads:
-                self._calls[name] -= 1
-                self._add(name, rec)
-                return
-            if self.fisher_loss is not None:
-                rec.out = out
-                self._pending_out.append((name, rec))
-                return
-            out.register_hook(self._make_grad_hook(name, rec))
-
-        return hook
+        if not self._capturing(out):
+            return
+        if self._calls.get(name, 0) >= 1 and not self.warming:
+            raise RuntimeError(
+                f"layer {name!r} ({type(module).__name__}) was called more than once in one "
+                f"forward pass of the model; weight sharing / repeated calls are not "
+                f"supported by Kronecker-factored optimizers (exclude it with `exclude=`)")
+        self._calls[name] = self._calls.get(name, 0) + 1
+        rec = LayerRecord()
+        if self.need_inputs or self.warming:
+            rec.x = self._cast(inputs[0])
+        if self.need_h_mean and not self.warming:
+            rec.h_mean = output_rows(module, self._cast(out)).mean(dim=(0, 1))
+        if self.warming or not self.need_grads:
+            self._calls[name] -= 1
+            self._add(name, rec)
+            return
+        if self.fisher_loss is not None:
+            rec.out = out
+            self._pending_out.append((name, rec))
+            return
+        out.register_hook(self._make_grad_hook(name, rec))
 
     def _make_grad_hook(self, name: str, rec: LayerRecord) -> Callable:
         module = self.layers[name]

@@ -60,7 +60,7 @@ class BlockLayout:
                 self.block_chunks[b] = range(k, k + chunks[b])
                 chunk_block[k : k + chunks[b]] = [b] * chunks[b]
                 k += chunks[b]
-        self._index = {id(p): i for i, p in enumerate(self.params)}
+        self._index = {p: i for i, p in enumerate(self.params)}  # tensors hash by identity
         self.num_blocks = len(blocks)
         device = self.params[0].device if self.params else torch.device("cpu")
         if dtype is None:
@@ -89,6 +89,6 @@ class BlockLayout:
         origin = first_chunk * self.chunk_size
         out = []
         for p in self.params if params is None else params:
-            o = self.offsets[self._index[id(p)]] - origin
+            o = self.offsets[self._index[p]] - origin
             out.append(flat[o : o + p.numel()].view_as(p))
         return out

@@ -274,11 +274,16 @@ class KFAC(LayerOptimizer):
     def _is_factor_step(self, k: int) -> bool:
         return (k - 1) % self.factor_update_period == 0
 
+    @staticmethod
+    def _factor_stats(module: nn.Module, rec: Any) -> list[Tensor]:
+        """The captured call's ``A`` and ``G`` statistics (a named function: the armed capture
+        is pickled with the optimizer)."""
+        return list(factor_statistics(module, rec.x, rec.g))
+
     def _arm(self) -> None:
         """Capture the next step's forward/backward if that step updates the factors."""
         if self.kron_group is not None and self._is_factor_step(self._st["step"] + 1):
-            self.capture.start(lambda m, rec: list(factor_statistics(m, rec.x, rec.g)),
-                               fisher_loss=self.fisher_loss)
+            self.capture.start(self._factor_stats, fisher_loss=self.fisher_loss)
         else:
             self.capture.stop()
 

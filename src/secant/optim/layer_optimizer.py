@@ -95,7 +95,6 @@ from typing import Any
 
 import torch
 from torch import Tensor, nn
-from torch.optim import Optimizer
 
 from secant.distributed import all_reduce_flat, assign_blocks, check_consistent, resolve_group
 from secant.layers import (
@@ -106,6 +105,7 @@ from secant.layers import (
     matrix_shape,
     param_matrix,
 )
+from secant.optim.contract import OptimizerContract
 from secant.optim.validation import check
 
 __all__ = ["DISTRIBUTED_MODES", "LayerOptimizer", "check", "check_finite_nonneg",
@@ -179,7 +179,7 @@ def curvature_step(step: Callable) -> Callable:
     return wrapper
 
 
-class LayerOptimizer(Optimizer):
+class LayerOptimizer(OptimizerContract):
     """Base class: builds groups and hooks over ``model``; subclasses implement ``step``
     (decorated with :func:`curvature_step`).
 

@@ -11,7 +11,6 @@ from typing import Any
 import torch
 import torch.distributed as dist
 from torch import Tensor
-from torch.optim import Optimizer
 
 from secant.distributed import all_gather_rows, assign_blocks, check_consistent, resolve_group
 from secant.linalg import (
@@ -24,6 +23,7 @@ from secant.linalg import (
     tau_coefficient,
 )
 from secant.optim.block_layout import BlockLayout
+from secant.optim.contract import OptimizerContract, check_lr, scalar_lr
 from secant.optim.validation import check
 
 STEP_RULES = ("grad_norm", "unit", "kl_clip", "none")
@@ -34,7 +34,7 @@ _PER_BLOCK = ("gram", "head", "count", "pairs_accepted", "pairs_rejected",
 _OWN_VECTORS = ("param_ema", "grad_ema", "param_snapshot", "grad_snapshot")
 
 
-class MomentumLBFGS(Optimizer):
+class MomentumLBFGS(OptimizerContract):
     r"""Momentum-based block-wise L-BFGS (mL-BFGS).
 
     Use::
@@ -70,9 +70,10 @@ class MomentumLBFGS(Optimizer):
     update is exactly :class:`torch.optim.SGD` with the same momentum and weight decay.
 
     Args:
-        params: parameters or parameter groups (``lr``, ``momentum`` and ``weight_decay`` may be
-            set per group).
-        lr: learning rate η (paper runs: 0.1 with cosine decay).
+        params: parameters, named parameters or parameter groups (``lr``, ``momentum`` and
+            ``weight_decay`` may be set per group).
+        lr: learning rate η (paper runs: 0.1 with cosine decay; a number or a one-element
+            tensor).
         momentum: heavy-ball momentum μ on the quasi-Newton direction (paper: 0.9).
         weight_decay: L2 coefficient λ, added to the gradient before preconditioning.
         history_size: pairs kept per block, m (paper runs: 10).
@@ -139,6 +140,8 @@ class MomentumLBFGS(Optimizer):
             average (the released code adds ``λ g``, not ``λ θ``, there).
         curvature_eps: ε added to ``sᵀs`` in the damping ratio and to ``ŷᵀŷ`` in γ (released
             code: 1e-12).
+        maximize: ascend the objective (the gradient is negated before everything else, the
+            curvature pairs included), as in :mod:`torch.optim`.
 
     Parameters whose ``.grad`` is ``None`` are not updated in that step (their gradient counts
     as zero in the averages). A step whose gradients are not all finite changes neither the
@@ -174,6 +177,7 @@ class MomentumLBFGS(Optimizer):
         process_group: dist.ProcessGroup | None = None,
         grad_ema_weight_decay: bool = False,
         curvature_eps: float = 0.0,
+        maximize: bool = False,
     ) -> None:
         check(isinstance(history_size, int) and history_size >= 1, "history_size",
               history_size, "an integer >= 1")
@@ -189,6 +193,8 @@ class MomentumLBFGS(Optimizer):
         check(0.0 <= pair_momentum < 1.0, "pair_momentum", pair_momentum, "a value in [0, 1)")
         check(0.0 <= curvature_eps < math.inf, "curvature_eps", curvature_eps,
               "a finite value >= 0")
+        check(isinstance(maximize, bool), "maximize", maximize, "True or False")
+        self.maximize = maximize
         defaults = dict(lr=lr, momentum=momentum, weight_decay=weight_decay)
         super().__init__(params, defaults)
         self.history_size = history_size
@@ -259,7 +265,8 @@ class MomentumLBFGS(Optimizer):
             raise
 
     def _check_group(self, group: dict[str, Any]) -> None:
-        check(group["lr"] >= 0.0, "lr", group["lr"], "a value >= 0")
+        check(check_lr(group["lr"]), "lr", group["lr"],
+              "a finite value >= 0 (a number or a one-element tensor)")
         check(0.0 <= group["momentum"] < 1.0, "momentum", group["momentum"], "a value in [0, 1)")
         check(group["weight_decay"] >= 0.0, "weight_decay", group["weight_decay"],
               "a value >= 0")
@@ -334,7 +341,7 @@ class MomentumLBFGS(Optimizer):
         self._own_chunk_block = torch.tensor(
             [local[int(b)] for b in lay.chunk_block[self._own]], dtype=torch.long, device=dev)
         self._own_params = [p for b in own_blocks for p in blocks[b]]
-        self._free_ids = {id(p) for ps in free.values() for p in ps}
+        self._free_params = {p for ps in free.values() for p in ps}  # tensors hash by identity
         self._chunk_group = torch.tensor(self._block_group, dtype=torch.long,
                                          device=dev)[lay.chunk_block]
         self._scratch = lay.new_buffer()
@@ -401,20 +408,28 @@ class MomentumLBFGS(Optimizer):
         st["last_lrs"][: len(old_st["last_lrs"])] = old_st["last_lrs"]
         self.state[_STATE] = st
 
+    def __getstate__(self) -> dict[str, Any]:
+        # cached views into the flat buffers: pickle would store them as separate copies
+        return super().__getstate__() | {"_view_cache": {}}
+
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        saved = state_dict["state"].get(_STATE)
         fresh = self.state[_STATE]  # created eagerly: the shapes, dtypes and devices to match
-        if saved is None or set(saved) != set(fresh):
-            raise ValueError("state_dict was not saved by a MomentumLBFGS optimizer")
-        if list(saved["shard"]) != fresh["shard"]:
-            raise ValueError(f"state_dict holds the shard (rank, world) = {saved['shard']}, this "
-                             f"optimizer is {fresh['shard']}: each rank loads its own state")
-        for key, ref in fresh.items():
-            if isinstance(ref, Tensor) and saved[key].shape != ref.shape:
-                raise ValueError(f"state_dict entry {key!r} has shape {tuple(saved[key].shape)},"
-                                 f" expected {tuple(ref.shape)} (different model, blocks or "
-                                 f"history_size?)")
-        super().load_state_dict(state_dict)  # replaces self.state; `fresh` keeps the old one
+
+        def check_saved(sd: dict[str, Any]) -> None:
+            saved = sd["state"].get(_STATE)
+            if saved is None or set(saved) != set(fresh):
+                raise ValueError("state_dict was not saved by a MomentumLBFGS optimizer")
+            if list(saved["shard"]) != fresh["shard"]:
+                raise ValueError(f"state_dict holds the shard (rank, world) = {saved['shard']}, "
+                                 f"this optimizer is {fresh['shard']}: each rank loads its own "
+                                 f"state")
+            for key, ref in fresh.items():
+                if isinstance(ref, Tensor) and saved[key].shape != ref.shape:
+                    raise ValueError(f"state_dict entry {key!r} has shape "
+                                     f"{tuple(saved[key].shape)}, expected {tuple(ref.shape)} "
+                                     f"(different model, blocks or history_size?)")
+
+        self._load_hooked(state_dict, check_saved)  # replaces self.state; `fresh` is the old one
         own = self.state[_STATE]
         for key, ref in fresh.items():
             if isinstance(ref, Tensor):
@@ -552,6 +567,8 @@ class MomentumLBFGS(Optimizer):
         torch._foreach_copy_([v for v, w in zip(d_views, with_grad) if w], grads)
         if not all(with_grad):
             torch._foreach_zero_([v for v, w in zip(d_views, with_grad) if not w])
+        if self.maximize:
+            d.neg_()
         ok = torch.isfinite(d).all()  # stays on the device: a bad step is masked, not branched
         d.masked_fill_(~ok, 0.0)
         st["skipped_steps"] += ~ok
@@ -563,7 +580,7 @@ class MomentumLBFGS(Optimizer):
 
         active = [[p for p in g["params"] if p.grad is not None] for g in self.param_groups]
         for group, params in zip(self.param_groups, active):
-            decayed = [p for p in params if not (curvature and id(p) in self._free_ids)]
+            decayed = [p for p in params if not (curvature and p in self._free_params)]
             if group["weight_decay"] != 0 and decayed:
                 torch._foreach_add_(lay.views(d, decayed), decayed, alpha=group["weight_decay"])
         if curvature:
@@ -579,8 +596,9 @@ class MomentumLBFGS(Optimizer):
         torch.mul(u, ok, out=d)
         for i, (group, params) in enumerate(zip(self.param_groups, active)):
             if params:
-                torch._foreach_add_(params, lay.views(d, params), alpha=-group["lr"])
-                st["last_lrs"][i] = group["lr"]
+                lr = scalar_lr(group["lr"])
+                torch._foreach_add_(params, lay.views(d, params), alpha=-lr)
+                st["last_lrs"][i] = lr.clone() if isinstance(lr, Tensor) else lr
         return loss
 
     # ------------------------------------------------------------------ reporting

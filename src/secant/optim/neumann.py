@@ -10,7 +10,6 @@ from typing import Any
 
 import torch
 from torch import Tensor
-from torch.optim import Optimizer
 
 from secant.linalg.neumann_series import (
     bounded_regulariser_coefficient,
@@ -18,6 +17,7 @@ from secant.linalg.neumann_series import (
     mu_schedule,
     regulariser_coefficient,
 )
+from secant.optim.contract import OptimizerContract, check_lr, scalar_lr
 from secant.optim.validation import check, is_int
 
 _STATE = "neumann"
@@ -27,8 +27,7 @@ _GROWTH_DECAY = 0.9  # running average of gradient norms for the growth guard (~
 
 
 def _check_lr(lr: Any) -> None:
-    check(isinstance(lr, (int, float, Tensor)) and not isinstance(lr, bool)
-           and math.isfinite(float(lr)) and lr >= 0.0, "lr", lr, "a finite value >= 0")
+    check(check_lr(lr), "lr", lr, "a finite value >= 0 (a number or a one-element tensor)")
 
 
 def _state_dtype(p: Tensor) -> torch.dtype:
@@ -49,7 +48,7 @@ def _write_back(params: list[Tensor], ws: list[Tensor]) -> None:
         torch._foreach_copy_([p for p, _ in low], [w for _, w in low])
 
 
-class Neumann(Optimizer):
+class Neumann(OptimizerContract):
     r"""Neumann optimizer: an implicit inverse Hessian from a Neumann series, without
     Hessian-vector products (paper Algorithm 2; notes and evidence in docs/neumann.md).
 
@@ -141,9 +140,12 @@ class Neumann(Optimizer):
           after the first Neumann step (plus the trivial reset at that first step).
 
     Args:
-        params: parameters or parameter groups (only ``lr`` may differ per group; the other
-            hyperparameters couple all parameters through global norms).
-        lr: learning rate η (the only tuned hyperparameter in the paper; schedulers work).
+        params: parameters, named parameters or parameter groups (only ``lr`` may differ per
+            group; the other hyperparameters couple all parameters through global norms).
+        lr: learning rate η (the only tuned hyperparameter in the paper; schedulers work; a
+            number or a one-element tensor). The default 0.01 is the largest that trained all
+            five problems of the safety grid in every setting (``benchmarks/neumann_safety.md``);
+            the best of that grid was 0.1–0.3 on the digits classifiers: tune it.
         alpha: cubic regulariser weight α (Table 1: 1e-7).
         beta: repulsive regulariser weight *per parameter* (Table 1: 1e-5); the weight used is
             ``beta × n``.
@@ -161,6 +163,7 @@ class Neumann(Optimizer):
             exceeds ``grad_growth`` times the running average (factor 0.9) of the norms before
             it is scaled down to that length; ``None`` turns the guard off (the paper's
             literal algorithm is ``regularizer="paper", grad_growth=None``).
+        maximize: ascend the objective (the gradient is negated), as in :mod:`torch.optim`.
 
     Parameters whose ``.grad`` is ``None`` are left unchanged in a step (their ``m`` and ``v``
     too), as :class:`torch.optim.SGD` does; they still count in ``n`` and in ``‖w − v‖``.
@@ -178,7 +181,7 @@ class Neumann(Optimizer):
     def __init__(
         self,
         params: Iterable[Tensor] | Iterable[dict[str, Any]],
-        lr: float,
+        lr: float | Tensor = 0.01,
         alpha: float = 1e-7,
         beta: float = 1e-5,
         gamma: float = 0.99,
@@ -192,6 +195,7 @@ class Neumann(Optimizer):
         reg_ratio: float = 0.1,
         reg_eps: float = 1e-12,
         grad_growth: float | None = 2.0,
+        maximize: bool = False,
     ) -> None:
         check(math.isfinite(alpha) and alpha >= 0.0, "alpha", alpha, "a finite value >= 0")
         check(math.isfinite(beta) and beta >= 0.0, "beta", beta, "a finite value >= 0")
@@ -214,6 +218,8 @@ class Neumann(Optimizer):
                                       and math.isfinite(grad_growth) and grad_growth >= 1.0),
                "grad_growth", grad_growth, "None or a finite value >= 1")
         _check_lr(lr)
+        check(isinstance(maximize, bool), "maximize", maximize, "True or False")
+        self.maximize = maximize
         self.grad_growth = None if grad_growth is None else float(grad_growth)
         self.alpha = float(alpha)
         self.beta = float(beta)
@@ -244,8 +250,9 @@ class Neumann(Optimizer):
         group = self.param_groups[-1]
         try:
             _check_lr(group["lr"])
-            extra = set(group) - {"params", "lr"}
-            check(not extra, "param_group keys", sorted(extra), "only 'params' and 'lr'")
+            extra = set(group) - {"params", "lr", "param_names"}
+            check(not extra, "param_group keys", sorted(extra),
+                  "only 'params' and 'lr' ('param_names' from named_parameters())")
             for p in group["params"]:
                 if p.is_sparse or p.is_complex() or not p.is_floating_point():
                     raise ValueError("Neumann supports dense real floating-point parameters only")
@@ -286,11 +293,13 @@ class Neumann(Optimizer):
         return sd
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        saved = state_dict["state"].get(_STATE)
-        if not isinstance(saved, dict) or set(saved) != set(self._fresh_global()):
-            raise ValueError("state_dict was not saved by a Neumann optimizer")
-        super().load_state_dict(state_dict)
-        glob = copy.deepcopy(saved)
+        def check_saved(sd: dict[str, Any]) -> None:
+            saved = sd["state"].get(_STATE)
+            if not isinstance(saved, dict) or set(saved) != set(self._fresh_global()):
+                raise ValueError("state_dict was not saved by a Neumann optimizer")
+
+        state_dict = self._load_hooked(state_dict, check_saved)
+        glob = copy.deepcopy(state_dict["state"][_STATE])
         for key in ("skipped_steps", "grad_norm_avg"):
             glob[key] = glob[key].to(self._params[0].device)
         self.state[_STATE] = glob
@@ -345,9 +354,11 @@ class Neumann(Optimizer):
         for group, params in zip(self.param_groups, active):
             if not params:
                 continue
-            lr = okf * group["lr"]  # 0 on a skipped step
+            lr = okf * scalar_lr(group["lr"])  # 0 on a skipped step
             ws = _work(params)
             gs = [torch.where(ok, p.grad.to(w.dtype), 0.0) for p, w in zip(params, ws)]
+            if self.maximize:
+                torch._foreach_neg_(gs)
             if self.grad_growth is not None:
                 torch._foreach_mul_(gs, g_scale)
             ms = [self.state[p]["m"] for p in params]

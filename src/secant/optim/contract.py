@@ -1,0 +1,64 @@
+"""What ``torch.optim.Optimizer``'s generic machinery needs from an optimizer that keeps more
+than ``defaults``, ``state`` and ``param_groups``, shared by every secant optimizer."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from typing import Any
+
+from torch import Tensor
+from torch.optim import Optimizer
+
+# torch's hook registries: its own __getstate__ drops them (hooks are not copied), and so do we
+_TORCH_HOOKS = frozenset({
+    "_optimizer_step_pre_hooks", "_optimizer_step_post_hooks",
+    "_optimizer_state_dict_pre_hooks", "_optimizer_state_dict_post_hooks",
+    "_optimizer_load_state_dict_pre_hooks", "_optimizer_load_state_dict_post_hooks"})
+
+
+class OptimizerContract(Optimizer):
+    """``copy.deepcopy`` and pickling keep every attribute (the base class keeps three, and a
+    copy then fails at its next step); :meth:`_load_hooked` runs the base ``load_state_dict``
+    and hands over the state dict as the user's load pre-hooks left it."""
+
+    def __getstate__(self) -> dict[str, Any]:
+        if getattr(self, "_group", None) is not None:
+            raise TypeError(f"a {type(self).__name__} running under a process group cannot be "
+                            "copied or pickled: save state_dict() on each rank (each holds its "
+                            "own shard) and load it into a new optimizer")
+        return {k: v for k, v in self.__dict__.items() if k not in _TORCH_HOOKS}
+
+    def _load_hooked(self, state_dict: dict[str, Any],
+                     check: Callable[[dict[str, Any]], None]) -> dict[str, Any]:
+        """``Optimizer.load_state_dict(state_dict)``, with ``check`` (raise ``ValueError`` to
+        refuse, before anything is loaded) and the return value seeing the state dict after
+        every registered load pre-hook."""
+        final: list[dict[str, Any]] = []
+
+        def last_pre_hook(opt: Optimizer, sd: dict[str, Any]) -> None:
+            check(sd)
+            final.append(sd)
+
+        handle = self.register_load_state_dict_pre_hook(last_pre_hook)
+        try:
+            super().load_state_dict(state_dict)
+        finally:
+            handle.remove()
+        return final[0]
+
+
+def check_lr(lr: Any) -> bool:
+    """A learning rate torch.optim accepts: a real number or a one-element real tensor (any
+    shape), finite and >= 0."""
+    if isinstance(lr, Tensor):
+        if lr.numel() != 1 or lr.is_complex() or not lr.is_floating_point():
+            return False
+    elif not isinstance(lr, (int, float)) or isinstance(lr, bool):
+        return False
+    return math.isfinite(float(lr)) and float(lr) >= 0.0
+
+
+def scalar_lr(lr: float | Tensor) -> float | Tensor:
+    """The learning rate as a number or a 0-d tensor (what the foreach ops take)."""
+    return lr.reshape(()) if isinstance(lr, Tensor) else lr
