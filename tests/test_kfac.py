@@ -239,8 +239,14 @@ def test_unsupported_layers_train_with_sgd_fallback():
     shadow = [p.detach().clone().requires_grad_() for p in (*emb.parameters(),
                                                              *norm.parameters())]
     sgd = torch.optim.SGD(shadow, lr=0.05, momentum=0.9, weight_decay=1e-3)
-    opt = KFAC(net, lr=0.05, weight_decay=1e-3, factor_update_period=1, inverse_update_period=1)
+    with pytest.warns(UserWarning, match=r"only 23\.8% of the trainable parameters"):
+        opt = KFAC(net, lr=0.05, weight_decay=1e-3, factor_update_period=1,
+                   inverse_update_period=1)
     assert [g["kind"] for g in opt.param_groups] == ["kronecker", "fallback"]
+    cov = opt.coverage()
+    assert cov["kronecker"] == {"head": head.weight.numel() + head.bias.numel()}
+    assert cov["first_order"] == {name: p.numel() for name, p in net.named_parameters()
+                                  if not name.startswith("head")}
     g = torch.Generator().manual_seed(0)
     i, y = torch.randint(0, 10, (16,), generator=g), torch.randint(0, 3, (16,), generator=g)
     losses = []

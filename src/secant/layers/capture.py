@@ -51,15 +51,98 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 
+def _linear_rows(module: nn.Module, t: Tensor) -> Tensor:
+    """``[..., d]`` (inputs or outputs of a linear map) as ``[N, T, d]``."""
+    return t.reshape(t.shape[0], -1, t.shape[-1]) if t.dim() > 1 else t.view(1, 1, -1)
+
+
+def _conv_inputs(module: nn.Module, x: Tensor) -> Tensor:
+    if x.dim() == 3:
+        x = x.unsqueeze(0)
+    cols = F.unfold(x, module.kernel_size, dilation=module.dilation, padding=module.padding,
+                    stride=module.stride)  # [N, C·kh·kw, L]
+    return cols.transpose(1, 2)
+
+
+def _conv_outputs(module: nn.Module, out: Tensor) -> Tensor:
+    if out.dim() == 3:
+        out = out.unsqueeze(0)
+    return out.flatten(2).transpose(1, 2)
+
+
+def _always(module: nn.Module) -> bool:
+    return True
+
+
+@dataclass(frozen=True)
+class LayerKind:
+    """How a module type is one Kronecker layer ``y = W x + b`` applied at ``T`` positions.
+
+    Args:
+        inputs: ``(module, x) ↦ [N, T, d_in]``, the rows ``x`` the weight multiplies, from the
+            module's first forward argument.
+        outputs: ``(module, t) ↦ [N, T, d_out]`` for the module's output or its gradient.
+        transposed: the weight is stored ``[d_in, d_out]`` (``y = x W + b``, as Hugging Face
+            transformers' ``Conv1D``) instead of ``[d_out, …]`` (trailing dims flattened).
+        supported: which instances qualify (others go to the first-order fallback).
+
+    The module must have ``weight`` and ``bias`` (``None`` allowed) attributes and compute
+    ``W x + b`` from them and nothing else. Register with :func:`register_layer`.
+    """
+
+    inputs: Callable[[nn.Module, Tensor], Tensor]
+    outputs: Callable[[nn.Module, Tensor], Tensor]
+    transposed: bool = False
+    supported: Callable[[nn.Module], bool] = _always
+
+
+def _plain_conv(module: nn.Module) -> bool:
+    return (module.groups == 1 and not isinstance(module.padding, str)
+            and module.padding_mode == "zeros")
+
+
+# by "module.QualName" of the class, so that a kind can be known without importing its library
+_KINDS: dict[str, LayerKind] = {
+    "torch.nn.modules.linear.Linear": LayerKind(_linear_rows, _linear_rows),
+    "torch.nn.modules.conv.Conv2d": LayerKind(_conv_inputs, _conv_outputs,
+                                              supported=_plain_conv),
+    "transformers.pytorch_utils.Conv1D": LayerKind(_linear_rows, _linear_rows, transposed=True),
+}
+
+
+_KIND_OF: dict[type, LayerKind | None] = {}  # lookups by class, cleared on registration
+
+
+def _class_name(cls: type) -> str:
+    return f"{cls.__module__}.{cls.__qualname__}"
+
+
+def register_layer(cls: type[nn.Module], kind: LayerKind) -> None:
+    """Give the layer optimizers Kronecker curvature for ``cls`` (and its subclasses) as
+    ``kind`` describes; see :class:`LayerKind`. Applies to optimizers built afterwards."""
+    if not (isinstance(cls, type) and issubclass(cls, nn.Module)):
+        raise ValueError(f"cls={cls!r}: expected an nn.Module subclass")
+    if not isinstance(kind, LayerKind):
+        raise ValueError(f"kind={kind!r}: expected a secant.layers.LayerKind")
+    _KINDS[_class_name(cls)] = kind
+    _KIND_OF.clear()
+
+
+def layer_kind(module: nn.Module) -> LayerKind | None:
+    """The registered kind of ``module``'s class or of its nearest registered base class."""
+    cls = type(module)
+    if cls not in _KIND_OF:
+        _KIND_OF[cls] = next((_KINDS[n] for n in map(_class_name, cls.__mro__) if n in _KINDS),
+                             None)
+    return _KIND_OF[cls]
+
+
 def is_supported(module: nn.Module) -> bool:
-    """``nn.Linear``, or ``nn.Conv2d`` with ``groups=1``, integer padding and zero padding mode,
-    with a trainable weight. Everything else goes to the optimizers' first-order fallback."""
-    if isinstance(module, nn.Linear):
-        return module.weight.requires_grad
-    if isinstance(module, nn.Conv2d):
-        return (module.groups == 1 and not isinstance(module.padding, str)
-                and module.padding_mode == "zeros" and module.weight.requires_grad)
-    return False
+    """A registered layer kind (``nn.Linear``; ``nn.Conv2d`` with ``groups=1``, integer padding
+    and zero padding mode; transformers' ``Conv1D``; :func:`register_layer`) with a trainable
+    weight. Everything else goes to the optimizers' first-order fallback."""
+    kind = layer_kind(module)
+    return kind is not None and kind.supported(module) and module.weight.requires_grad
 
 
 def layer_params(module: nn.Module) -> list[Tensor]:
@@ -67,11 +150,16 @@ def layer_params(module: nn.Module) -> list[Tensor]:
     return [module.weight] if module.bias is None else [module.weight, module.bias]
 
 
+def weight_matrix(module: nn.Module, t: Tensor) -> Tensor:
+    """``t`` shaped as the layer's weight (the weight, its gradient, an update) as a
+    ``[d_out, d_in]`` **view**, so that in-place updates of it reach ``t``."""
+    return t.t() if layer_kind(module).transposed else t.view(t.shape[0], -1)
+
+
 def matrix_shape(module: nn.Module) -> tuple[int, int]:
     """``(d_out, d_in + 1)`` (``d_in`` without a bias) of a supported layer's ``W̃``."""
-    w = module.weight
-    d_in = w[0].numel() + (0 if module.bias is None else 1)
-    return w.shape[0], d_in
+    d_out, d_in = weight_matrix(module, module.weight).shape
+    return d_out, d_in + (0 if module.bias is None else 1)
 
 
 def grad_matrix(module: nn.Module, dtype: torch.dtype | None = None) -> Tensor:
@@ -80,9 +168,9 @@ def grad_matrix(module: nn.Module, dtype: torch.dtype | None = None) -> Tensor:
     w, b = module.weight, module.bias
     dtype = dtype or w.dtype
     gw = w.grad if w.grad is not None else torch.zeros_like(w)
-    gw = gw.reshape(w.shape[0], -1).to(dtype)
+    gw = weight_matrix(module, gw).to(dtype)
     if b is None:
-        return gw.clone()
+        return gw.clone(memory_format=torch.contiguous_format)
     gb = b.grad if b.grad is not None else torch.zeros_like(b)
     return torch.cat((gw, gb.to(dtype).unsqueeze(1)), dim=1)
 
@@ -92,9 +180,9 @@ def param_matrix(module: nn.Module, dtype: torch.dtype | None = None) -> Tensor:
     weight's)."""
     w, b = module.weight, module.bias
     dtype = dtype or w.dtype
-    wm = w.detach().reshape(w.shape[0], -1).to(dtype)
+    wm = weight_matrix(module, w.detach()).to(dtype)
     if b is None:
-        return wm.clone()
+        return wm.clone(memory_format=torch.contiguous_format)
     return torch.cat((wm, b.detach().to(dtype).unsqueeze(1)), dim=1)
 
 
@@ -104,23 +192,16 @@ def add_to_params(module: nn.Module, update: Tensor, alpha: float) -> None:
     w, b = module.weight, module.bias
     with torch.no_grad():
         if b is None:
-            w.add_(update.view_as(w), alpha=alpha)
+            weight_matrix(module, w).add_(update, alpha=alpha)
         else:
-            w.add_(update[:, :-1].reshape(w.shape), alpha=alpha)
+            weight_matrix(module, w).add_(update[:, :-1], alpha=alpha)
             b.add_(update[:, -1], alpha=alpha)
 
 
 def homogeneous_inputs(module: nn.Module, x: Tensor, ones: bool = True) -> Tensor:
-    """Layer inputs ``ā [N, T, d_in(+1)]``: conv patches by ``F.unfold``; 1 appended if biased
-    (and ``ones``)."""
-    if isinstance(module, nn.Conv2d):
-        if x.dim() == 3:
-            x = x.unsqueeze(0)
-        cols = F.unfold(x, module.kernel_size, dilation=module.dilation,
-                        padding=module.padding, stride=module.stride)  # [N, C·kh·kw, L]
-        a = cols.transpose(1, 2)
-    else:
-        a = x.reshape(x.shape[0], -1, x.shape[-1]) if x.dim() > 1 else x.view(1, 1, -1)
+    """Layer inputs ``ā [N, T, d_in(+1)]`` (conv: patches by ``F.unfold``); 1 appended if
+    biased (and ``ones``)."""
+    a = layer_kind(module).inputs(module, x)
     if ones and module.bias is not None:
         a = torch.cat((a, a.new_ones(*a.shape[:-1], 1)), dim=-1)
     return a
@@ -128,11 +209,7 @@ def homogeneous_inputs(module: nn.Module, x: Tensor, ones: bool = True) -> Tenso
 
 def output_rows(module: nn.Module, out: Tensor) -> Tensor:
     """Pre-activation outputs (or their gradients) as ``[N, T, d_out]``."""
-    if isinstance(module, nn.Conv2d):
-        if out.dim() == 3:
-            out = out.unsqueeze(0)
-        return out.flatten(2).transpose(1, 2)
-    return out.reshape(out.shape[0], -1, out.shape[-1]) if out.dim() > 1 else out.view(1, 1, -1)
+    return layer_kind(module).outputs(module, out)
 
 
 Reduce = Callable[[nn.Module, "LayerRecord"], list[Tensor]]

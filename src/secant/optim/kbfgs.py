@@ -13,7 +13,7 @@ import torch
 from torch import Tensor, nn
 from torch.nn.parallel import DistributedDataParallel
 
-from secant.layers import homogeneous_inputs, layer_params, matrix_shape
+from secant.layers import homogeneous_inputs, layer_params, matrix_shape, weight_matrix
 from secant.linalg import (
     History,
     bfgs_inverse_update_,
@@ -47,6 +47,12 @@ def input_statistics(module: nn.Module, x: Tensor) -> tuple[Tensor, Tensor]:
     if bias:
         mean = torch.cat((mean, mean.new_ones(1)))
     return gram(rows, 1.0 / rows.shape[0], ones=bias), mean
+
+
+def _matrix(module: nn.Module, p: Tensor) -> Tensor:
+    """A layer parameter (or a tensor shaped like it) as a view: the weight ``[d_out, d_in]``,
+    the bias as it is."""
+    return weight_matrix(module, p) if p.dim() > 1 else p
 
 
 def _carry_grad(module: nn.Module, inputs: tuple, out: Any) -> Any:
@@ -427,17 +433,16 @@ class _KroneckerBFGS(LayerOptimizer):
             if not self._has_grad(i):  # no gradient: no update at all
                 saved.append(None)
                 continue
-            params = layer_params(self.layers[i])
+            module = self.layers[i]
+            params = layer_params(module)
             # the step goes straight into the parameters (as matrices), or into buffers added
             # after the loop: shared over the ranks, or a dtype / layout GEMMs cannot write to
             if not shared and all(p.dtype == self.factor_dtype and p.is_contiguous()
                                   for p in params):
-                targets = [p.detach().view(p.shape[0], -1) if p.dim() > 1 else p.detach()
-                           for p in params]
+                targets = [_matrix(module, p.detach()) for p in params]
             else:
-                targets = [torch.zeros(p.shape if p.dim() == 1 else (p.shape[0], p[0].numel()),
-                                       dtype=self.factor_dtype, device=self._device)
-                           for p in params]
+                targets = [torch.zeros(_matrix(module, p).shape, dtype=self.factor_dtype,
+                                       device=self._device) for p in params]
                 bufs.extend(targets)
                 buffered.append(i)
             if not self._works(own):
@@ -465,8 +470,9 @@ class _KroneckerBFGS(LayerOptimizer):
         parts = iter(bufs)
         with torch.no_grad():
             for i in buffered:
-                for p, d in zip(layer_params(self.layers[i]), parts):
-                    p.add_(d.view_as(p))
+                module = self.layers[i]
+                for p, d in zip(layer_params(module), parts):
+                    _matrix(module, p).add_(d)
         st["a_initialized"] = True
         return saved
 
@@ -485,9 +491,9 @@ class _KroneckerBFGS(LayerOptimizer):
             if p.grad is None:
                 blk.mul_(1.0 - rate)
             else:
-                blk.lerp_(p.grad.detach().reshape(blk.shape).to(ema.dtype), rate)
+                blk.lerp_(_matrix(m, p.grad.detach()).reshape(blk.shape).to(ema.dtype), rate)
             if wd:
-                blk.add_(p.detach().reshape(blk.shape), alpha=rate * wd)
+                blk.add_(_matrix(m, p.detach()).reshape(blk.shape), alpha=rate * wd)
 
     def _second_half(self, pass1: list, recs: list[list[Tensor] | None]) -> None:
         c = self.pair_decay

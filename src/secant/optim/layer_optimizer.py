@@ -218,9 +218,6 @@ class LayerOptimizer(OptimizerContract):
         seen: set[int] = set()
         for name, m in layers.items():
             for p in layer_params(m):
-                if id(p) in seen:
-                    raise ValueError(f"layer {name!r} shares a parameter with another layer; "
-                                     "exclude one of them with `exclude=`")
                 if not p.requires_grad:
                     raise ValueError(f"layer {name!r} has a frozen bias; exclude it")
                 seen.add(id(p))
@@ -270,6 +267,13 @@ class LayerOptimizer(OptimizerContract):
                                     owner=type(self).__name__)
         self.state[self.state_key] = self._fresh_state()
         self._built = True
+        share = self.coverage()["kronecker_fraction"]
+        if share < 0.5:
+            warnings.warn(
+                f"{type(self).__name__}: only {share:.1%} of the trainable parameters get "
+                "Kronecker curvature, the rest the first-order fallback update; "
+                "opt.coverage() lists which (register other linear-like layers with "
+                "secant.layers.register_layer)", stacklevel=3)
 
     # ------------------------------------------------------------------ discovery
     @staticmethod
@@ -281,7 +285,10 @@ class LayerOptimizer(OptimizerContract):
         for name, m in model.named_modules():
             if isinstance(m, nn.MultiheadAttention):
                 bypassed[id(m.out_proj)] = f"{name}.out_proj" if name else "out_proj"
-        skipped = []
+        names: dict[int, list[str]] = {}  # every name of each parameter: tied ones have several
+        for pname, p in model.named_parameters(remove_duplicate=False):
+            names.setdefault(id(p), []).append(pname)
+        skipped, tied = [], []
         layers: dict[str, nn.Module] = {}
         for name, m in model.named_modules():
             if id(m) in excluded or not is_supported(m):
@@ -289,12 +296,22 @@ class LayerOptimizer(OptimizerContract):
             if id(m) in bypassed:
                 skipped.append(bypassed[id(m)])
                 continue
+            shared = [n for p in layer_params(m) if len(names[id(p)]) > 1 for n in names[id(p)]]
+            if shared:
+                tied.append(f"{name or type(m).__name__} ({' = '.join(shared)})")
+                continue
             layers[name or type(m).__name__] = m
         if skipped:
             warnings.warn(
                 f"{', '.join(skipped)}: nn.MultiheadAttention calls its out_proj through "
                 "the functional form (no forward hooks), so it and in_proj_weight get the "
                 "first-order fallback update instead of Kronecker curvature", stacklevel=4)
+        if tied:
+            warnings.warn(
+                f"{'; '.join(tied)}: parameters shared with another part of the model (tied "
+                "weights); factors built from one use would precondition the gradient of all "
+                "uses, so these layers get the first-order fallback update instead of "
+                "Kronecker curvature", stacklevel=4)
         return layers
 
     # ------------------------------------------------------------------ groups
@@ -387,6 +404,20 @@ class LayerOptimizer(OptimizerContract):
             x[:, :-1].add_(w[:, :-1], alpha=wd_w)
             x[:, -1].add_(w[:, -1], alpha=wd_b)
         return x
+
+    def coverage(self) -> dict[str, Any]:
+        """Which trainable parameters get Kronecker curvature: ``{"kronecker": {layer name:
+        scalars}, "first_order": {parameter name: scalars}, "kronecker_fraction": share of
+        the trainable scalars under curvature}`` (tied parameters are named once)."""
+        kron = {name: sum(p.numel() for p in layer_params(m))
+                for name, m in zip(self.layer_names, self.layers)}
+        fallback = {id(p) for g in self.param_groups if g["kind"] == "fallback"
+                    for p in g["params"]}
+        first = {name: p.numel() for name, p in self.model.named_parameters()
+                 if id(p) in fallback}
+        total = sum(kron.values()) + sum(first.values())
+        return {"kronecker": kron, "first_order": first,
+                "kronecker_fraction": sum(kron.values()) / total if total else 0.0}
 
     @property
     def kron_group(self) -> dict[str, Any] | None:
