@@ -455,6 +455,25 @@ def test_steady_state_steps_do_not_sync(cls):
     assert d["a_updates_accepted"] + d["a_updates_rejected"] == 5 * 3
 
 
+@pytest.mark.parametrize("cls", [KBFGS, KBFGSL])
+def test_both_passes_draw_the_same_dropout_masks(cls):
+    """Pass 2 must see pass 1's minibatch and masks: the generators are set back in between;
+    the next step draws new ones. ``step`` returns the pass-1 loss, detached."""
+    torch.manual_seed(3)
+    model = nn.Sequential(nn.Linear(5, 16), nn.Dropout(0.5), nn.Tanh(), nn.Linear(16, 3)).to(D)
+    masks = []
+    model[1].register_forward_hook(lambda m, inp, out: masks.append(out != 0))
+    opt = cls(model, lr=0.1)
+    x, y = batches(1, n=32)[0]
+    for _ in range(3):
+        loss = opt.step(make_closure(opt, model, x, y))
+        assert not loss.requires_grad
+    assert len(masks) == 6
+    for k in range(3):
+        assert torch.equal(masks[2 * k], masks[2 * k + 1])
+    assert not torch.equal(masks[0], masks[2]) and not torch.equal(masks[2], masks[4])
+
+
 def test_unsupported_layer_trains_with_ema_fallback():
     torch.manual_seed(9)
     model = nn.Sequential(nn.Linear(5, 8), nn.LayerNorm(8), nn.Tanh(), nn.Linear(8, 3)).to(D)

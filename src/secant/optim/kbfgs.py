@@ -55,6 +55,18 @@ def _matrix(module: nn.Module, p: Tensor) -> Tensor:
     return weight_matrix(module, p) if p.dim() > 1 else p
 
 
+def _rng_state() -> tuple[Tensor, list[Tensor] | None]:
+    """The CPU generator's state and, once CUDA is in use, every GPU generator's."""
+    cuda = torch.cuda.get_rng_state_all() if torch.cuda.is_initialized() else None
+    return torch.get_rng_state(), cuda
+
+
+def _set_rng_state(state: tuple[Tensor, list[Tensor] | None]) -> None:
+    torch.set_rng_state(state[0])
+    if state[1] is not None:
+        torch.cuda.set_rng_state_all(state[1])
+
+
 def _carry_grad(module: nn.Module, inputs: tuple, out: Any) -> Any:
     """Forward hook of pass 2: an output that does not require grad (in grad mode) is replaced
     by a copy of a leaf that does, so backward reaches the layer's pre-activations. The copy
@@ -119,10 +131,12 @@ class _KroneckerBFGS(LayerOptimizer):
 
     ``step(closure)`` is required: ``closure`` zeroes the gradients, evaluates the loss on the
     current minibatch, calls ``backward()`` and returns the loss; it is called twice per step and
-    must use the same minibatch both times (no fresh data, no dropout randomness changing the
-    batch). ``step`` returns the pass-1 loss. Pass 2 computes no parameter gradient (only
-    pre-activation gradients; this optimizer's parameters do not require grad while it runs),
-    so after ``step`` the ``.grad`` fields hold the pass-1 gradients, the ones the step used.
+    must use the same minibatch both times (no fresh data). The random number generators (CPU,
+    and every GPU once CUDA is in use) are set back before pass 2 to their state before pass 1,
+    so dropout draws the same masks in both passes. ``step`` returns the pass-1 loss, detached.
+    Pass 2 computes no parameter gradient (only pre-activation gradients; this optimizer's
+    parameters do not require grad while it runs), so after ``step`` the ``.grad`` fields hold
+    the pass-1 gradients, the ones the step used.
     BatchNorm running statistics are restored after pass 2, so a step moves them once.
     Gradient accumulation: run all micro-batches inside the closure (each loss divided by
     their number ``k``); the statistics are their means (``ḡ`` times ``k``).
@@ -353,6 +367,7 @@ class _KroneckerBFGS(LayerOptimizer):
         kron = self.kron_group is not None
         if kron:
             self.capture.start(self._pass1_stats, h_mean=True)
+        rng = _rng_state()
         try:
             with torch.enable_grad():
                 loss = closure()
@@ -364,6 +379,7 @@ class _KroneckerBFGS(LayerOptimizer):
         self._fallback_step("ema")
         if kron:
             self.capture.start(self._pass2_stats, inputs=False, h_mean=True)
+            _set_rng_state(rng)  # the same dropout masks (and other randomness) as pass 1
             try:
                 with torch.enable_grad(), self._batchnorm_frozen(), self._preactivation_pass():
                     closure()
@@ -372,7 +388,7 @@ class _KroneckerBFGS(LayerOptimizer):
                 self.capture.stop()
             self._second_half(pass1, recs2)
         st["step"] = k
-        return loss
+        return loss.detach() if isinstance(loss, Tensor) else loss
 
     @contextmanager
     def _preactivation_pass(self) -> Iterator[None]:
@@ -564,8 +580,8 @@ class KBFGS(_KroneckerBFGS):
     on one harness problem, ``benchmarks/tuning.md``), ``damping`` 0.3; ``pair_decay=0`` and
     ``a_init="zero"`` for full-batch training.
     Not supported: ``step()`` without a closure (``RuntimeError``), a closure that draws fresh
-    data or dropout masks between its two calls (silently wrong pairs), layers sharing a
-    parameter or frozen biases (``ValueError``; exclude them), a layer called twice in one
+    data between its two calls (silently wrong pairs; dropout is fine: both calls draw the same
+    masks), frozen biases (``ValueError``; exclude them), a layer called twice in one
     forward (``RuntimeError``); unsupported modules (norms, embeddings, grouped convs) get the
     K-BFGS step with identity preconditioner.
 
