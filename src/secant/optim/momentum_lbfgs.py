@@ -118,7 +118,10 @@ class MomentumLBFGS(OptimizerContract):
             * ``"kl_clip"`` — ``d ← ν d``, ``ν = min(1, sqrt(κ / (η² gᵀd)))`` with ``g`` the
               weight-decayed gradient: the KL clip of K-FAC (Ba et al. 2017). The released
               full-model variant (``slim.py``) uses ``min(1, sqrt(κ / g_rawᵀd))`` (raw
-              gradient, no η²); that form is not implemented.
+              gradient, no η²); that form is not implemented. Not recommended with momentum:
+              while active it gives ``d`` a length independent of ``‖g‖``, and heavy-ball
+              momentum then oscillates around the minimum instead of settling, above the
+              starting loss at times (``benchmarks/mlbfgs_kl_clip.md``).
             * ``"none"`` — use ``d`` as is (the clean paper form).
         kl_clip: κ for ``step_rule="kl_clip"``.
         ema_normalized: ``False`` uses the released code's un-normalised EMA ``M ← β M + x``.
