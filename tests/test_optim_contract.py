@@ -60,6 +60,11 @@ def assert_same(a, b):
         torch.testing.assert_close(p, q, rtol=0, atol=0)
 
 
+def assert_close_params(m1, m2):
+    for p, q in zip(m1.parameters(), m2.parameters()):
+        torch.testing.assert_close(p, q, rtol=1e-12, atol=1e-14)
+
+
 @pytest.mark.parametrize("how", ["deepcopy", "pickle"])
 @pytest.mark.parametrize("name", ALL)
 def test_a_copy_continues_exactly_as_the_original(name, how):
@@ -93,8 +98,7 @@ def test_one_element_tensor_lr_of_any_shape(name, shape):
     opt_b = build(name, b, lr=torch.full(shape, 0.05, dtype=torch.float64))
     train(opt_a, a, 6)
     train(opt_b, b, 6)
-    for p, q in zip(b.parameters(), a.parameters()):
-        torch.testing.assert_close(p, q, rtol=1e-12, atol=1e-14)
+    assert_close_params(b, a)
 
 
 @pytest.mark.parametrize("name", PARAMETER)
@@ -136,8 +140,7 @@ def test_maximize_matches_torch_sgd_before_the_first_pair():
                             maximize=True)
     train(opt_a, a, 5)
     train(opt_b, b, 5)
-    for p, q in zip(a.parameters(), b.parameters()):
-        torch.testing.assert_close(p, q, rtol=1e-12, atol=1e-14)
+    assert_close_params(a, b)
 
 
 @pytest.mark.parametrize("name", PARAMETER)
@@ -174,5 +177,4 @@ def test_per_group_lr_schedule(name):
         train(opt_a, a, 1)
         train(opt_b, b, 1)
         sched.step()
-    for p, q in zip(a.parameters(), b.parameters()):
-        torch.testing.assert_close(p, q, rtol=1e-12, atol=1e-14)
+    assert_close_params(a, b)
