@@ -614,3 +614,23 @@ def _compare_on_curves(KFAC):
         m, lr=lr, damping=0.3, momentum=0.5, factor_update_period=1, inverse_update_period=1,
         kl_clip=None, inverse_method="cholesky"), data) for lr in (0.1, 0.3))
     assert kbfgs < adam and kfac < adam, (kbfgs, kfac, adam)
+
+
+@pytest.mark.parametrize("cls", [KBFGS, KBFGSL])
+def test_channels_last_conv_trains_as_contiguous(cls):
+    """A weight that is not contiguous gets its step through a buffer, in its own layout."""
+    def model():
+        torch.manual_seed(4)
+        return nn.Sequential(nn.Conv2d(2, 3, 3, padding=1), nn.Tanh(), nn.Flatten(),
+                             nn.Linear(3 * 16, 2)).to(D)
+    x = torch.randn(6, 2, 4, 4, dtype=D)
+    y = torch.randint(0, 2, (6,))
+    plain, last = model(), model().to(memory_format=torch.channels_last)
+    assert not last[0].weight.is_contiguous()
+    for m in (plain, last):
+        opt = cls(m, lr=0.1)
+        for _ in range(3):
+            opt.step(make_closure(opt, m, x, y))
+    assert last[0].weight.is_contiguous(memory_format=torch.channels_last)
+    for p, q in zip(last.parameters(), plain.parameters()):
+        torch.testing.assert_close(p, q, rtol=1e-10, atol=1e-12)

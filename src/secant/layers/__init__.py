@@ -15,6 +15,7 @@ from secant.layers.capture import (
     output_rows,
     param_matrix,
     register_layer,
+    weight_layout,
     weight_matrix,
 )
 from secant.layers.fisher import sampled_bce_with_logits, sampled_cross_entropy, sampled_mse
@@ -36,5 +37,6 @@ __all__ = [
     "sampled_bce_with_logits",
     "sampled_cross_entropy",
     "sampled_mse",
+    "weight_layout",
     "weight_matrix",
 ]

@@ -151,9 +151,16 @@ def layer_params(module: nn.Module) -> list[Tensor]:
 
 
 def weight_matrix(module: nn.Module, t: Tensor) -> Tensor:
-    """``t`` shaped as the layer's weight (the weight, its gradient, an update) as a
-    ``[d_out, d_in]`` **view**, so that in-place updates of it reach ``t``."""
-    return t.t() if layer_kind(module).transposed else t.view(t.shape[0], -1)
+    """``t`` shaped as the layer's weight (the weight, its gradient) as ``[d_out, d_in]``: a
+    view when ``t`` is contiguous (in-place updates of it then reach ``t``), else a copy."""
+    return t.t() if layer_kind(module).transposed else t.reshape(t.shape[0], -1)
+
+
+def weight_layout(module: nn.Module, m: Tensor) -> Tensor:
+    """A ``[d_out, d_in]`` matrix in the layout of the layer's weight (inverse of
+    :func:`weight_matrix`), e.g. to add an update to it."""
+    w = module.weight
+    return m.t() if layer_kind(module).transposed else m.reshape(w.shape)
 
 
 def matrix_shape(module: nn.Module) -> tuple[int, int]:
@@ -192,9 +199,9 @@ def add_to_params(module: nn.Module, update: Tensor, alpha: float) -> None:
     w, b = module.weight, module.bias
     with torch.no_grad():
         if b is None:
-            weight_matrix(module, w).add_(update, alpha=alpha)
+            w.add_(weight_layout(module, update), alpha=alpha)
         else:
-            weight_matrix(module, w).add_(update[:, :-1], alpha=alpha)
+            w.add_(weight_layout(module, update[:, :-1]), alpha=alpha)
             b.add_(update[:, -1], alpha=alpha)
 
 

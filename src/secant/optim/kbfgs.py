@@ -13,7 +13,13 @@ import torch
 from torch import Tensor, nn
 from torch.nn.parallel import DistributedDataParallel
 
-from secant.layers import homogeneous_inputs, layer_params, matrix_shape, weight_matrix
+from secant.layers import (
+    homogeneous_inputs,
+    layer_params,
+    matrix_shape,
+    weight_layout,
+    weight_matrix,
+)
 from secant.linalg import (
     History,
     bfgs_inverse_update_,
@@ -50,8 +56,8 @@ def input_statistics(module: nn.Module, x: Tensor) -> tuple[Tensor, Tensor]:
 
 
 def _matrix(module: nn.Module, p: Tensor) -> Tensor:
-    """A layer parameter (or a tensor shaped like it) as a view: the weight ``[d_out, d_in]``,
-    the bias as it is."""
+    """A layer parameter (or a tensor shaped like it): the weight as ``[d_out, d_in]`` (a view
+    of a contiguous one), the bias as it is."""
     return weight_matrix(module, p) if p.dim() > 1 else p
 
 
@@ -488,7 +494,7 @@ class _KroneckerBFGS(LayerOptimizer):
             for i in buffered:
                 module = self.layers[i]
                 for p, d in zip(layer_params(module), parts):
-                    _matrix(module, p).add_(d)
+                    p.add_(weight_layout(module, d) if p.dim() > 1 else d)
         st["a_initialized"] = True
         return saved
 
