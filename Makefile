@@ -17,7 +17,7 @@ bench: $(VENV)/.installed
 	$(VENV)/bin/secant bench --suite quick
 
 lint: $(VENV)/.installed
-	$(PY) -m ruff check src tests benchmarks
+	$(PY) -m ruff check src tests benchmarks examples
 
 test: lint
 	$(PY) -m pytest
