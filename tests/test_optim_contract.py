@@ -143,13 +143,13 @@ def test_maximize_matches_torch_sgd_before_the_first_pair():
     assert_close_params(a, b)
 
 
-@pytest.mark.parametrize("name", PARAMETER)
+@pytest.mark.parametrize("name", ALL)
 def test_load_pre_hook_result_is_what_gets_loaded(name):
     m = model()
     opt = build(name, m)
     train(opt, m, 4)
     sd = opt.state_dict()
-    key = "mlbfgs" if name == "MomentumLBFGS" else "neumann"
+    key = {"MomentumLBFGS": "mlbfgs", "Neumann": "neumann"}.get(name) or opt.state_key
     target = build(name, model())
 
     def hook(optimizer, state_dict):

@@ -529,18 +529,24 @@ class LayerOptimizer(OptimizerContract):
         return self.state[self.state_key]
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        saved = state_dict["state"].get(self.state_key)
         fresh = self._fresh_state()
-        if saved is None:
-            raise ValueError(f"state_dict was not saved by a {type(self).__name__} optimizer")
-        if list(saved.get("shard", [0, 1])) != fresh["shard"]:
-            raise ValueError(f"state_dict holds the shard (rank, world) = {saved.get('shard')}, "
-                             f"this optimizer is {fresh['shard']}: each rank loads its own state")
-        if _shape_tree(saved) != _shape_tree(fresh):
-            raise ValueError(f"state_dict does not match this {type(self).__name__}: different "
-                             "model architecture or optimizer options")
-        super().load_state_dict(state_dict)
-        self.state[self.state_key] = _clone_tree(saved, self._device)
+
+        def check_saved(sd: dict[str, Any]) -> None:
+            saved = sd["state"].get(self.state_key)
+            if saved is None:
+                raise ValueError(f"state_dict was not saved by a {type(self).__name__} "
+                                 "optimizer")
+            if list(saved.get("shard", [0, 1])) != fresh["shard"]:
+                raise ValueError(f"state_dict holds the shard (rank, world) = "
+                                 f"{saved.get('shard')}, this optimizer is {fresh['shard']}: "
+                                 "each rank loads its own state")
+            if _shape_tree(saved) != _shape_tree(fresh):
+                raise ValueError(f"state_dict does not match this {type(self).__name__}: "
+                                 "different model architecture or optimizer options")
+
+        state_dict = self._load_hooked(state_dict, check_saved)
+        self.state[self.state_key] = _clone_tree(state_dict["state"][self.state_key],
+                                                 self._device)
 
     def remove_hooks(self) -> None:
         """Remove the capture hooks from the model (the optimizer can no longer step)."""
