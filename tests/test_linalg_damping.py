@@ -34,7 +34,7 @@ def test_tau_damping_keeps_ratio_in_bounds(data):
     s = torch.tensor(s_list, dtype=torch.float64) * 10.0**es
     y = torch.tensor(y_list, dtype=torch.float64) * 10.0**ey
     ss = float(s @ s)
-    if ss == 0.0:
+    if ss < torch.finfo(torch.float64).tiny:  # 0, or subnormal: sᵀŷ underflows to 0
         return
     r = float(s @ y) / ss
     y_hat, tau = tau_damping(s, y, SIGMA_L, SIGMA_H, TAU0)
