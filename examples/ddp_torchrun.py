@@ -24,13 +24,7 @@ OPTIMIZERS = {
 }
 
 
-def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--optimizer", choices=list(OPTIMIZERS), default="kbfgs")
-    ap.add_argument("--steps", type=int, default=300)
-    ap.add_argument("--batch", type=int, default=128, help="global batch")
-    args = ap.parse_args()
-    dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+def train(args: argparse.Namespace) -> None:
     rank, world = dist.get_rank(), dist.get_world_size()
     if args.batch % world:
         raise SystemExit(f"--batch {args.batch} must be a multiple of the {world} ranks")
@@ -57,7 +51,20 @@ def main() -> None:
         loss = opt.step(closure)
         if rank == 0 and (step == 1 or step % max(1, args.steps // 6) == 0):
             print(f"step {step}: rank-0 loss {float(loss.detach()):.4f}")
-    dist.destroy_process_group()  # before exit, as PyTorch asks
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--optimizer", choices=list(OPTIMIZERS), default="kbfgs")
+    ap.add_argument("--steps", type=int, default=300)
+    ap.add_argument("--batch", type=int, default=128, help="global batch")
+    args = ap.parse_args()
+    dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+    train(args)
+    # Destroy the group once the model and optimizer are gone (here: train() has returned), so
+    # that this call frees it; a DDP model still alive would free it later, under the GIL,
+    # while gloo's threads may still need the GIL to release their last buffers.
+    dist.destroy_process_group()
 
 
 if __name__ == "__main__":

@@ -4,6 +4,7 @@ all-reduce of a list of tensors."""
 from __future__ import annotations
 
 import zlib
+from collections import deque
 from collections.abc import Sequence
 from functools import reduce
 
@@ -21,6 +22,15 @@ if dist.is_available():
     # object, as every buffer here is) aborts the process during interpreter exit (SIGABRT,
     # "terminate called without an active exception").
     import torch.distributed.nn.functional  # noqa: F401
+
+# Python references to the buffers of the latest collectives. A gloo worker thread lets go of a
+# finished collective's buffers some time after wait() has returned; were it the last holder of
+# a tensor that has a Python object (every buffer here has one), it would need the GIL to free
+# it: a deadlock if the main thread is then destroying the process group (which joins that
+# worker while holding the GIL), an abort (SIGABRT) if the interpreter is exiting. Kept here
+# until later collectives push them out, they are freed by the main thread instead. Four covers
+# gloo's two worker threads with room to spare; the cost is at most four buffers of memory.
+_RECENT: deque[tuple[Tensor, ...]] = deque(maxlen=4)
 
 # torch >= 2.10 names it all_gather_single; older releases all_gather_into_tensor.
 _all_gather = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
@@ -51,6 +61,7 @@ def check_consistent(description: str, group: dist.ProcessGroup, device: torch.d
     world = dist.get_world_size(group)
     every = torch.empty(world, dtype=torch.long, device=device)
     _all_gather(every, mine, group=group)
+    _RECENT.append((every, mine))
     if not bool((every == every[0]).all()):
         ranks = [r for r in range(world) if every[r] != every[0]]
         raise ValueError(f"ranks disagree on {what}: rank(s) {ranks} differ from rank 0 "
@@ -67,6 +78,7 @@ def all_gather_rows(own: Tensor, rows_per_rank: int, group: dist.ProcessGroup,
     if out is None:
         out = own.new_empty(dist.get_world_size(group) * rows_per_rank, own.shape[1])
     _all_gather(out, padded, group=group)
+    _RECENT.append((out, padded))
     return out
 
 
@@ -83,6 +95,7 @@ def all_reduce_flat(tensors: Sequence[Tensor], group: dist.ProcessGroup,
     dtype = reduce(torch.promote_types, (t.dtype for t in tensors))
     flat = torch.cat([t.reshape(-1).to(dtype) for t in tensors])
     dist.all_reduce(flat, group=group)
+    _RECENT.append((flat,))
     if average:
         flat.div_(dist.get_world_size(group))
     out, offset = [], 0

@@ -39,7 +39,6 @@ that builds a new optimizer just works); the previous owner then refuses to coll
 
 from __future__ import annotations
 
-import functools
 import warnings
 import weakref
 from collections.abc import Callable, Iterator
@@ -233,6 +232,40 @@ def _owner(module: nn.Module) -> LayerCapture | None:
     return None if ref is None else ref()
 
 
+class _WeakHook:
+    """A module hook that calls ``capture.<method>(*args, *hook_args)`` through a weak reference.
+
+    The model then holds no strong reference to its capture: model, optimizer and the process
+    group they use are freed by reference counting as soon as the user drops them (a reference
+    cycle would keep them, and the group's gloo threads, alive until a garbage collection, at
+    worst into interpreter exit). A deep copy or pickle refers to the copied capture.
+    """
+
+    def __init__(self, capture: LayerCapture, method: str, *args: object) -> None:
+        self._capture = weakref.ref(capture)
+        self._method = method
+        self._args = args
+
+    def __call__(self, *hook_args: object) -> object:
+        capture = self._capture()
+        if capture is None:  # the optimizer is gone: nothing to record
+            return None
+        return getattr(capture, self._method)(*self._args, *hook_args)
+
+    def __reduce__(self) -> tuple:
+        capture = self._capture()
+        return (_dead_hook, ()) if capture is None else (
+            _WeakHook, (capture, self._method, *self._args))
+
+
+def _ignore(*hook_args: object) -> None:
+    return None
+
+
+def _dead_hook() -> Callable[..., None]:
+    return _ignore
+
+
 @dataclass
 class LayerRecord:
     """What one call of one layer left (see the module docstring)."""
@@ -288,8 +321,8 @@ class LayerCapture:
         self._handles: list = []
         self.layers: dict[str, nn.Module] = {}
         self.add_layers(layers)  # layer hooks first: the root may itself be a layer
-        self._handles += [model.register_forward_pre_hook(self._model_pre_hook),
-                          model.register_forward_hook(self._model_hook)]
+        self._handles += [model.register_forward_pre_hook(_WeakHook(self, "_model_pre_hook")),
+                          model.register_forward_hook(_WeakHook(self, "_model_hook"))]
 
     def __setstate__(self, state: dict) -> None:
         """A copied or unpickled capture owns the copied layers its hooks are on."""
@@ -307,7 +340,7 @@ class LayerCapture:
         if self.active:
             self.sums.update({n: _Sums() for n in layers})
         self._take_over(layers)
-        self._handles.extend(m.register_forward_hook(functools.partial(self._layer_hook, n))
+        self._handles.extend(m.register_forward_hook(_WeakHook(self, "_layer_hook", n))
                              for n, m in layers.items())
 
     def _take_over(self, layers: dict[str, nn.Module]) -> None:
@@ -415,8 +448,7 @@ class LayerCapture:
         s.calls += 1
 
     def _layer_hook(self, name: str, mod: nn.Module, inputs: tuple, out: Tensor) -> None:
-        """Forward hook of layer ``name`` (registered as a partial of this bound method, so a
-        deep copy or pickle of the model carries hooks of the copied capture)."""
+        """Forward hook of layer ``name`` (registered through :class:`_WeakHook`)."""
         module = self.layers[name]
         if not self._capturing(out):
             return

@@ -179,6 +179,14 @@ def curvature_step(step: Callable) -> Callable:
     return wrapper
 
 
+def _loss_scale(scaler: Any) -> Tensor | None:
+    """The scale of a ``GradScaler`` (``None`` while it has not scaled a loss); a function of
+    the scaler alone, so the capture holds no reference back to its optimizer."""
+    if not scaler.is_enabled():
+        return None
+    return getattr(scaler, "_scale", None)
+
+
 class LayerOptimizer(OptimizerContract):
     """Base class: builds groups and hooks over ``model``; subclasses implement ``step``
     (decorated with :func:`curvature_step`).
@@ -263,7 +271,8 @@ class LayerOptimizer(OptimizerContract):
         self._owned = [o == self._rank for o in self.layer_owners]
         self._index_groups()
         self.capture = LayerCapture(model, layers, dtype=self.factor_dtype,
-                                    grad_scale=self._loss_scale if grad_scaler else None,
+                                    grad_scale=(functools.partial(_loss_scale, grad_scaler)
+                                                if grad_scaler else None),
                                     owner=type(self).__name__)
         self.state[self.state_key] = self._fresh_state()
         self._built = True
@@ -469,13 +478,6 @@ class LayerOptimizer(OptimizerContract):
             self.capture.add_layers(layers)
 
     # ------------------------------------------------------------------ dtypes
-    def _loss_scale(self) -> Tensor | None:
-        """The scale of the ``grad_scaler`` (``None`` while it has not scaled a loss)."""
-        scaler = self.grad_scaler
-        if not scaler.is_enabled():
-            return None
-        return getattr(scaler, "_scale", None)
-
     @contextmanager
     def _batchnorm_frozen(self) -> Iterator[None]:
         """Restore the BatchNorm running statistics (and counters) after the block: an extra

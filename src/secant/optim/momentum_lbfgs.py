@@ -12,7 +12,13 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
-from secant.distributed import all_gather_rows, assign_blocks, check_consistent, resolve_group
+from secant.distributed import (
+    all_gather_rows,
+    all_reduce_flat,
+    assign_blocks,
+    check_consistent,
+    resolve_group,
+)
 from secant.linalg import (
     History,
     block_dot,
@@ -628,8 +634,7 @@ class MomentumLBFGS(OptimizerContract):
         if self._group is not None:
             full = per_block.new_zeros(len(keys), len(self._blocks))
             full[:, self._layout.shards[self._rank]] = per_block
-            dist.all_reduce(full, group=self._group)
-            per_block = full
+            per_block = all_reduce_flat([full], self._group)[0]
         skipped = int(st["skipped_steps"])
         out: dict[str, Any] = {"step": st["step"] - skipped, "skipped_steps": skipped,
                                "last_step_norm": math.sqrt(sq),
