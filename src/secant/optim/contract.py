@@ -10,6 +10,8 @@ from typing import Any
 from torch import Tensor
 from torch.optim import Optimizer
 
+from secant.optim.validation import check
+
 # torch's hook registries: its own __getstate__ drops them (hooks are not copied), and so do we
 _TORCH_HOOKS = frozenset({
     "_optimizer_step_pre_hooks", "_optimizer_step_post_hooks",
@@ -48,15 +50,15 @@ class OptimizerContract(Optimizer):
         return final[0]
 
 
-def check_lr(lr: Any) -> bool:
-    """A learning rate torch.optim accepts: a real number or a one-element real tensor (any
-    shape), finite and >= 0."""
+def check_lr(lr: Any) -> None:
+    """Raise ``ValueError`` unless ``lr`` is a learning rate torch.optim accepts: a real number
+    or a one-element real tensor (any shape), finite and >= 0."""
     if isinstance(lr, Tensor):
-        if lr.numel() != 1 or lr.is_complex() or not lr.is_floating_point():
-            return False
-    elif not isinstance(lr, (int, float)) or isinstance(lr, bool):
-        return False
-    return math.isfinite(float(lr)) and float(lr) >= 0.0
+        ok = lr.numel() == 1 and lr.is_floating_point()
+    else:
+        ok = isinstance(lr, (int, float)) and not isinstance(lr, bool)
+    check(ok and math.isfinite(float(lr)) and float(lr) >= 0.0, "lr", lr,
+          "a finite value >= 0 (a number or a one-element tensor)")
 
 
 def scalar_lr(lr: float | Tensor) -> float | Tensor:

@@ -513,9 +513,9 @@ class _KroneckerBFGS(LayerOptimizer):
             if p.grad is None:
                 blk.mul_(1.0 - rate)
             else:
-                blk.lerp_(_matrix(m, p.grad.detach()).reshape(blk.shape).to(ema.dtype), rate)
+                blk.lerp_(_matrix(m, p.grad.detach()).to(ema.dtype), rate)
             if wd:
-                blk.add_(_matrix(m, p.detach()).reshape(blk.shape), alpha=rate * wd)
+                blk.add_(_matrix(m, p.detach()), alpha=rate * wd)
 
     def _second_half(self, pass1: list, recs: list[list[Tensor] | None]) -> None:
         c = self.pair_decay

@@ -274,8 +274,7 @@ class MomentumLBFGS(OptimizerContract):
             raise
 
     def _check_group(self, group: dict[str, Any]) -> None:
-        check(check_lr(group["lr"]), "lr", group["lr"],
-              "a finite value >= 0 (a number or a one-element tensor)")
+        check_lr(group["lr"])
         check(0.0 <= group["momentum"] < 1.0, "momentum", group["momentum"], "a value in [0, 1)")
         check(group["weight_decay"] >= 0.0, "weight_decay", group["weight_decay"],
               "a value >= 0")

@@ -26,10 +26,6 @@ _FULL = (torch.float32, torch.float64)
 _GROWTH_DECAY = 0.9  # running average of gradient norms for the growth guard (~10 steps)
 
 
-def _check_lr(lr: Any) -> None:
-    check(check_lr(lr), "lr", lr, "a finite value >= 0 (a number or a one-element tensor)")
-
-
 def _state_dtype(p: Tensor) -> torch.dtype:
     """m and v are kept in float32 for bf16/fp16 parameters (a 1 % EMA step of v would round
     away in bf16), in the parameter's dtype otherwise."""
@@ -217,7 +213,7 @@ class Neumann(OptimizerContract):
         check(grad_growth is None or (isinstance(grad_growth, (int, float))
                                       and math.isfinite(grad_growth) and grad_growth >= 1.0),
                "grad_growth", grad_growth, "None or a finite value >= 1")
-        _check_lr(lr)
+        check_lr(lr)
         check(isinstance(maximize, bool), "maximize", maximize, "True or False")
         self.maximize = maximize
         self.grad_growth = None if grad_growth is None else float(grad_growth)
@@ -249,7 +245,7 @@ class Neumann(OptimizerContract):
         super().add_param_group(param_group)
         group = self.param_groups[-1]
         try:
-            _check_lr(group["lr"])
+            check_lr(group["lr"])
             extra = set(group) - {"params", "lr", "param_names"}
             check(not extra, "param_group keys", sorted(extra),
                   "only 'params' and 'lr' ('param_names' from named_parameters())")
