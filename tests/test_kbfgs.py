@@ -135,7 +135,9 @@ def forward_stats(model, x, y):
 
 
 def reference_run(model, data, lr, lam, rho=0.9, wd=1e-5, beta=0.9, c=0.9, mu1=0.2,
-                  eps=1e-4, zero_a=False, wd_bias=None):
+                  eps=1e-4, zero_a=False, wd_bias=None, history=None):
+    """Dense float64 K-BFGS; with ``history=m`` K-BFGS(L): ``H_g`` rebuilt each step as the BFGS
+    matrix of the last ``m`` accepted pairs applied to ``I``."""
     lins = [m for m in model if isinstance(m, nn.Linear)]
     r = math.sqrt(lam)
     st = None
@@ -150,7 +152,7 @@ def reference_run(model, data, lr, lam, rho=0.9, wd=1e-5, beta=0.9, c=0.9, mu1=0
                 st.append(dict(A=big_a, Ha=torch.linalg.inv(big_a + r * torch.eye(len(big_a),
                                                                                   dtype=D)),
                                Hg=torch.eye(h.shape[1], dtype=D), m=torch.zeros_like(gw),
-                               sb=torch.zeros(h.shape[1], dtype=D),
+                               sb=torch.zeros(h.shape[1], dtype=D), pairs=[],
                                yb=torch.zeros(h.shape[1], dtype=D)))
         else:
             for ls, (a, _, _, _) in zip(st, s1):
@@ -178,7 +180,13 @@ def reference_run(model, data, lr, lam, rho=0.9, wd=1e-5, beta=0.9, c=0.9, mu1=0
                 th = (1 - r) * (s @ s) / (s @ s - s @ yv)
                 yv = th * yv + (1 - th) * s
             if s @ yv > eps * (s @ s) * g1.mean(0).norm():
-                ls["Hg"] = dense_bfgs(ls["Hg"], s, yv)
+                if history:  # K-BFGS(L): BFGS from I through the last `history` pairs
+                    ls["pairs"] = (ls["pairs"] + [(s, yv)])[-history:]
+                    ls["Hg"] = torch.eye(len(s), dtype=D)
+                    for sp, yp in ls["pairs"]:
+                        ls["Hg"] = dense_bfgs(ls["Hg"], sp, yp)
+                else:
+                    ls["Hg"] = dense_bfgs(ls["Hg"], s, yv)
             v = a.mean(0)
             sa = ls["Ha"] @ v
             ya = (ls["A"] + r * torch.eye(len(v), dtype=D)) @ sa
@@ -245,6 +253,28 @@ def test_full_batch_zero_started_a_matches_dense_reference(cls):
     # the input layer sees the same batch every step: A = (1 − 0.9⁴) · statistic
     torch.testing.assert_close(opt.state["kbfgs"]["layers"][0]["A"],
                                (1 - 0.9 ** 4) * first.T @ first / len(x))
+
+
+@pytest.mark.parametrize("eps", [1e-4, 3.0])
+def test_kbfgsl_matches_dense_lbfgs_after_the_history_wraps(eps):
+    """History of 2 over 12 steps (pairs dropped from the ring every step after the second),
+    layers of output widths 6, 4 and 3; with ``cautious_eps=3`` half the pairs are rejected too
+    (none accepted in the last layer, six in the middle one), so each layer's ring holds a
+    different set."""
+    data = batches(12, seed=3)
+    model, ref = mlp(6, (5, 6, 4, 3)), mlp(6, (5, 6, 4, 3))
+    opt = KBFGSL(model, lr=0.5, damping=0.1, history_size=2, cautious_eps=eps)
+    losses = [float(opt.step(make_closure(opt, model, x, y))) for x, y in data]
+    ref_losses, ref_st = reference_run(ref, data, lr=0.5, lam=0.1, eps=eps, history=2)
+    assert losses == pytest.approx(ref_losses, rel=1e-10)
+    for m, r in zip([m for m in model if isinstance(m, nn.Linear)],
+                    [m for m in ref if isinstance(m, nn.Linear)]):
+        torch.testing.assert_close(wtilde(m), wtilde(r), rtol=1e-9, atol=1e-11)
+    d = opt.diagnostics()
+    assert d["history_length"] == [len(rs["pairs"]) for rs in ref_st]
+    assert d["g_pairs_accepted_per_layer"][0] == 12  # ten pairs dropped from the first ring
+    if eps > 1:
+        assert d["g_pairs_rejected"] > 0 and d["history_length"] == [2, 2, 0]
 
 
 def test_kbfgsl_equals_kbfgs_below_capacity():
