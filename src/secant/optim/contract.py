@@ -24,6 +24,10 @@ class OptimizerContract(Optimizer):
     copy then fails at its next step); :meth:`_load_hooked` runs the base ``load_state_dict``
     and hands over the state dict as the user's load pre-hooks left it."""
 
+    #: ``step`` must be given a closure (K-BFGS evaluates the minibatch twice per step); read by
+    #: frameworks that otherwise step without one (:mod:`secant.integrations.huggingface`).
+    needs_closure: bool = False
+
     def __getstate__(self) -> dict[str, Any]:
         if getattr(self, "_group", None) is not None:
             raise TypeError(f"a {type(self).__name__} running under a process group cannot be "

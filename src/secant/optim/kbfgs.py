@@ -153,6 +153,7 @@ class _KroneckerBFGS(LayerOptimizer):
     """
 
     state_key = "kbfgs"
+    needs_closure = True
 
     def __init__(
         self,
@@ -367,7 +368,8 @@ class _KroneckerBFGS(LayerOptimizer):
             raise RuntimeError(
                 f"{type(self).__name__}.step() needs a closure: K-BFGS evaluates the same "
                 "minibatch twice per step. Call opt.step(closure) where closure() zeroes grads, "
-                "computes the loss on the current batch, calls backward() and returns the loss.")
+                "computes the loss on the current batch, calls backward() and returns the loss "
+                "(with Hugging Face's Trainer: secant.integrations.huggingface.SecantTrainer).")
         st = self._st
         k = st["step"] + 1
         kron = self.kron_group is not None

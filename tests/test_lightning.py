@@ -7,21 +7,11 @@ import warnings
 import pytest
 import torch
 import torch.nn.functional as F
+from every_optimizer import EVERY_OPTIMIZER
 from torch import nn
-
-import secant
 
 L = pytest.importorskip("lightning")
 
-BUILD = {
-    "KFAC": lambda m: secant.KFAC(m, lr=0.05, damping=0.1, factor_update_period=1,
-                                  inverse_update_period=2),
-    "KBFGS": lambda m: secant.KBFGS(m, lr=0.1),
-    "KBFGSL": lambda m: secant.KBFGSL(m, lr=0.1, history_size=3),
-    "MomentumLBFGS": lambda m: secant.MomentumLBFGS(m.parameters(), lr=0.05, update_period=2,
-                                                    history_size=3),
-    "Neumann": lambda m: secant.Neumann(m.parameters(), lr=0.05, burn_in_steps=2),
-}
 GEN = torch.Generator().manual_seed(0)
 X = torch.randn(48, 6, generator=GEN)
 Y = torch.randint(0, 3, (48,), generator=GEN)
@@ -43,7 +33,7 @@ class Module(L.LightningModule):
         return F.cross_entropy(self.net(x), y)
 
     def configure_optimizers(self):
-        return BUILD[self.name](self)
+        return EVERY_OPTIMIZER[self.name](self)
 
 
 def loader():
@@ -59,12 +49,12 @@ def fit(module, precision):
         trainer.fit(module, loader())
 
 
-@pytest.mark.parametrize("name", list(BUILD))
+@pytest.mark.parametrize("name", list(EVERY_OPTIMIZER))
 def test_lightning_fit_equals_the_plain_loop(name):
     module = Module(name)
     fit(module, "32-true")
     ref = net()
-    opt = BUILD[name](ref)
+    opt = EVERY_OPTIMIZER[name](ref)
     for _ in range(3):
         for x, y in loader():
             def closure(x=x, y=y):
@@ -78,7 +68,7 @@ def test_lightning_fit_equals_the_plain_loop(name):
     assert max((p - q).abs().max() for p, q in zip(ref.parameters(), net().parameters())) > 1e-3
 
 
-@pytest.mark.parametrize("name", list(BUILD))
+@pytest.mark.parametrize("name", list(EVERY_OPTIMIZER))
 def test_lightning_bf16_mixed_trains(name):
     module = Module(name)
     with torch.no_grad():
