@@ -59,8 +59,9 @@ def test_warmup_equals_sgd_with_momentum(wd):
 
 # ---------------------------------------------------------------- O-M6 reference
 def reference_mlbfgs(x0, blocks, grad_fn, steps, lr, mu, beta, T, m, sigma_l, sigma_h, tau0,
-                     step_rule):
-    """Dense float64 mL-BFGS (clean form): per-block dense BFGS matrices from γI."""
+                     step_rule, trace=None):
+    """Dense float64 mL-BFGS (clean form): per-block dense BFGS matrices from γI. ``trace``
+    (a dict) gets each block's gradient, direction ``H g``, pairs and γ of the last step."""
     x = x0.clone()
     u = torch.zeros_like(x)
     idx = [torch.arange(s, e) for s, e in blocks]
@@ -95,6 +96,8 @@ def reference_mlbfgs(x0, blocks, grad_fn, steps, lr, mu, beta, T, m, sigma_l, si
                     left = torch.eye(len(ib), dtype=x.dtype) - rho * torch.outer(s, y)
                     h = left @ h @ left.T + rho * torch.outer(s, s)
                 d[ib] = h @ g[ib]
+                if trace is not None:
+                    trace[b] = (g[ib], d[ib], pairs[b], (s_n @ y_n) / (y_n @ y_n))
             if step_rule == "grad_norm":
                 d = d * (g.norm() / d.norm())
         u = mu * u + d
@@ -124,6 +127,42 @@ def test_matches_dense_reference(blocks, step_rule):
     torch.testing.assert_close(torch.cat([p.detach() for p in params]), ref, rtol=1e-9,
                                atol=1e-10)
     assert opt.diagnostics()["pairs_accepted"] > 0
+
+
+def test_curvature_diagnostics_match_dense_computation():
+    """The turn (cosine, norm ratio of H g to g) and the history's spectrum (γ, Rayleigh
+    quotients, span of the s vectors) per block, against the dense reference's last step."""
+    n, sizes = 12, [5, 4, 3]
+    a, b = quadratic(n, cond=1e2)
+    gen = torch.Generator().manual_seed(3)
+    noise = [0.05 * torch.randn(n, generator=gen, dtype=torch.float64) for _ in range(40)]
+    params = split_params(n, sizes)
+    x0 = torch.cat([p.detach() for p in params])
+    hp = dict(lr=0.3, momentum=0.5, beta=0.8, update_period=3, history_size=4)
+    opt = MomentumLBFGS(params, **hp, blocks="tensor", step_rule="none", chunk_size=2)
+    for t in range(40):
+        set_quadratic_grads(params, a, b, noise[t])
+        opt.step()
+    trace = {}
+    reference_mlbfgs(x0, [(0, 5), (5, 9), (9, 12)], lambda x, t: a @ x - b + noise[t - 1], 40,
+                     hp["lr"], hp["momentum"], hp["beta"], hp["update_period"],
+                     hp["history_size"], 0.01, 1.5, 0.99, "none", trace)
+    diag = opt.diagnostics()
+    for blk, (g, d, pairs, gamma) in trace.items():
+        s = torch.stack([p[0] for p in pairs])
+        cos = torch.nn.functional.normalize(s, dim=1) @ torch.nn.functional.normalize(s, dim=1).T
+        lam = torch.linalg.eigvalsh(cos).clamp(min=0)
+        rq = [float(sp @ yp / (sp @ sp)) for sp, yp in pairs]
+        want = {"direction_cosine": float(g @ d / (g.norm() * d.norm())),
+                "direction_norm_ratio": float(d.norm() / g.norm()), "gamma": float(gamma),
+                "curvature_min": min(rq), "curvature_max": max(rq),
+                "pair_span": float(lam.sum() ** 2 / (lam**2).sum())}
+        for key, value in want.items():
+            assert diag[key + "_per_block"][blk] == pytest.approx(value, rel=1e-8), key
+    assert len(trace) == 3 and diag["history_length"] == [4, 4, 4]
+    # the τ-rule keeps the quotients in [σ_L, σ_H] = [0.01, 1.5]
+    assert min(diag["curvature_min_per_block"]) >= 0.01 - 1e-12
+    assert max(diag["curvature_max_per_block"]) <= 1.5 + 1e-12
 
 
 # ---------------------------------------------------------------- O-M4

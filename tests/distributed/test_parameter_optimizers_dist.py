@@ -75,10 +75,10 @@ def test_multi_rank_run_matches_single_process(tmp_path, world, name):
     if name.startswith("mlbfgs"):
         assert opt.diagnostics()["pairs_accepted"] > 0
         single = opt.diagnostics()
-        norm = single.pop("last_step_norm")
-        for res in results:  # every rank reports all blocks, summed over the ranks
-            assert res["diag"].pop("last_step_norm") == pytest.approx(norm, rel=1e-10)
-            assert res["diag"] == single
+        for res in results:  # every rank reports all blocks, gathered from the ranks
+            assert res["diag"].keys() == single.keys()
+            for key, value in single.items():
+                assert res["diag"][key] == pytest.approx(value, rel=1e-8, nan_ok=True), key
     if name == "mlbfgs-one_block":  # one block, three ranks: two ranks own nothing
         assert sorted(r["curvature"] for r in results)[:2] == [0, 0]
     elif name.startswith("mlbfgs"):

@@ -10,6 +10,7 @@ from secant.linalg.lbfgs import (
     new_history,
     newest_gamma,
     newest_pair,
+    pair_spectrum,
     push,
     two_loop,
 )
@@ -25,6 +26,7 @@ __all__ = [
     "new_history",
     "newest_gamma",
     "newest_pair",
+    "pair_spectrum",
     "powell_damping",
     "push",
     "tau_coefficient",

@@ -30,6 +30,7 @@ Both application routines compute ``H v`` for the L-BFGS inverse-Hessian approxi
 
 from __future__ import annotations
 
+import math
 from typing import NamedTuple
 
 import torch
@@ -216,3 +217,32 @@ def two_loop(h: History, v: Tensor, gamma: Tensor) -> Tensor:
         beta = rho.unsqueeze(1) * block_sum(torch.bmm(r, y).squeeze(-1), h.chunk_block, len(b))
         r = r + (a - beta)[h.chunk_block].unsqueeze(-1) * s
     return r
+
+
+def pair_spectrum(h: History) -> tuple[Tensor, Tensor, Tensor]:
+    """What each block's stored pairs say about the curvature, ``[B]`` each (NaN where empty).
+
+    The smallest and largest Rayleigh quotient ``sᵢᵀyᵢ / sᵢᵀsᵢ`` of the pairs (on a quadratic
+    with ``y = A s``: values inside ``A``'s spectrum, along the directions stepped), and the
+    participation ratio ``(Σλ)² / Σλ²`` of the eigenvalues ``λ`` of the pairs' cosine matrix
+    ``cos(sᵢ, sⱼ)``: the effective number of independent directions the ``s`` vectors span
+    (1 when all are parallel, the pair count when they are orthogonal).
+    """
+    m = h.size
+    order, valid = _chronology(h)
+    slot_valid = torch.zeros_like(valid).scatter_(1, order, valid)  # [B, m] by slot
+    idx = torch.arange(m, device=h.z.device)
+    ss = h.gram[:, idx, idx]
+    rq = h.gram[:, idx, idx + m] / torch.where(slot_valid, ss, 1.0)
+    inf = torch.full_like(rq, math.inf)
+    lo = torch.where(slot_valid, rq, inf).amin(1)
+    hi = torch.where(slot_valid, rq, -inf).amax(1)
+    scale = torch.where(slot_valid, ss, 1.0).rsqrt()
+    both = slot_valid.unsqueeze(1) & slot_valid.unsqueeze(2)
+    cos = torch.where(both, h.gram[:, :m, :m] * scale.unsqueeze(1) * scale.unsqueeze(2), 0.0)
+    lam = torch.linalg.eigvalsh(cos.double()).clamp(min=0.0)
+    span = (lam.sum(1) ** 2 / (lam**2).sum(1).clamp(min=1e-300)).to(rq.dtype)
+    nan = torch.full_like(lo, math.nan)
+    empty = h.count == 0
+    return (torch.where(empty, nan, lo), torch.where(empty, nan, hi),
+            torch.where(empty, nan, span))

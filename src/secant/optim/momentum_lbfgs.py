@@ -25,6 +25,7 @@ from secant.linalg import (
     compact_apply,
     newest_gamma,
     newest_pair,
+    pair_spectrum,
     push,
     tau_coefficient,
 )
@@ -357,6 +358,7 @@ class MomentumLBFGS(OptimizerContract):
         self._one_minus_beta = torch.tensor(1.0 - self.beta, dtype=lay.dtype, device=dev)
         self._beta = torch.tensor(self.beta, dtype=lay.dtype, device=dev)
         self._view_cache: dict[str, list[Tensor]] = {}
+        self._turn: Tensor | None = None  # per own block gᵀd, gᵀg, dᵀd of the last direction
         self._chunk_cache: dict[str, tuple[tuple[float, ...], Tensor]] = {}
 
     def _fresh_state(self) -> dict[str, Any]:
@@ -533,8 +535,12 @@ class MomentumLBFGS(OptimizerContract):
         own_dir = d[self._own]
         if self._own_params:  # a rank may own no block
             h = self._history()
-            own_dir = compact_apply(h, own_dir.unsqueeze(1),
+            grad = own_dir
+            own_dir = compact_apply(h, grad.unsqueeze(1),
                                     newest_gamma(h, self.curvature_eps)).squeeze(1)
+            self._turn = torch.stack([block_dot(a, b, h.chunk_block, h.num_blocks)
+                                      for a, b in ((grad, own_dir), (grad, grad),
+                                                   (own_dir, own_dir))])
         if self._group is None:
             d[self._own] = own_dir
         else:
@@ -612,14 +618,39 @@ class MomentumLBFGS(OptimizerContract):
     # ------------------------------------------------------------------ reporting
     @torch.no_grad()
     def diagnostics(self) -> dict[str, Any]:
-        """Counters for logging (this call synchronises with the device).
+        """Counters and curvature measures for logging (this call synchronises with the device).
 
-        ``pairs_accepted`` / ``pairs_rejected`` / ``damping_activations`` are totals over blocks
-        (``*_per_block`` lists give them per block, in block order); ``history_length`` is per
-        block; ``last_step_norm`` is ``‖Δθ‖`` of the last step; ``step`` counts applied steps
-        and ``skipped_steps`` those skipped for non-finite gradients. Under a process group the
-        per-block counters are summed over the ranks (each rank holds its own blocks'): this is
-        a collective that every rank must call.
+        Counters: ``pairs_accepted`` / ``pairs_rejected`` / ``damping_activations`` are totals
+        over blocks (``*_per_block`` lists give them per block, in block order);
+        ``history_length`` is per block; ``last_step_norm`` is ``‖Δθ‖`` of the last step;
+        ``step`` counts applied steps and ``skipped_steps`` those skipped for non-finite
+        gradients.
+
+        How far the curvature turns the step, per block, for the last step that used it
+        (``g`` the block's weight-decayed gradient, ``d = H g`` its direction before the step
+        rule and momentum; NaN before the first such step):
+
+        * ``direction_cosine_per_block``: ``gᵀd / (‖g‖ ‖d‖)``. 1 means ``H`` acts on ``g`` as
+          a multiple of the identity: the step is (normalised) SGD.
+        * ``direction_norm_ratio_per_block``: ``‖d‖ / ‖g‖``, the step length the curvature
+          gives relative to the gradient's (before the step rule rescales all blocks
+          together).
+
+        What the history implies, per block (NaN while a block has no pair):
+
+        * ``gamma_per_block``: the initial scaling ``γ = sᵀŷ / ŷᵀŷ`` of the newest pair
+          (``H₀ = γ I``; 1/γ is a curvature estimate).
+        * ``curvature_min_per_block``, ``curvature_max_per_block``: the range of the stored
+          pairs' Rayleigh quotients ``sᵀŷ / sᵀs``. The τ-rule keeps them inside
+          ``[σ_L, σ_H]`` (a value at a bound: that pair was damped); a narrow range means the
+          pairs see one curvature value, which ``H`` can only turn into a multiple of ``I``
+          along the pairs' span.
+        * ``pair_span_per_block``: the effective number of independent directions of the
+          stored ``s`` vectors (:func:`secant.linalg.pair_spectrum`), between 1 (all parallel)
+          and ``history_length``.
+
+        Under a process group the per-block values are gathered over the ranks (each rank holds
+        its own blocks'): this is a collective that every rank must call.
         """
         st = self.state[_STATE]
         sq = 0.0
@@ -630,10 +661,16 @@ class MomentumLBFGS(OptimizerContract):
                 sq += st["last_lrs"][i] ** 2 * float(sum(n.double() ** 2 for n in norms))
         keys = ("count", "pairs_accepted", "pairs_rejected", "damping_activations")
         per_block = torch.stack([st[k] for k in keys])
+        measures = ("direction_cosine", "direction_norm_ratio", "gamma", "curvature_min",
+                    "curvature_max", "pair_span")
+        curv = self._curvature_measures()
         if self._group is not None:
+            own = self._layout.shards[self._rank]
             full = per_block.new_zeros(len(keys), len(self._blocks))
-            full[:, self._layout.shards[self._rank]] = per_block
-            per_block = all_reduce_flat([full], self._group)[0]
+            full[:, own] = per_block
+            full_curv = curv.new_zeros(len(measures), len(self._blocks))
+            full_curv[:, own] = curv
+            per_block, curv = all_reduce_flat([full, full_curv], self._group)
         skipped = int(st["skipped_steps"])
         out: dict[str, Any] = {"step": st["step"] - skipped, "skipped_steps": skipped,
                                "last_step_norm": math.sqrt(sq),
@@ -641,4 +678,21 @@ class MomentumLBFGS(OptimizerContract):
         for key, row in zip(keys[1:], per_block[1:]):
             out[key] = int(row.sum())
             out[key + "_per_block"] = row.tolist()
+        for key, row in zip(measures, curv):
+            out[key + "_per_block"] = row.tolist()
         return out
+
+    def _curvature_measures(self) -> Tensor:
+        """``[6, own blocks]`` float64: cosine, norm ratio, γ, min and max Rayleigh quotient,
+        span (see :meth:`diagnostics`)."""
+        n_own = len(self._layout.shards[self._rank])
+        if not self._own_params:
+            return torch.zeros(6, 0, dtype=torch.float64, device=self._layout.chunk_block.device)
+        h = self._history()
+        if self._turn is None:
+            turn = torch.full((2, n_own), math.nan, dtype=torch.float64, device=h.z.device)
+        else:
+            gd, gg, dd = self._turn.double()
+            turn = torch.stack([gd / (gg * dd).sqrt(), (dd / gg).sqrt()])
+        gamma = torch.where(h.count > 0, newest_gamma(h, self.curvature_eps), math.nan)
+        return torch.cat([turn, torch.stack([gamma, *pair_spectrum(h)]).double()])
