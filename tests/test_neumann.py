@@ -404,9 +404,10 @@ def test_state_dict_is_a_snapshot():
     opt = Neumann(params, lr=0.03, reset_period=2)
     run(opt, params, 3)
     sd = opt.state_dict()
-    step = sd["state"]["neumann"]["step"]
+    step = sd["state"][0]["neumann_step"]
     run(opt, params, 2)
-    assert sd["state"]["neumann"]["step"] == step == 3
+    assert sd["state"][0]["neumann_step"] == step == 3
+    assert set(sd["state"]) == set(range(len(params)))  # every entry belongs to a parameter
     with pytest.raises(ValueError, match="Neumann"):
         opt.load_state_dict(torch.optim.SGD(params, lr=0.1).state_dict())
 

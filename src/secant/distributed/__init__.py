@@ -1,5 +1,5 @@
-"""Distributed plumbing on ``torch.distributed``: block partitioning and the few collectives the
-optimizers need (gloo on CPU, NCCL on GPU; launch with ``torchrun``)."""
+"""Distributed plumbing on ``torch.distributed``: block partitioning, the FSDP2 layout check and
+the few collectives the optimizers need (gloo on CPU, NCCL on GPU; launch with ``torchrun``)."""
 
 from secant.distributed.collectives import (
     all_gather_rows,
@@ -8,11 +8,15 @@ from secant.distributed.collectives import (
     resolve_group,
 )
 from secant.distributed.partition import assign_blocks
+from secant.distributed.sharding import local, refuse_sharded, shard_group
 
 __all__ = [
     "all_gather_rows",
     "all_reduce_flat",
     "assign_blocks",
     "check_consistent",
+    "local",
+    "refuse_sharded",
     "resolve_group",
+    "shard_group",
 ]

@@ -96,7 +96,13 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from secant.distributed import all_reduce_flat, assign_blocks, check_consistent, resolve_group
+from secant.distributed import (
+    all_reduce_flat,
+    assign_blocks,
+    check_consistent,
+    refuse_sharded,
+    resolve_group,
+)
 from secant.layers import (
     LayerCapture,
     grad_matrix,
@@ -210,6 +216,7 @@ class LayerOptimizer(OptimizerContract):
         if not isinstance(model, nn.Module):
             raise ValueError(f"model={type(model).__name__}: expected an nn.Module (layer "
                              "optimizers are built over a model, not a parameter list)")
+        refuse_sharded(model.parameters(), type(self).__name__)
         check_finite_nonneg("lr", defaults["lr"])
         if fallback_lr is not None:
             check_finite_nonneg("fallback_lr", fallback_lr)

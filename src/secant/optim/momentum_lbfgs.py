@@ -17,6 +17,7 @@ from secant.distributed import (
     all_reduce_flat,
     assign_blocks,
     check_consistent,
+    refuse_sharded,
     resolve_group,
 )
 from secant.linalg import (
@@ -207,6 +208,7 @@ class MomentumLBFGS(OptimizerContract):
         self.maximize = maximize
         defaults = dict(lr=lr, momentum=momentum, weight_decay=weight_decay)
         super().__init__(params, defaults)
+        refuse_sharded((p for g in self.param_groups for p in g["params"]), type(self).__name__)
         self.history_size = history_size
         self.update_period = update_period
         self.beta = beta

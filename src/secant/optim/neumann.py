@@ -10,7 +10,9 @@ from typing import Any
 
 import torch
 from torch import Tensor
+from torch.distributed.tensor import DTensor
 
+from secant.distributed import all_reduce_flat, local, shard_group
 from secant.linalg.neumann_series import (
     bounded_regulariser_coefficient,
     growth_guard,
@@ -21,6 +23,7 @@ from secant.optim.contract import OptimizerContract, check_lr, scalar_lr
 from secant.optim.validation import check, is_int
 
 _STATE = "neumann"
+_GLOBAL = "neumann_"  # prefix of the optimizer-wide values in a saved state dict
 _REGULARIZERS = ("bounded", "paper")
 _FULL = (torch.float32, torch.float64)
 _GROWTH_DECAY = 0.9  # running average of gradient norms for the growth guard (~10 steps)
@@ -229,6 +232,7 @@ class Neumann(OptimizerContract):
         self.reg_ratio = float(reg_ratio)
         self.reg_eps = float(reg_eps)
         self._params: list[Tensor] = []
+        self._shard_group: Any = None  # FSDP2: the ranks the DTensor parameters are split over
         self.num_params = 0
         self._inside_undisplaced = False
         super().__init__(params, dict(lr=lr))  # calls add_param_group for every group
@@ -252,6 +256,7 @@ class Neumann(OptimizerContract):
             for p in group["params"]:
                 if p.is_sparse or p.is_complex() or not p.is_floating_point():
                     raise ValueError("Neumann supports dense real floating-point parameters only")
+            self._shard_group = shard_group([*self._params, *group["params"]], "Neumann")
         except ValueError:
             self.param_groups.pop()
             raise
@@ -260,7 +265,7 @@ class Neumann(OptimizerContract):
             self.state[p]["m"] = torch.zeros_like(p, dtype=sdt, memory_format=torch.preserve_format)
             self.state[p]["v"] = p.detach().to(sdt, copy=True, memory_format=torch.preserve_format)
             self._params.append(p)
-            self.num_params += p.numel()
+            self.num_params += p.numel()  # a DTensor's numel is the global one
         self._norm_dtype = (torch.float64 if any(p.dtype == torch.float64 for p in self._params)
                             else torch.float32)
 
@@ -284,20 +289,34 @@ class Neumann(OptimizerContract):
 
     # ------------------------------------------------------------------ checkpoints
     def state_dict(self) -> dict[str, Any]:
+        """``torch.optim`` format, every entry keyed by a parameter (so that
+        ``torch.distributed.checkpoint`` can map it to a parameter name): the optimizer-wide
+        values (step count, μ, reset schedule, counters) sit in the first parameter's entry
+        under ``neumann_*`` keys."""
         sd = super().state_dict()
-        sd["state"][_STATE] = copy.deepcopy(sd["state"][_STATE])
+        glob = copy.deepcopy(sd["state"].pop(_STATE))
+        first = sd["param_groups"][0]["params"][0]
+        sd["state"][first] = {**sd["state"][first],
+                              **{_GLOBAL + k: v for k, v in glob.items()}}
         return sd
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        keys = {_GLOBAL + k for k in self._fresh_global()}
+
         def check_saved(sd: dict[str, Any]) -> None:
-            saved = sd["state"].get(_STATE)
-            if not isinstance(saved, dict) or set(saved) != set(self._fresh_global()):
+            entries = list(sd["state"].values())
+            if not entries or not keys <= set(entries[0]) or "m" not in entries[0]:
                 raise ValueError("state_dict was not saved by a Neumann optimizer")
 
         state_dict = self._load_hooked(state_dict, check_saved)
-        glob = copy.deepcopy(state_dict["state"][_STATE])
+        first = self.state[self._params[0]]
+        glob = {k[len(_GLOBAL):]: copy.deepcopy(state_dict["state"][
+            state_dict["param_groups"][0]["params"][0]][k]) for k in keys}
+        for k in keys:
+            first.pop(k)
         for key in ("skipped_steps", "grad_norm_avg"):
             glob[key] = glob[key].to(self._params[0].device)
+        glob["grad_norm_avg"] = glob["grad_norm_avg"].to(self._norm_dtype)
         self.state[_STATE] = glob
         # the base class casts state to the parameter's dtype: take m, v from the saved dict
         # instead (float32 for bf16/fp16 parameters), into own storage shaped as p
@@ -320,19 +339,11 @@ class Neumann(OptimizerContract):
                 loss = closure()
         gst = self.state[_STATE]
         active = [[p for p in g["params"] if p.grad is not None] for g in self.param_groups]
-        grads = [p.grad for ps in active for p in ps]
-        if not grads:
+        with_grad = [p for ps in active for p in ps]
+        if not with_grad:
             return loss
-        if any(g.is_sparse for g in grads):
+        if any(p.grad.is_sparse for p in with_grad):
             raise RuntimeError("Neumann does not support sparse gradients")
-        g_norm = self._global_norm(grads)
-        ok = torch.isfinite(g_norm)  # no branch on it: a skipped step multiplies by 0 / 1
-        gst["skipped_steps"].add_(~ok.to(gst["skipped_steps"].device))
-        okf = ok.to(self._norm_dtype)
-        if self.grad_growth is not None:
-            g_scale, gst["grad_norm_avg"] = growth_guard(g_norm, gst["grad_norm_avg"],
-                                                         self.grad_growth, _GROWTH_DECAY)
-            g_norm = g_norm * g_scale
         t = gst["step"] = gst["step"] + 1  # host-side count of steps with gradients
         s = t - self.burn_in_steps
         mu = gst["mu"] = mu_schedule(s, self.mu_period, self.mu_min, self.mu_max) if s > 0 else 0.0
@@ -342,22 +353,33 @@ class Neumann(OptimizerContract):
             gst["reset_gap"] *= 2
             gst["resets"] += 1
         regular = s > 0 and not is_reset
+        parts = [([local(p.grad) for p in with_grad], with_grad)]
         if regular:  # r = w − v of every parameter, once: its norm sets c, each group uses it
-            vs_all = [self.state[p]["v"] for p in self._params]
-            rs = dict(zip(map(id, self._params),
-                          torch._foreach_sub(_work(self._params), vs_all)))
-            coef = torch.where(ok, self._regulariser_coefficient(list(rs.values()), g_norm), 0.0)
+            r_list = torch._foreach_sub(_work(self._local_params()), self._local_state("v"))
+            rs = dict(zip(map(id, self._params), r_list))
+            parts.append((r_list, self._params))
+        g_norm, *r_norm = self._global_norms(*parts)
+        ok = torch.isfinite(g_norm)  # no branch on it: a skipped step multiplies by 0 / 1
+        gst["skipped_steps"].add_(~ok.to(gst["skipped_steps"].device))
+        okf = ok.to(self._norm_dtype)
+        if self.grad_growth is not None:
+            g_scale, gst["grad_norm_avg"] = growth_guard(g_norm, gst["grad_norm_avg"],
+                                                         self.grad_growth, _GROWTH_DECAY)
+            g_norm = g_norm * g_scale
+        if regular:
+            coef = torch.where(ok, self._regulariser_coefficient(r_norm[0], g_norm), 0.0)
         for group, params in zip(self.param_groups, active):
             if not params:
                 continue
             lr = okf * scalar_lr(group["lr"])  # 0 on a skipped step
-            ws = _work(params)
-            gs = [torch.where(ok, p.grad.to(w.dtype), 0.0) for p, w in zip(params, ws)]
+            lps = [local(p) for p in params]
+            ws = _work(lps)
+            gs = [torch.where(ok, local(p.grad).to(w.dtype), 0.0) for p, w in zip(params, ws)]
             if self.maximize:
                 torch._foreach_neg_(gs)
             if self.grad_growth is not None:
                 torch._foreach_mul_(gs, g_scale)
-            ms = [self.state[p]["m"] for p in params]
+            ms = [local(self.state[p]["m"]) for p in params]
             if s <= 0:  # burn-in: w ← w − η g
                 torch._foreach_mul_(gs, lr)
                 torch._foreach_sub_(ws, gs)
@@ -367,7 +389,7 @@ class Neumann(OptimizerContract):
                 torch._foreach_sub_(ms, gs)
                 continue
             else:
-                vs = [self.state[p]["v"] for p in params]
+                vs = [local(self.state[p]["v"]) for p in params]
                 d = [rs[id(p)] for p in params]  # r = w − v
                 torch._foreach_mul_(d, coef)
                 torch._foreach_add_(d, gs)  # d = g + c r
@@ -377,19 +399,36 @@ class Neumann(OptimizerContract):
                 torch._foreach_add_(ws, torch._foreach_mul(ms, okf * mu))
                 torch._foreach_sub_(ws, d)  # w ← w + μ m − η d
                 torch._foreach_lerp_(vs, ws, okf * (1.0 - self.gamma))  # v ← γ v + (1 − γ) w
-            _write_back(params, ws)
+            _write_back(lps, ws)
         return loss
 
-    def _global_norm(self, tensors: list[Tensor]) -> Tensor:
-        """‖·‖ over all tensors, accumulated in float32 (float64 where a parameter is)."""
-        norms = torch._foreach_norm(tensors, 2, dtype=self._norm_dtype)
-        device = self._params[0].device
-        return torch.linalg.vector_norm(torch.stack([n.to(device) for n in norms]))
+    def _local_params(self) -> list[Tensor]:
+        return [local(p) for p in self._params]
 
-    def _regulariser_coefficient(self, rs: list[Tensor], g_norm: Tensor) -> Tensor:
-        """``c`` with regulariser gradient ``c · r``, ``r = w − v`` over all parameters (``rs``):
-        the paper's ``α‖r‖ − β_eff/‖r‖³``, bounded to ``‖c r‖ ≤ reg_ratio·‖g‖`` by default."""
-        r_norm = self._global_norm(rs)
+    def _local_state(self, key: str) -> list[Tensor]:
+        return [local(self.state[p][key]) for p in self._params]
+
+    def _global_norms(self, *parts: tuple[list[Tensor], list[Tensor]]) -> list[Tensor]:
+        """``‖·‖`` over each part's tensors (local shards, with the parameters they belong to),
+        accumulated in float32 (float64 where a parameter is). Under FSDP2 the squares of the
+        sharded tensors are summed over the shard group (one all-reduce for all parts) and a
+        replicated parameter's are counted once."""
+        device = self._params[0].device
+        norms = [torch.stack([n.to(device) for n in torch._foreach_norm(ts, 2,
+                                                                       dtype=self._norm_dtype)])
+                 for ts, _ in parts]
+        if self._shard_group is None:
+            return [torch.linalg.vector_norm(n) for n in norms]
+        sharded = [torch.tensor([isinstance(p, DTensor) for p in ps], device=device)
+                   for _, ps in parts]
+        sums = torch.stack([torch.where(sh, n**2, 0.0).sum() for n, sh in zip(norms, sharded)])
+        total = all_reduce_flat([sums], self._shard_group)[0]
+        return [(tot + torch.where(sh, 0.0, n**2).sum()).sqrt()
+                for tot, n, sh in zip(total, norms, sharded)]
+
+    def _regulariser_coefficient(self, r_norm: Tensor, g_norm: Tensor) -> Tensor:
+        """``c`` with regulariser gradient ``c · r``, ``r = w − v`` over all parameters: the
+        paper's ``α‖r‖ − β_eff/‖r‖³``, bounded to ``‖c r‖ ≤ reg_ratio·‖g‖`` by default."""
         if self.regularizer == "paper":
             return regulariser_coefficient(r_norm, self.alpha, self.beta_effective, self.reg_eps)
         return bounded_regulariser_coefficient(r_norm, g_norm, self.alpha, self.beta_effective,
@@ -411,19 +450,20 @@ class Neumann(OptimizerContract):
         if self._inside_undisplaced:
             raise RuntimeError("undisplaced() is not re-entrant")
         mu = self.state[_STATE]["mu"]
+        params = self._local_params()
         with torch.no_grad():
-            saved = [p.detach().clone() for p in self._params]
+            saved = [p.detach().clone() for p in params]
             if mu != 0.0:
-                ws = _work(self._params)
-                torch._foreach_add_(ws, [self.state[p]["m"] for p in self._params], alpha=-mu)
-                _write_back(self._params, ws)
+                ws = _work(params)
+                torch._foreach_add_(ws, self._local_state("m"), alpha=-mu)
+                _write_back(params, ws)
         self._inside_undisplaced = True
         try:
             yield
         finally:
             self._inside_undisplaced = False
             with torch.no_grad():
-                torch._foreach_copy_(self._params, saved)
+                torch._foreach_copy_(params, saved)
 
     # ------------------------------------------------------------------ reporting
     @torch.no_grad()
@@ -437,10 +477,9 @@ class Neumann(OptimizerContract):
         ``displacement_norm`` ``‖μ m‖`` and ``distance_to_average`` ``‖w − v‖``.
         """
         gst = self.state[_STATE]
-        ms = [self.state[p]["m"] for p in self._params]
-        m_norm = float(self._global_norm(ms))
-        r = torch._foreach_sub(_work(self._params), [self.state[p]["v"] for p in self._params])
-        r_norm = float(self._global_norm(r))
+        r = torch._foreach_sub(_work(self._local_params()), self._local_state("v"))
+        m_norm, r_norm = map(float, self._global_norms((self._local_state("m"), self._params),
+                                                       (r, self._params)))
         return {
             "step": gst["step"],
             "neumann_step": max(0, gst["step"] - self.burn_in_steps),

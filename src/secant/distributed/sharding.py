@@ -1,0 +1,54 @@
+"""Parameters sharded by FSDP2 (``torch.distributed.fsdp.fully_shard``): ``DTensor``s split
+on dim 0 over one mesh dimension (HSDP: replicated over the other). The layout check every
+rank runs at construction on local metadata only (no collective, so a refusal can never turn
+into a hang), and the local views the optimizers compute on."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+
+import torch.distributed as dist
+from torch import Tensor
+from torch.distributed.tensor import DTensor, Replicate, Shard
+
+
+def local(t: Tensor) -> Tensor:
+    """This rank's shard of a ``DTensor`` (a view: in-place updates reach the parameter), or
+    ``t`` itself."""
+    return t.to_local() if isinstance(t, DTensor) else t
+
+
+def refuse_sharded(params: Iterable[Tensor], optimizer: str) -> None:
+    """``ValueError`` if any parameter is a ``DTensor`` (FSDP2, tensor parallel)."""
+    for p in params:
+        if isinstance(p, DTensor):
+            raise ValueError(
+                f"{optimizer} does not support DTensor parameters yet (got one with placements "
+                f"{p.placements}, e.g. from FSDP2's fully_shard); train with DDP, or use "
+                "secant.Neumann, which supports FSDP2 and HSDP")
+
+
+def shard_group(params: Iterable[Tensor], optimizer: str) -> dist.ProcessGroup | None:
+    """The process group over which the ``DTensor`` parameters are sharded (``None`` if none
+    is a ``DTensor``). Accepted: one mesh for all of them, ``Shard(0)`` on one mesh dimension
+    (FSDP2) and ``Replicate()`` on any other (HSDP). Anything else raises ``ValueError`` naming
+    the parameter's placements."""
+    mesh, shard_dim = None, None
+    for p in params:
+        if not isinstance(p, DTensor):
+            continue
+        placements = tuple(p.placements)
+        dims = [i for i, pl in enumerate(placements) if pl == Shard(0)]
+        if len(dims) != 1 or any(not isinstance(pl, Replicate)
+                                 for i, pl in enumerate(placements) if i != dims[0]):
+            raise ValueError(
+                f"{optimizer} supports DTensor parameters sharded on dim 0 over one mesh "
+                f"dimension (FSDP2, or HSDP with Replicate() elsewhere); got placements "
+                f"{placements} for a parameter of shape {tuple(p.shape)} (tensor parallel "
+                "is not supported)")
+        if mesh is None:
+            mesh, shard_dim = p.device_mesh, dims[0]
+        elif p.device_mesh != mesh or dims[0] != shard_dim:
+            raise ValueError(f"{optimizer} needs every DTensor parameter on one device mesh "
+                             f"with the same placements; got {mesh} and {p.device_mesh}")
+    return None if mesh is None else mesh.get_group(shard_dim)

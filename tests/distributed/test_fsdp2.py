@@ -1,0 +1,153 @@
+"""FSDP2 (``fully_shard``) and HSDP on gloo CPU ranks: Neumann equals the one-process run on
+the same global batch (uneven and empty shards included) and resumes exactly from a
+``torch.distributed.checkpoint`` save; the optimizers without FSDP2 support refuse DTensor
+parameters with a ``ValueError`` on every rank, at construction."""
+
+import os
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.distributed.checkpoint as dcp
+from dist_harness import spawn
+from torch import nn
+from torch.distributed.checkpoint.state_dict import (
+    get_model_state_dict,
+    get_optimizer_state_dict,
+    set_model_state_dict,
+    set_optimizer_state_dict,
+)
+from torch.distributed.device_mesh import init_device_mesh
+from torch.distributed.fsdp import fully_shard
+
+import secant
+
+GLOBAL_BATCH = 24
+STEPS = 12
+
+
+def model():
+    """Linear layers with and without bias, a LayerNorm, and a 2-row head: on 3 ranks its
+    shards are 1, 1 and 0 rows (an empty shard)."""
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Linear(6, 16), nn.Tanh(), nn.LayerNorm(16),
+                         nn.Linear(16, 11, bias=False), nn.Tanh(), nn.Linear(11, 2)).double()
+
+
+def neumann(params):
+    return secant.Neumann(params, lr=0.05, burn_in_steps=2, reset_period=3)
+
+
+def batch(step):
+    gen = torch.Generator().manual_seed(step)
+    x = torch.randn(GLOBAL_BATCH, 6, generator=gen, dtype=torch.float64)
+    return x, x[:, :2].sin()
+
+
+def train(net, opt, steps, start=0, rank=0, world=1):
+    """``world`` ranks each take their slice of the global batch; FSDP2 averages the
+    gradients, so the step sees the global batch's mean-loss gradient."""
+    for t in range(start, start + steps):
+        x, y = batch(t)
+        rows = slice(rank * GLOBAL_BATCH // world, (rank + 1) * GLOBAL_BATCH // world)
+        opt.zero_grad()
+        nn.functional.mse_loss(net(x[rows]), y[rows]).backward()
+        opt.step()
+
+
+def sharded(mesh_shape):
+    names = ("replicate", "shard")[-len(mesh_shape):]  # HSDP: replicate × shard
+    mesh = init_device_mesh("cpu", mesh_shape, mesh_dim_names=names)
+    net = model()
+    for layer in net:
+        if isinstance(layer, nn.Linear):
+            fully_shard(layer, mesh=mesh)
+    return fully_shard(net, mesh=mesh)
+
+
+def full_params(net):
+    return [p.full_tensor() for p in net.parameters()]
+
+
+def _worker_equal(rank, world, out_dir, mesh_shape):
+    net = sharded(mesh_shape)
+    opt = neumann(net.parameters())
+    train(net, opt, STEPS, rank=rank, world=world)
+    diag = opt.diagnostics()  # norms are collectives
+    torch.save({"params": full_params(net), "diag": diag},
+               os.path.join(out_dir, f"rank{rank}.pt"))
+
+
+def reference(steps=STEPS):
+    net = model()
+    opt = neumann(net.parameters())
+    train(net, opt, steps)
+    return net, opt
+
+
+@pytest.mark.parametrize("world,mesh_shape", [(2, (2,)), (3, (3,)), (4, (2, 2))])
+def test_neumann_equals_one_process(tmp_path, world, mesh_shape):
+    """FSDP2 on 2 and 3 ranks (3: uneven shards and an empty one), HSDP on a 2 × 2 mesh."""
+    spawn(world, _worker_equal, str(tmp_path), mesh_shape, pinned_by_torch=True)
+    net, opt = reference()
+    want = opt.diagnostics()
+    for r in range(world):
+        res = torch.load(tmp_path / f"rank{r}.pt", weights_only=True)
+        for p, q in zip(res["params"], net.parameters()):
+            torch.testing.assert_close(p, q.detach(), rtol=1e-10, atol=1e-12)
+        for key in ("displacement_norm", "distance_to_average"):
+            assert res["diag"][key] == pytest.approx(want[key], rel=1e-9)
+    assert want["resets"] >= 2  # burn-in, resets and regular Neumann steps all ran
+
+
+def _worker_dcp(rank, world, out_dir):
+    net = sharded((world,))
+    opt = neumann(net.parameters())
+    train(net, opt, STEPS // 2, rank=rank, world=world)
+    dcp.save({"model": get_model_state_dict(net), "optim": get_optimizer_state_dict(net, opt)},
+             checkpoint_id=os.path.join(out_dir, "ckpt"))
+    fresh = sharded((world,))
+    opt2 = neumann(fresh.parameters())
+    state = {"model": get_model_state_dict(fresh), "optim": get_optimizer_state_dict(fresh, opt2)}
+    dcp.load(state, checkpoint_id=os.path.join(out_dir, "ckpt"))
+    set_model_state_dict(fresh, state["model"])
+    set_optimizer_state_dict(fresh, opt2, state["optim"])
+    train(fresh, opt2, STEPS - STEPS // 2, start=STEPS // 2, rank=rank, world=world)
+    torch.save(full_params(fresh), os.path.join(out_dir, f"rank{rank}.pt"))
+
+
+def test_neumann_dcp_resume_is_exact(tmp_path):
+    spawn(2, _worker_dcp, str(tmp_path), pinned_by_torch=True)
+    net, _ = reference()
+    for r in range(2):
+        for p, q in zip(torch.load(tmp_path / f"rank{r}.pt", weights_only=True),
+                        net.parameters()):
+            torch.testing.assert_close(p, q.detach(), rtol=1e-10, atol=1e-12)
+
+
+REFUSED = {
+    "KFAC": lambda m: secant.KFAC(m),
+    "KBFGS": lambda m: secant.KBFGS(m),
+    "KBFGSL": lambda m: secant.KBFGSL(m),
+    "MomentumLBFGS": lambda m: secant.MomentumLBFGS(m.parameters()),
+}
+
+
+def _worker_refused(rank, world, out_dir):
+    net = sharded((world,))
+    messages = {}
+    for name, build in REFUSED.items():
+        try:
+            build(net)
+        except ValueError as e:
+            messages[name] = str(e)
+    dist.barrier()  # every rank got here: no hang, no abort
+    torch.save(messages, os.path.join(out_dir, f"rank{rank}.pt"))
+
+
+def test_unsupported_optimizers_refuse_on_every_rank(tmp_path):
+    spawn(2, _worker_refused, str(tmp_path), timeout=120, pinned_by_torch=True)
+    for r in range(2):
+        messages = torch.load(tmp_path / f"rank{r}.pt", weights_only=True)
+        assert set(messages) == set(REFUSED)
+        assert all("DTensor" in m and "FSDP2" in m for m in messages.values())
