@@ -1,10 +1,13 @@
-"""Summaries, plots and the written outputs of a benchmark: ``results.json``,
-``loss_vs_step.png``, ``loss_vs_time.png``, ``report.md`` (verdict table first, then the
-detail tables) and, across several problems, ``performance_profile.png``
-(``docs/bench.md``, Report)."""
+"""The written outputs of a benchmark (``docs/bench.md``, Report): the summary over seeds,
+``report.md`` (verdict table first, then the detail tables), strict ``results.json``, and the
+plots (drawn by :mod:`secant.bench.plots`). Every number over seeds is
+:func:`secant.bench.scoring.over_seeds`, written by one formatter (:func:`seeds_text`), so
+the verdict and the tables cannot disagree. :func:`rerender` rewrites all of it from a
+``results.json`` without training."""
 
 from __future__ import annotations
 
+import datetime as dt
 import json
 import math
 import os
@@ -17,6 +20,10 @@ import torch
 
 import secant
 from secant.bench import scoring
+from secant.bench.scoring import MEASURED, PROJECTED, STEPS
+
+FINAL_LOSSES = ("final_train_loss", "final_test_loss")
+COMPUTED = ("problems", "verdicts", "summary", "geomean_speedup_vs_adam", "runs")
 
 
 def machine_info(device: str) -> dict:
@@ -39,81 +46,84 @@ def versions() -> dict:
             "numpy": np.__version__, "python": platform.python_version()}
 
 
-def _med(values: list) -> float | None:
-    vals = [v for v in values if v is not None and math.isfinite(v)]
+# ---------------------------------------------------------------------------- summary
+def _median_present(values: list) -> float | None:
+    """Median of the values a run measured (step time, steps done); ``None`` if none did."""
+    vals = [v for v in values if v is not None]
     return float(statistics.median(vals)) if vals else None
 
 
-def _range(values: list) -> dict | None:
-    vals = [float(v) for v in values if v is not None and math.isfinite(v)]
-    if not vals:
-        return None
-    return {"median": float(statistics.median(vals)), "min": min(vals), "max": max(vals),
-            "n": len(vals)}
-
-
 def summarize(runs: list[dict], targets: dict[str, float | None]) -> dict:
-    """``summary[problem][optimizer]``: status counts, medians and ranges over seeds. Sets each
-    run's ``steps_to_target``, ``time_to_target`` (measured) and ``projected_time_to_target``
-    (steps × median step time)."""
-    out: dict[str, dict[str, dict]] = {}
+    """``summary[problem][optimizer]``: hyperparameters, status counts and, per measure (steps
+    and projected and measured time to target, final train and test loss), the statistic over
+    seeds (:func:`secant.bench.scoring.over_seeds`). Sets each run's ``steps_to_target``,
+    ``time_to_target`` (measured) and ``projected_time_to_target`` (steps × median step
+    time), ``None`` when not reached; a run that did not finish ``ok`` never reaches."""
+    grouped: dict[str, dict[str, list[dict]]] = {}
     for r in runs:
         cfg = r["config"]
-        out.setdefault(cfg["problem"], {}).setdefault(cfg["optimizer"], {"runs": []})
-        out[cfg["problem"]][cfg["optimizer"]]["runs"].append(r)
-    for prob, row in out.items():
-        for cell in row.values():
-            rs = cell.pop("runs")
-            ok = [r for r in rs if r["status"] == "ok"]
-            ttt = []
-            for r in rs:
-                t, s = (scoring.time_to_target(r["curve"], targets.get(prob))
-                        if r["status"] == "ok" else (scoring.INF, -1))
-                r["time_to_target"] = t if math.isfinite(t) else None
-                r["steps_to_target"] = s if s >= 0 else None
-                r["projected_time_to_target"] = scoring.projected_time(
-                    r["steps_to_target"], r.get("median_step_time"))
-                ttt.append((t, s))
-            times = [t for t, _ in ttt]
-            med_t = scoring.median_or_inf(times)
-            steps = [float(s) if s >= 0 else scoring.INF for _, s in ttt]
-            cell.update(
-                lr=rs[0]["config"]["lr"], lr_source=rs[0]["config"]["lr_source"],
-                seeds=len(rs), ok=len(ok),
-                statuses=sorted({r["status"] for r in rs}),
-                message=next((r["message"] for r in rs if r["message"]), ""),
-                final_train_loss=_med([r.get("final_train_loss") for r in ok]),
-                final_test_loss=_med([r.get("final_test_loss") for r in ok]),
-                time_to_target=med_t if math.isfinite(med_t) else None,
-                steps_to_target=(scoring.median_or_inf(steps)
-                                 if math.isfinite(scoring.median_or_inf(steps)) else None),
-                median_step_time=_med([r.get("median_step_time") for r in rs]),
-                steps=_med([r.get("steps") for r in rs]),
-                knob=rs[0]["config"].get("knob", {}),
-                steps_to_target_range=_range([r["steps_to_target"] for r in rs]),
-                projected_time_range=_range([r["projected_time_to_target"] for r in rs]),
-                time_to_target_range=_range([r["time_to_target"] for r in rs]),
-                final_train_loss_range=_range([r.get("final_train_loss") for r in ok]),
-                reached=sum(r["steps_to_target"] is not None for r in rs),
-                opt_state_bytes=max((r["opt_state_bytes"] for r in rs
-                                     if r.get("opt_state_bytes") is not None), default=None),
-            )
+        t, s = (scoring.time_to_target(r["curve"], targets.get(cfg["problem"]))
+                if r["status"] == "ok" else (scoring.INF, -1))
+        r[MEASURED] = t if math.isfinite(t) else None
+        r[STEPS] = s if s >= 0 else None
+        r[PROJECTED] = scoring.projected_time(r[STEPS], r.get("median_step_time"))
+        grouped.setdefault(cfg["problem"], {}).setdefault(cfg["optimizer"], []).append(r)
+    return {p: {o: _cell(rs) for o, rs in row.items()} for p, row in grouped.items()}
+
+
+def _cell(rs: list[dict]) -> dict:
+    cfg = rs[0]["config"]
+    return {
+        "lr": cfg["lr"], "lr_source": cfg["lr_source"], "knob": cfg.get("knob", {}),
+        "seeds": len(rs), "ok": sum(r["status"] == "ok" for r in rs),
+        "statuses": sorted({r["status"] for r in rs}),
+        "message": next((r["message"] for r in rs if r["message"]), ""),
+        **{k: scoring.over_seeds([r.get(k) for r in rs])
+           for k in (STEPS, PROJECTED, MEASURED, *FINAL_LOSSES)},
+        "median_step_time": _median_present([r.get("median_step_time") for r in rs]),
+        "steps": _median_present([r.get("steps") for r in rs]),
+        "opt_state_bytes": max((r["opt_state_bytes"] for r in rs
+                                if r.get("opt_state_bytes") is not None), default=None),
+    }
+
+
+def verdicts(runs: list[dict], summary: dict) -> dict:
+    """Per problem, :func:`secant.bench.scoring.verdict` over the optimizers that apply."""
+    from secant.bench.registry import OPTIMIZERS
+
+    fam = {o: e.family for o, e in OPTIMIZERS.items()}
+    out = {}
+    for prob, row in summary.items():
+        by_opt = {o: [r for r in runs if r["config"]["problem"] == prob
+                      and r["config"]["optimizer"] == o]
+                  for o, c in row.items() if "not applicable" not in c["statuses"]}
+        out[prob] = scoring.verdict(by_opt, fam)
     return out
 
 
-def _fmt(v: float | None, spec: str, none: str = "—") -> str:
-    return none if v is None else format(v, spec)
+def _medians(summary: dict, key: str) -> dict[str, dict[str, float]]:
+    """``{problem: {optimizer: median of key over seeds}}`` over the optimizers that apply."""
+    return {p: {o: c[key]["median"] for o, c in row.items()
+                if "not applicable" not in c["statuses"]} for p, row in summary.items()}
 
 
-def _fmt_range(r: dict | None, spec: str, seeds: int) -> str:
-    """``median [min–max]`` over the seeds that reached; ``— (k/n)`` marks missed seeds."""
-    if r is None:
-        return "—"
-    text = format(r["median"], spec)
-    if r["n"] > 1:
-        text += f" [{format(r['min'], spec)}–{format(r['max'], spec)}]"
-    if r["n"] < seeds:
-        text += f" ({r['n']}/{seeds})"
+# ------------------------------------------------------------------------------- text
+def _num(v: float, spec: str) -> str:
+    return "∞" if v == math.inf else format(v, spec)
+
+
+def seeds_text(s: dict, spec: str, word: str = "reached") -> str:
+    """The one way a statistic over seeds is written: ``median [min–max] (k/n reached)``;
+    the range only when it has width, the count only when a seed has no value; ∞ in a range
+    is a seed without one; a median of ∞ is written ``not reached`` (``word``: ``reached``
+    for targets, ``finished`` for final losses), never 0."""
+    if s["finite"] == 0:
+        return f"not {word}" + (f" on any of {s['n']} seeds" if s["n"] > 1 else "")
+    text = f"not {word}" if s["median"] == math.inf else format(s["median"], spec)
+    if s["min"] != s["max"]:
+        text += f" [{_num(s['min'], spec)}–{_num(s['max'], spec)}]"
+    if s["finite"] < s["n"]:
+        text += f" ({s['finite']}/{s['n']} {word})"
     return text
 
 
@@ -122,74 +132,86 @@ def _hyper(c: dict) -> str:
     return f"{c['lr']:.3g}{knob} ({c['lr_source']})"
 
 
-def table_rows(summary: dict, problem: str) -> list[list[str]]:
-    rows = []
-    for opt, c in summary[problem].items():
-        status = "ok" if c["ok"] == c["seeds"] else "/".join(c["statuses"])
-        if c["seeds"] > 1:
-            status += f" ({c['ok']}/{c['seeds']} ok)"
-        n = c["seeds"]
-        rows.append([
-            opt, _hyper(c), status,
-            _fmt_range(c["steps_to_target_range"], ".0f", n),
-            _fmt_range(c["projected_time_range"], ".2f", n),
-            _fmt_range(c["time_to_target_range"], ".2f", n),
-            _fmt_range(c["final_train_loss_range"], ".4g", n),
-            _fmt(c["final_test_loss"], ".4g"), _fmt(c["steps"], ".0f"),
-            _fmt(None if c["median_step_time"] is None else 1e3 * c["median_step_time"], ".2f"),
-            _fmt(None if c["opt_state_bytes"] is None else c["opt_state_bytes"] / 2**20, ".2f"),
-        ])
-    return rows
+def _fmt(v: float | None, spec: str) -> str:
+    return "—" if v is None else format(v, spec)
 
 
 HEADER = ["optimizer", "lr, knob", "status", "steps to target", "time to target, projected (s)",
           "time to target, measured (s)", "final train loss", "final test loss", "steps",
           "median step (ms)", "opt. state (MiB)"]
 
-VERDICT_HEADER = ["problem", "target", "first to target", "best secant: steps",
-                  "best baseline: steps", "secant speedup in steps", "in time (projected)",
-                  "holds on every seed"]
+
+def table_rows(summary: dict, problem: str) -> list[list[str]]:
+    """The detail table of one problem, one row per optimizer (``HEADER``)."""
+    rows = []
+    for opt, c in summary[problem].items():
+        status = "ok" if c["ok"] == c["seeds"] else "/".join(c["statuses"])
+        if c["seeds"] > 1:
+            status += f" ({c['ok']}/{c['seeds']} ok)"
+        if c["statuses"] == ["not applicable"]:
+            stats = ["—"] * 5
+        else:
+            stats = [seeds_text(c[k], spec) for k, spec in
+                     ((STEPS, ".0f"), (PROJECTED, ".2f"), (MEASURED, ".2f"))]
+            stats += [seeds_text(c[k], ".4g", "finished") for k in FINAL_LOSSES]
+        rows.append([
+            opt, _hyper(c), status, *stats, _fmt(c["steps"], ".0f"),
+            _fmt(None if c["median_step_time"] is None else 1e3 * c["median_step_time"], ".2f"),
+            _fmt(None if c["opt_state_bytes"] is None else c["opt_state_bytes"] / 2**20, ".2f"),
+        ])
+    return rows
 
 
-def _factor(f: dict | None) -> str:
-    if f is None or f["median"] is None:
-        return "—"
-    if f["median"] == 0:
-        return "0 (secant: not reached)"
-    if f["median"] == math.inf:
-        return "∞ (baseline: not reached)"
+VERDICT_HEADER = ["problem", "target", "first to target", "best secant: steps to target",
+                  "best baseline: steps to target", "secant speedup in steps",
+                  "in time (projected)", "holds on every seed"]
 
-    def one(v):
-        return "∞" if v == math.inf else format(v, ".2f")
-    text = one(f["median"]) + "×"
-    if f["min"] is not None and f["max"] is not None and f["min"] != f["max"]:
-        text += f" [{one(f['min'])}–{one(f['max'])}]"
+_NO_RATIO = {0.0: "secant not reached", math.inf: "baseline not reached",
+             None: "neither reached"}
+
+
+def _ratio_text(r: float | None) -> str:
+    return _NO_RATIO[r] if r in _NO_RATIO else f"{r:.2f}×"
+
+
+def factor_text(f: dict) -> str:
+    """``median×`` (the ratio of the two medians shown) with its per-seed range, or, when a
+    seed has no ratio (one side or both did not reach), every seed's ratio spelled out."""
+    text = _ratio_text(f["median"])
+    if all(r not in _NO_RATIO for r in f["per_seed"]):
+        if f["min"] != f["max"]:
+            text += f" [{f['min']:.2f}–{f['max']:.2f}]"
+    elif any(_ratio_text(r) != text for r in f["per_seed"]):
+        text += " (per seed: " + ", ".join(_ratio_text(r) for r in f["per_seed"]) + ")"
     return text
 
 
-def _family_steps(v: dict, f: str) -> str:
-    o, r = v.get(f"best_{f}"), v.get(f"{f}_steps")
-    if o is None or r is None:
-        return "—"
-    if math.isinf(r["median"]):
-        return f"{o}: not reached"
-    rng = "" if r["min"] == r["max"] else \
-        f" [{r['min']:.0f}–{'∞' if math.isinf(r['max']) else format(r['max'], '.0f')}]"
-    return f"{o}: {r['median']:.0f}{rng}"
+_HOLDS = {"secant": "yes, secant faster", "baseline": "yes, baseline faster", None: "no (mixed)"}
+
+
+def holds_text(v: dict) -> str:
+    """Whether the verdict holds on every seed, in steps and in projected time, each from the
+    same per-seed comparison as the range beside it."""
+    steps, time = v["factor_steps"]["every_seed"], v["factor_time"]["every_seed"]
+    if steps == time:
+        return f"{_HOLDS[steps]}, in steps and in time"
+    return f"steps: {_HOLDS[steps]}; time: {_HOLDS[time]}"
 
 
 def verdict_rows(verdicts: dict, targets: dict) -> list[list[str]]:
+    """The verdict table (``VERDICT_HEADER``), one row per problem."""
     rows = []
     for prob, v in verdicts.items():
         if v is None:
             continue
-        fs = v.get("factor_steps")
-        every = "—" if "every_seed" not in v or fs is None or fs["median"] is None else (
-            "yes: secant wins" if v["every_seed"] else
-            "yes: baseline wins" if v["secant_loses_every_seed"] else "no (mixed)")
-        rows.append([prob, _fmt(targets.get(prob), ".4g", "none"), v["first"] or "nobody",
-                     _family_steps(v, "secant"), _family_steps(v, "baseline"), _factor(fs),
-                     _factor(v.get("factor_time")), every])
+        fam = [f"{v[f'best_{f}']}: {seeds_text(v[f'{f}_steps'], '.0f')}"
+               if v[f"best_{f}"] is not None else f"no {f} run" for f in ("secant", "baseline")]
+        compared = "factor_steps" in v
+        rows.append([prob, "none" if targets.get(prob) is None else f"{targets[prob]:.4g}",
+                     v["first"] or "nobody", *fam,
+                     factor_text(v["factor_steps"]) if compared else "—",
+                     factor_text(v["factor_time"]) if compared else "—",
+                     holds_text(v) if compared else "—"])
     return rows
 
 
@@ -208,166 +230,106 @@ def md_table(rows: list[list[str]], header: list[str] = HEADER) -> str:
     return "\n".join(lines)
 
 
-def optimizer_colors(names: list[str]) -> dict:
-    """One colour per optimizer, fixed by its place in the registry, so every plot of every
-    report uses the same colour for the same optimizer."""
-    import matplotlib
-
-    from secant.bench.registry import OPTIMIZERS
-
-    cmap = matplotlib.colormaps["tab20"]
-    order = list(OPTIMIZERS) + sorted(n for n in names if n not in OPTIMIZERS)
-    return {n: cmap((2 * order.index(n)) % 20 + (order.index(n) // 10) % 2) for n in names}
+# ------------------------------------------------------------------------ strict JSON
+_NON_FINITE = {"Infinity": math.inf, "-Infinity": -math.inf, "NaN": math.nan}
 
 
-def robust_ylim(values: list[float], lo_pct: float = 2.0, hi_pct: float = 90.0,
-                floor: float | None = None) -> tuple[float, float] | None:
-    """A y-range from percentiles of the finite values, so one spike or a diverging run's
-    tail does not squash the band where the runs differ; widened by 10 % (log scale)."""
-    vals = np.array([v for v in values if math.isfinite(v) and v > 0])
-    if floor is not None:
-        vals = vals[vals >= floor * 0.5]
-    if len(vals) == 0:
-        return None
-    lo, hi = np.percentile(vals, lo_pct), np.percentile(vals, hi_pct)
-    if floor is not None:
-        lo = min(lo, floor)
-    if hi <= lo:
-        hi = lo * 1.1 + 1e-12
-    span = math.log(hi / lo)
-    return lo * math.exp(-0.1 * span), hi * math.exp(0.1 * span)
+def _encode(v):
+    if isinstance(v, float) and not math.isfinite(v):
+        return "NaN" if math.isnan(v) else ("Infinity" if v > 0 else "-Infinity")
+    if isinstance(v, dict):
+        return {k: _encode(x) for k, x in v.items()}
+    if isinstance(v, (list, tuple)):
+        return [_encode(x) for x in v]
+    if v is None or isinstance(v, (bool, int, float, str)):
+        return v
+    return str(v)
 
 
-def plot_curves(runs: list[dict], targets: dict, out: Path) -> list[str]:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    from matplotlib.lines import Line2D
-
-    problems = list(dict.fromkeys(r["config"]["problem"] for r in runs))
-    opts = list(dict.fromkeys(r["config"]["optimizer"] for r in runs))
-    colors = optimizer_colors(opts)
-    names = []
-    for key, xlabel, fname in (("step", "optimizer steps", "loss_vs_step.png"),
-                               ("time", "training time (s)", "loss_vs_time.png")):
-        fig, axes = plt.subplots(1, len(problems), figsize=(6.5 * len(problems), 4.8),
-                                 squeeze=False)
-        for ax, prob in zip(axes[0], problems):
-            handles, seen, ys = [], set(), []
-            for r in runs:
-                cfg = r["config"]
-                if cfg["problem"] != prob or not r["curve"]:
-                    continue
-                o = cfg["optimizer"]
-                xs = [p[key] for p in r["curve"]]
-                tr = [p["train_loss"] for p in r["curve"]]
-                ys += tr + [p["test_loss"] for p in r["curve"]]
-                ax.plot(xs, tr, color=colors[o], lw=1.4)
-                ax.plot(xs, [p["test_loss"] for p in r["curve"]], color=colors[o], ls=":",
-                        lw=1.0, alpha=0.8)
-                if r["status"] == "diverged":
-                    last = next((p for p in reversed(r["curve"])
-                                 if math.isfinite(p["train_loss"])), None)
-                    if last is not None:
-                        ax.plot([last[key]], [last["train_loss"]], marker="x", ms=9, mew=2,
-                                color=colors[o], ls="none")
-                if o not in seen:
-                    seen.add(o)
-                    tag = "" if r["status"] in ("ok", "not applicable") else f" ({r['status']})"
-                    handles.append(Line2D([], [], color=colors[o], lw=1.6, label=o + tag))
-            tgt = targets.get(prob)
-            if tgt is not None:
-                ax.axhline(tgt, color="k", ls="--", lw=0.9)
-                handles.append(Line2D([], [], color="k", ls="--",
-                                      label=f"target {tgt:.4g}"))
-            handles += [Line2D([], [], color="grey", lw=1.4, label="train subset (solid)"),
-                        Line2D([], [], color="grey", ls=":", label="test subset (dotted)"),
-                        Line2D([], [], color="grey", marker="x", ls="none",
-                               label="diverged: last point")]
-            ax.set_yscale("log")
-            lim = robust_ylim(ys, floor=tgt)
-            if lim is not None:
-                ax.set_ylim(*lim)
-            ax.set_xlabel(xlabel)
-            ax.set_ylabel("loss")
-            ax.set_title(prob)
-            ax.grid(alpha=0.3, which="both")
-            ax.legend(handles=handles, fontsize=7, ncol=2)
-        fig.tight_layout()
-        fig.savefig(out / fname, dpi=110)
-        plt.close(fig)
-        names.append(fname)
-    return names
+def strict_json(obj) -> str:
+    """``obj`` as strict JSON: a non-finite number becomes the string ``"Infinity"``,
+    ``"-Infinity"`` or ``"NaN"`` (what ``float()`` in Python and ``Number()`` in JavaScript
+    read back); anything else that is not JSON becomes its ``str``."""
+    return json.dumps(_encode(obj), indent=1, allow_nan=False) + "\n"
 
 
-def plot_profile(times: dict, out: Path, what: str = "steps") -> str:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    taus = list(np.logspace(0, 1, 200))
-    prof = scoring.performance_profile(times, taus)
-    colors = optimizer_colors(list(prof))
-    fig, ax = plt.subplots(figsize=(6.5, 4.5))
-    for o, rho in prof.items():
-        ax.step(taus, rho, where="post", label=o, color=colors[o])
-    ax.set_xscale("log")
-    ax.set_xlabel(f"τ ({what}-to-target ratio to the fastest optimizer)")
-    ax.set_ylabel("fraction of problems with ratio ≤ τ")
-    ax.set_title(f"Performance profile over {len(times)} problems ({what} to target, median "
-                 "over seeds)")
-    ax.set_ylim(-0.02, 1.02)
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(out / "performance_profile.png", dpi=110)
-    plt.close(fig)
-    return "performance_profile.png"
+def _decode(v):
+    if isinstance(v, str):
+        return _NON_FINITE.get(v, v)
+    if isinstance(v, dict):
+        return {k: _decode(x) for k, x in v.items()}
+    if isinstance(v, list):
+        return [_decode(x) for x in v]
+    return v
 
 
-def verdicts(runs: list[dict], summary: dict) -> dict:
-    from secant.bench.registry import OPTIMIZERS
-
-    fam = {o: e.family for o, e in OPTIMIZERS.items()}
-    out = {}
-    for prob, row in summary.items():
-        by_opt = {o: [r for r in runs if r["config"]["problem"] == prob
-                      and r["config"]["optimizer"] == o]
-                  for o, c in row.items() if "not applicable" not in c["statuses"]}
-        out[prob] = scoring.verdict(by_opt, fam)
-    return out
+def load_results(path: Path) -> dict:
+    """A ``results.json`` with its non-finite numbers read back as floats (also those of an
+    older file, written with bare ``Infinity``)."""
+    return _decode(json.loads(Path(path).read_text()))
 
 
+# ---------------------------------------------------------------------------- outputs
 def write_outputs(out: Path, meta: dict, problems_info: dict, runs: list[dict]
                   ) -> tuple[dict, dict]:
-    """Score, plot and write everything; return the summary and the verdicts."""
+    """Record the load average at the end, then score, plot and write everything; return
+    the summary and the verdicts."""
+    if hasattr(os, "getloadavg"):
+        meta["machine"]["load_average_at_end"] = [round(v, 2) for v in os.getloadavg()]
+    return _write(out, meta, problems_info, runs)
+
+
+def rerender(folder: Path) -> None:
+    """Rewrite ``results.json``, ``report.md`` and the plots in ``folder`` from the runs its
+    ``results.json`` holds (no training); the report says when and by what."""
+    folder = Path(folder)
+    data = load_results(folder / "results.json")
+    meta = {k: v for k, v in data.items() if k not in COMPUTED}
+    meta["rerendered"] = (f"{dt.datetime.now().isoformat(timespec='seconds')} by "
+                          f"secant {secant.__version__} (secant.bench.report.rerender)")
+    _write(folder, meta, data["problems"], data["runs"])
+
+
+def _write(out: Path, meta: dict, problems_info: dict, runs: list[dict]) -> tuple[dict, dict]:
+    from secant.bench import plots  # matplotlib (the bench extra) only where plots are drawn
+
     out.mkdir(parents=True, exist_ok=True)
     targets = {p: info["target"] for p, info in problems_info.items()}
     summary = summarize(runs, targets)
     verdict = verdicts(runs, summary)
-    steps = {p: {o: (c["steps_to_target"] if c["steps_to_target"] is not None else scoring.INF)
-                 for o, c in row.items() if "not applicable" not in c["statuses"]}
-             for p, row in summary.items()}
-    times = {p: {o: (c["time_to_target"] if c["time_to_target"] is not None else scoring.INF)
-                 for o, c in row.items() if "not applicable" not in c["statuses"]}
-             for p, row in summary.items()}
-    multi = len(summary) > 1
-    speedup = scoring.geomean_speedup(times) if multi else {}
-    plots = plot_curves(runs, targets, out)
-    if multi:
-        plots.append(plot_profile(steps, out))
-    if hasattr(os, "getloadavg"):
-        meta["machine"]["load_average_at_end"] = [round(v, 2) for v in os.getloadavg()]
+    speedup = scoring.geomean_speedup(_medians(summary, PROJECTED)) if len(summary) > 1 else {}
+    names = plots.write_plots(runs, targets, _medians(summary, STEPS), out)
     results = {**meta, "problems": problems_info, "verdicts": verdict, "summary": summary,
                "geomean_speedup_vs_adam": {o: {"speedup": s, "problems": n}
                                            for o, (s, n) in speedup.items()},
                "runs": runs}
-    (out / "results.json").write_text(json.dumps(results, indent=1, default=str) + "\n")
+    (out / "results.json").write_text(strict_json(results))
     (out / "report.md").write_text(render_markdown(meta, problems_info, summary, verdict,
-                                                   speedup, plots))
+                                                   speedup, names))
     return summary, verdict
+
+
+def _across_problems(speedup: dict) -> list[str]:
+    """The geometric-mean speedup table, or one sentence when no optimizer has a value."""
+    rows = [(o, s, n) for o, (s, n) in speedup.items() if s is not None]
+    lines = ["## Across problems", ""]
+    if not rows:
+        return lines + ["No geometric-mean speedup against Adam: on no problem do Adam and "
+                        "another optimizer both reach the target (median over seeds), so the "
+                        "table is left out.", ""]
+    lines += ["Geometric-mean projected time-to-target speedup against Adam, over the problems "
+              "where both reach the target (median over seeds); optimizers with no such "
+              "problem are left out.", "",
+              "| optimizer | speedup vs adam | problems |", "|---|---|---|"]
+    return lines + [f"| {o} | {s:.2f} | {n} |" for o, s, n in rows] + [""]
+
+
+STATISTICS_NOTE = (
+    "Every number over seeds (verdict, tables and plots) is one statistic: the median over "
+    "seeds, a seed without a value (target not reached; a final loss of a run that diverged "
+    "or failed) counted as ∞, so the median is \"not reached\" when half of the seeds or more "
+    "miss; [min–max] over all seeds, ∞ marking a seed without a value; (k/n reached) when only "
+    "k of n seeds have one.")
 
 
 def render_markdown(meta: dict, problems_info: dict, summary: dict, verdict: dict,
@@ -392,6 +354,9 @@ def render_markdown(meta: dict, problems_info: dict, summary: dict, verdict: dic
         + (f", wall time {meta['wall_seconds']:.0f} s" if "wall_seconds" in meta else "")
         + ".", "",
     ]
+    if meta.get("rerendered"):
+        lines += [f"Tables, verdict and plots re-rendered from the runs in `results.json` on "
+                  f"{meta['rerendered']}; no run was repeated.", ""]
     if meta.get("note"):
         lines += [f"Note: {meta['note']}", ""]
     if "load_average_at_start" in m:
@@ -400,20 +365,24 @@ def render_markdown(meta: dict, problems_info: dict, summary: dict, verdict: dic
     lines += [
         "## Verdict", "",
         "Per problem: who reaches the target first (median steps over seeds), the best secant "
-        "method and the best baseline with their steps to target (median [min–max] over "
-        "seeds), and the secant method's speedup over the baseline (baseline / secant: > 1 "
-        "means the secant method is faster), in steps and in projected time (steps × median "
-        "step time), with its range over seeds (paired by seed). A win or a loss holds only "
-        "when it holds on every seed.", "",
+        "method and the best baseline with their steps to target (as in the tables below), "
+        "and the secant method's speedup over the baseline (baseline / secant: > 1 means the "
+        "secant method is faster) in steps and in projected time (steps × median step time): "
+        "the ratio of the two medians, with the range of the ratios paired by seed, or every "
+        "seed's ratio when one or both did not reach the target on a seed. \"Holds on every "
+        "seed\" is read from those same per-seed comparisons: the secant method is faster on "
+        "every seed, or the baseline is faster on every seed where either reaches the target; "
+        "otherwise mixed. Only a win that holds on every seed is claimed.", "",
+        STATISTICS_NOTE, "",
         md_table(verdict_rows(verdict, targets), VERDICT_HEADER), "",
         f"Budget: {budget}; {cfg['seeds']} seed(s). A run diverges when its loss is "
         "non-finite or above the problem's ceiling (1.5 × the initial loss during the first "
         "epoch, then 1.5 × the smaller of the initial and the trivial predictor's loss); it "
         "stops and never reaches the target. Time counts optimizer construction (with "
         "K-BFGS's warm start) and whole steps, not evaluations. Steps and time to target: "
-        "first evaluation with training-subset loss ≤ target (— = not reached; (k/n): k of n "
-        "seeds reached). Projected time = steps to target × median step time after warm-up; "
-        "measured time is the clock, which machine load stretches.", "",
+        "first evaluation with training-subset loss ≤ target. Projected time = steps to "
+        "target × median step time after warm-up; measured time is the clock, which machine "
+        "load stretches.", "",
     ]
     for prob, row in summary.items():
         info = problems_info[prob]
@@ -425,11 +394,12 @@ def render_markdown(meta: dict, problems_info: dict, summary: dict, verdict: dic
         if msgs:
             lines += [f"- `{o}`: {msg}" for o, msg in msgs] + [""]
     if speedup:
-        lines += ["## Across problems", "",
-                  "Geometric-mean measured time-to-target speedup against Adam (over problems "
-                  "where both reach the target):", "",
-                  "| optimizer | speedup vs adam | problems |", "|---|---|---|"]
-        lines += [f"| {o} | {_fmt(s, '.2f')} | {n} |" for o, (s, n) in speedup.items()]
-        lines += [""]
-    lines += ["## Plots", ""] + [f"![{p}]({p})" for p in plots] + [""]
+        lines += _across_problems(speedup)
+    lines += ["## Plots", "",
+              "Per optimizer, at each evaluation: the median over seeds (line; a diverged run "
+              "counts as ∞ from its stop on, as in the tables) and the min–max over the seeds "
+              "still running (band). A cross marks a diverged run's last evaluation, at the top "
+              "edge with its loss written beside it when that loss is above the plotted range. "
+              "Training subset above (the target dashed), test subset below.", ""]
+    lines += [f"![{p}]({p})" for p in plots] + [""]
     return "\n".join(lines)
