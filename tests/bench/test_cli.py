@@ -1,6 +1,5 @@
 """``secant bench`` / ``secant tune`` end to end with tiny budgets, and bad input."""
 
-import importlib.util
 import json
 
 import pytest
@@ -75,15 +74,35 @@ def _no_training(monkeypatch):
     monkeypatch.setattr(cli, "run_one", fail)
 
 
-def test_corrupt_gz_rejected_before_training(tmp_path, capsys, monkeypatch):
+@pytest.mark.parametrize("suffix", [".gz", ".bz2", ".xz", ".zip"])
+@pytest.mark.parametrize("command", ["bench", "tune"])
+def test_corrupt_compressed_file_rejected_before_training(command, suffix, tmp_path, capsys,
+                                                          monkeypatch):
+    import bz2
+    import gzip
+    import io
+    import lzma
+    import zipfile
+
+    def zipped(raw):
+        buf = io.BytesIO()
+        with zipfile.ZipFile(buf, "w", zipfile.ZIP_DEFLATED) as archive:
+            archive.writestr("train-images-idx3-ubyte", raw)
+        return buf.getvalue()
+
     _no_training(monkeypatch)
-    (tmp_path / "train-images-idx3-ubyte.gz").write_bytes(b"not gzip at all")
-    (tmp_path / "t10k-images-idx3-ubyte.gz").write_bytes(b"\x1f\x8b\x08garbage")
-    rc = main(["bench", "--problem", "mnist", "--data-dir", str(tmp_path), "--out",
-               str(tmp_path / "o")])
+    compress = {".gz": gzip.compress, ".bz2": bz2.compress, ".xz": lzma.compress,
+                ".zip": zipped}[suffix]
+    blob = bytearray(compress(bytes(range(256)) * 64))
+    blob[len(blob) // 2 : len(blob) // 2 + 8] = b"\xff" * 8  # a valid header, a corrupt body
+    name = "train-images-idx3-ubyte" + suffix
+    (tmp_path / name).write_bytes(bytes(blob))
+    (tmp_path / "t10k-images-idx3-ubyte").write_bytes(b"")
+    rc = main([command, "--problem", "mnist", "--optimizers", "sgd", "--data-dir",
+               str(tmp_path)] + (["--out", str(tmp_path / "o")] if command == "bench" else []))
     assert rc == 2
     err = capsys.readouterr().err
-    assert "train-images-idx3-ubyte.gz" in err and len(err.strip().splitlines()) == 1
+    assert name in err and "corrupt" in err and len(err.strip().splitlines()) == 1
 
 
 @pytest.mark.parametrize("what", ["file", "earlier results"])
@@ -118,7 +137,7 @@ def test_help_documents_every_option(capsys):
     text = capsys.readouterr().out
     for opt in ("--suite", "--problem", "--optimizers", "--budget-seconds", "--epochs",
                 "--seeds", "--batch-size", "--lr", "--device", "--data-dir", "--out", "--list",
-                "10 minutes", "verdict"):
+                "--tuned", "FILE.py:FUNCTION", "10 minutes", "verdict"):
         assert opt in text
 
 
@@ -127,6 +146,7 @@ def test_tune_help_offers_no_list(capsys):
         main(["tune", "--help"])
     text = capsys.readouterr().out
     assert "--list" not in text and "--tune-seeds" in text and "--suite" in text
+    assert "--write PATH" in text and "--write-package" in text and "FILE.py:FUNCTION" in text
 
 
 def test_list_and_version(capsys):
@@ -142,22 +162,37 @@ def test_list_and_version(capsys):
 
 
 def test_tune_writes_table_and_target(tmp_path):
-    table = tmp_path / "tuned.py"
+    table = tmp_path / "tuned.json"
     md = tmp_path / "tuning.md"
     rc = main(["tune", "--problem", "quadratic", "--optimizers", "sgd,adam", "--epochs", "1",
                "--grid", "sgd=1e-3:3e-3:1000", "--grid", "adam=0.01:0.03:0.1", "--write",
                str(table), "--markdown", str(md), "--no-progress"])
     assert rc == 0
-    spec = importlib.util.spec_from_file_location("tuned_tmp", table)
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    sgd = mod.TUNED["choices"]["quadratic"]["sgd"]
+    doc = json.loads(table.read_text())
+    sgd = doc["choices"]["quadratic"]["sgd"]
     assert sgd["lr"] != 1000  # lr 1000 diverges: never chosen
     assert any(p["lr"] == 1000 and p["loss"] is None for p in sgd["points"])
-    tgt = mod.TUNED["targets"]["quadratic"]
+    tgt = doc["targets"]["quadratic"]
     assert tgt["loss"] > 0 and tgt["baseline"] in ("sgd", "adam")
     assert tgt["seeds"] == [1000, 1001, 1002] and "best tuned baseline" in tgt["how"]
     assert "tried:" in md.read_text()
+
+
+@pytest.mark.parametrize("argv, expect", [
+    (["--problem", "quadratic", "--optimizers", "kfac"],
+     "nothing to run on quadratic: its model has no Linear or Conv2d layer"),
+    (["--problem", "quadratic", "--optimizers", "kfac,kbfgs"], "(kfac, kbfgs)"),
+    (["--problem", "quadratic", "--optimizers", "sgd,kbfgs"],
+     "nothing to run for kbfgs: it works only on Linear and Conv2d layers"),
+])
+@pytest.mark.parametrize("command", ["bench", "tune"])
+def test_nothing_to_run_exits_2_before_training(command, argv, expect, tmp_path, capsys,
+                                                monkeypatch):
+    _no_training(monkeypatch)
+    rc = main([command, *argv] + (["--out", str(tmp_path / "o")] if command == "bench" else []))
+    err = capsys.readouterr().err.strip()
+    assert rc == 2 and len(err.splitlines()) == 1 and expect in err, err
+    assert not (tmp_path / "o").exists()
 
 
 def test_suites_resolve_to_known_problems():

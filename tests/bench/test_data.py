@@ -1,8 +1,12 @@
 """Data generators and on-disk loaders of the benchmark harness."""
 
+import bz2
 import gzip
+import lzma
 import math
 import struct
+import zipfile
+import zlib
 
 import numpy as np
 import pytest
@@ -57,6 +61,64 @@ def test_read_idx_roundtrip(tmp_path, gz):
     assert np.array_equal(out, arr)
 
 
+def _zip(raw: bytes) -> bytes:
+    import io
+
+    buf = io.BytesIO()
+    with zipfile.ZipFile(buf, "w", zipfile.ZIP_DEFLATED) as archive:
+        archive.writestr("inner", raw)
+    return buf.getvalue()
+
+
+def _raw_deflate(raw: bytes) -> bytes:
+    c = zlib.compressobj(wbits=-15)
+    return c.compress(raw) + c.flush()
+
+
+COMPRESS = {".gz": gzip.compress, ".bz2": bz2.compress, ".xz": lzma.compress, ".zip": _zip}
+
+
+def _corrupt(blob: bytes, start: int) -> bytes:
+    b = bytearray(blob)
+    for i in range(start, start + 16):
+        b[i] ^= 0xFF
+    return bytes(b)
+
+
+@pytest.mark.parametrize("suffix", list(COMPRESS))
+def test_read_bytes_decompresses_by_suffix(tmp_path, suffix):
+    raw = bytes(range(256)) * 40
+    path = tmp_path / ("f.bin" + suffix)
+    path.write_bytes(COMPRESS[suffix](raw))
+    assert D.read_bytes(path) == raw
+
+
+@pytest.mark.parametrize("suffix, blob", [
+    (".gz", _corrupt(gzip.compress(bytes(range(256)) * 40), 40)),  # body: bad CRC or data
+    (".gz", b"\x1f\x8b\x08\x00\x00\x00\x00\x00\x00\xff" + b"\xff" * 50),  # zlib.error
+    (".gz", gzip.compress(b"x" * 5000)[:-20]),  # truncated
+    (".bz2", _corrupt(bz2.compress(bytes(range(256)) * 40), 20)),
+    (".xz", _corrupt(lzma.compress(bytes(range(256)) * 40), 40)),
+    (".zip", _corrupt(_zip(bytes(range(256)) * 40), 60)),  # deflated member: bad data or CRC
+    (".zip", b"PK\x03\x04" + b"\x00" * 30),  # a local header and no archive
+])
+def test_corrupt_compressed_body_is_one_bench_error_naming_the_file(tmp_path, suffix, blob):
+    path = tmp_path / ("train-images-idx3-ubyte" + suffix)
+    path.write_bytes(blob)
+    with pytest.raises(BenchError, match="corrupt file") as exc:
+        D.read_bytes(path, "IDX file")
+    assert str(path) in str(exc.value) and len(str(exc.value).splitlines()) == 1
+
+
+def test_zip_of_several_files_refused(tmp_path):
+    path = tmp_path / "x.zip"
+    with zipfile.ZipFile(path, "w") as archive:
+        archive.writestr("a", b"1")
+        archive.writestr("b", b"2")
+    with pytest.raises(BenchError, match="a zip archive of 2 files, expected one"):
+        D.read_bytes(path)
+
+
 def test_read_idx_rejects_truncated_and_garbage(tmp_path):
     arr = np.zeros((3, 28, 28), dtype=np.uint8)
     path = tmp_path / "t.idx"
@@ -73,7 +135,7 @@ def test_load_mnist_from_idx_files(tmp_path):
     tr[1] = 51  # 51 / 255 = 0.2
     te = np.zeros((2, 28, 28), dtype=np.uint8)
     (tmp_path / "train-images-idx3-ubyte.gz").write_bytes(gzip.compress(_idx_bytes(tr)))
-    (tmp_path / "t10k-images-idx3-ubyte").write_bytes(_idx_bytes(te))
+    (tmp_path / "t10k-images-idx3-ubyte.xz").write_bytes(lzma.compress(_idx_bytes(te)))
     x_train, x_test = D.load_mnist(tmp_path)
     assert x_train.shape == (4, 784) and x_test.shape == (2, 784)
     assert x_train[0].eq(1.0).all() and torch.allclose(x_train[1], torch.full((784,), 0.2))
@@ -120,6 +182,9 @@ def test_load_cifar10_normalises_and_finds_subfolder(tmp_path):
     base.mkdir()
     for name in D.CIFAR_TRAIN_FILES + D.CIFAR_TEST_FILES:
         (base / name).write_bytes(_cifar_records([1, 2, 3], [255, 0, 100]))
+    (base / "data_batch_2.bin").unlink()  # found compressed as well
+    (base / "data_batch_2.bin.bz2").write_bytes(bz2.compress(_cifar_records([1, 2, 3],
+                                                                            [255, 0, 100])))
     x_tr, y_tr, x_te, y_te = D.load_cifar10(tmp_path)
     assert x_tr.shape == (15, 3, 32, 32) and x_te.shape == (3, 3, 32, 32)
     assert y_tr.tolist() == [1, 2, 3] * 5

@@ -3,10 +3,10 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import datetime as dt
 import math
-import pprint
 import shlex
 import sys
 import time
@@ -14,21 +14,23 @@ from pathlib import Path
 
 import torch
 
-from secant.bench import distributed, parallel, report, tuning
+from secant.bench import distributed, parallel, report, tuned_table, tuning, user_problems
 from secant.bench.data import BenchError
-from secant.bench.problems import PROBLEMS, get_problem
+from secant.bench.problems import PROBLEMS
 from secant.bench.registry import OPTIMIZERS, available_optimizers, get_optimizer
 from secant.bench.runner import RunConfig, run_one
 from secant.bench.suites import SUITES, get_suite
-from secant.bench.tuned import TUNED
+from secant.bench.tuned_table import TunedTable
 
 BENCH_EPILOG = """\
 With no arguments: the quick suite (--suite quick, what `make bench` runs): every available
 optimizer on small real and synthetic problems, 3 seeds each, budgets in epochs,
 within 10 minutes on 2 CPU cores. The report's first table is the verdict: per problem,
 who reaches the target first and by what factor the best secant method beats or trails the
-best baseline, in steps and in time, with the range over seeds. Learning rates and second
-knobs come from the committed tuning table (secant tune), --lr overrides. Outputs in
+best baseline, in steps and in time, with the range over seeds. Learning rates, second
+knobs and targets come from the package's tuning table, or from yours (--tuned PATH, written
+by secant tune --write PATH); --lr overrides. Your own model: --problem FILE.py:FUNCTION,
+a function returning a secant.bench.Problem. Outputs in
 --out: results.json, report.md, loss_vs_step.png, loss_vs_time.png and, with several
 problems, performance_profile.png. See docs/bench.md.
 """
@@ -76,7 +78,10 @@ def _common(p: argparse.ArgumentParser, listing: str) -> None:
     w.add_argument("--suite", metavar="NAME",
                    help=f"a named suite: {', '.join(SUITES)} (default quick{listing})")
     w.add_argument("--problem", metavar="NAME[,NAME...]",
-                   help=f"problem(s), comma-separated, instead of a suite: {', '.join(PROBLEMS)}")
+                   help="problem(s), comma-separated, instead of a suite: built-in "
+                   f"({', '.join(PROBLEMS)}) or your own, FILE.py:FUNCTION or "
+                   "package.module:function, a function returning a secant.bench.Problem "
+                   "(docs/bench.md)")
     p.add_argument("--optimizers", metavar="a,b,...",
                    help="optimizers, comma-separated (default: the suite's contenders, else "
                    f"every available one{listing})")
@@ -115,6 +120,9 @@ def add_bench_parser(sub) -> argparse.ArgumentParser:
     p.add_argument("--out", metavar="DIR",
                    help="output folder, new or empty (default: a new timestamped folder in "
                    "./bench-results/)")
+    p.add_argument("--tuned", metavar="PATH",
+                   help="tuned learning rates, knobs and targets from a file secant tune "
+                   "--write made; its problems' entries replace the package's")
     p.add_argument("--note", default="", help="free text stored in results.json and report.md")
     p.add_argument("--jobs", type=_positive_int, default=1, metavar="N",
                    help="runs side by side in N processes (default 1); verdicts in steps do not "
@@ -141,9 +149,17 @@ def add_tune_parser(sub) -> argparse.ArgumentParser:
     p.add_argument("--knob-grid", action="append", default=[], metavar="OPT=V:V:...",
                    help="replace an optimizer's second-knob grid; a single value fixes the knob "
                    "there (no search)")
-    p.add_argument("--write", metavar="PATH",
-                   help="update this tuning table (a Python file like secant/bench/tuned.py)")
-    p.add_argument("--markdown", metavar="PATH", help="append the log as Markdown here")
+    w = p.add_mutually_exclusive_group()
+    w.add_argument("--write", metavar="PATH",
+                   help="save the tuned values to this JSON file, for secant bench --tuned PATH: "
+                   "a new file, or one secant tune wrote (updated, its other entries kept); "
+                   "checked before training, rewritten after every tuned optimizer; never "
+                   "inside the installed package (without --write the values are printed only)")
+    w.add_argument("--write-package", action="store_true",
+                   help="maintainers: refresh the package's own table "
+                   "(src/secant/bench/tuned.json) instead")
+    p.add_argument("--markdown", metavar="PATH",
+                   help="append the log as Markdown here (checked before training)")
     p.set_defaults(evals=8)  # the score needs only the end of each run
     return p
 
@@ -153,34 +169,63 @@ def _split(text: str) -> list[str]:
 
 
 def _resolve(args: argparse.Namespace) -> tuple[list, list]:
-    """Problems (with ``args.problem_epochs`` set from the suite), optimizers; checks."""
+    """Problems (with ``args.problem_epochs`` set from the suite), optimizers; checks.
+    ``args.problem`` is the flag's text or, from the Python API, a list of problems."""
     if args.problem is not None:
-        names = _split(args.problem)
-        if not names:
+        items = args.problem if isinstance(args.problem, list) else _split(args.problem)
+        if not items:
             raise BenchError("--problem is empty; expected one or more of: "
-                             + ", ".join(PROBLEMS))
+                             + ", ".join(PROBLEMS) + ", or FILE.py:FUNCTION")
         args.problem_epochs = {}
         args.suite_seeds = 1
         suite_optimizers = ()
     else:
         suite = get_suite(args.suite or "quick")
-        names = suite.problems(args.data_dir)
+        items = suite.problems(args.data_dir)
         args.problem_epochs = dict(suite.epochs)
         args.suite_seeds = suite.seeds
         suite_optimizers = suite.optimizers
-        if args.data_dir is None and set(names) & set(suite.synthetic_without_data):
+        if args.data_dir is None and set(items) & set(suite.synthetic_without_data):
             args.synthetic = True
-    problems = [get_problem(n) for n in names]
+    problems = [user_problems.resolve(i) for i in items]
+    problem_names = [p.name for p in problems]
+    if len(set(problem_names)) < len(problem_names):
+        raise BenchError(f"--problem: a problem name appears twice "
+                         f"({', '.join(problem_names)})")
     names = (_split(args.optimizers) if args.optimizers else
              [n for n in available_optimizers() if not suite_optimizers or n in suite_optimizers])
     entries = [get_optimizer(n) for n in names]
     if not entries:
         raise BenchError("--optimizers is empty; expected names from: " + ", ".join(OPTIMIZERS))
+    _check_something_to_run(problems, entries, named=bool(args.optimizers))
     if args.device == "cuda" and not torch.cuda.is_available():
         raise BenchError("--device cuda: CUDA is not available in this torch build; use cpu")
     if args.threads:
         torch.set_num_threads(args.threads)
     return problems, entries
+
+
+def _check_something_to_run(problems: list, entries: list, named: bool) -> None:
+    """Every problem gets a run and, when the optimizers were named, every optimizer too."""
+    for p in problems:
+        if not any(e.applies_to(p) for e in entries):
+            raise BenchError(f"nothing to run on {p.name}: its model has no Linear or Conv2d "
+                             f"layer, and the optimizers given "
+                             f"({', '.join(e.name for e in entries)}) work only on those")
+    for e in entries if named else ():
+        if not any(e.applies_to(p) for p in problems):
+            raise BenchError(f"nothing to run for {e.name}: it works only on Linear and Conv2d "
+                             f"layers, and the model of {', '.join(p.name for p in problems)} "
+                             "has none")
+
+
+def _load(args: argparse.Namespace, problems: list) -> dict:
+    """Every problem's data, each checked on one forward pass of its model."""
+    datasets = {}
+    for p in problems:
+        datasets[p.name] = p.load(args.data_dir, args.synthetic)
+        p.check(datasets[p.name])
+    return datasets
 
 
 def _epochs(args, problem) -> float | None:
@@ -203,6 +248,8 @@ def _list() -> str:
     lines.append("problems:")
     for p in PROBLEMS.values():
         lines.append(f"  {p.name:<12} {p.description}")
+    lines.append(f"  {'FILE.py:FUNCTION':<12} your own: a function returning a "
+                 "secant.bench.Problem (or package.module:function; docs/bench.md)")
     lines.append("optimizers:")
     for e in OPTIMIZERS.values():
         mark = "" if e.available else " [not available here]"
@@ -211,16 +258,19 @@ def _list() -> str:
 
 
 def _meta(args, argv_text: str) -> dict:
+    config = {k: v for k, v in vars(args).items() if k != "command"}
+    if isinstance(args.problem, list):  # from the Python API: names, not the objects
+        config["problem"] = ",".join(p if isinstance(p, str) else p.name for p in args.problem)
     return {"command": argv_text, "note": getattr(args, "note", ""),
             "started": dt.datetime.now().isoformat(timespec="seconds"),
             "versions": report.versions(), "machine": report.machine_info(args.device),
-            "config": {k: v for k, v in vars(args).items() if k not in ("command",)}}
+            "config": config}
 
 
-def _problem_info(args, problem) -> dict:
-    return {"description": problem.description, "target": problem.target,
-            "target_note": problem.target_note, "notes": problem.notes,
-            "batch_size": args.batch_size or problem.batch_size,
+def _problem_info(args, problem, table: TunedTable) -> dict:
+    target, note = table.target(problem)
+    return {"description": problem.description, "target": target, "target_note": note,
+            "notes": problem.notes, "batch_size": args.batch_size or problem.batch_size,
             "budget_epochs": _epochs(args, problem), "budget_seconds": args.budget_seconds}
 
 
@@ -233,23 +283,36 @@ def _check_out(out: Path) -> None:
                          "or empty folder")
 
 
-def bench(args: argparse.Namespace, argv_text: str) -> int:
+def _tuned(path: str | None) -> TunedTable:
+    """The package's table, with ``--tuned PATH`` read over it."""
+    if path is None:
+        return tuned_table.package()
+    try:
+        return tuned_table.read(path).over(tuned_table.package())
+    except BenchError as exc:
+        raise BenchError(f"--tuned {exc}") from None
+
+
+def bench(args: argparse.Namespace, argv_text: str) -> Path | None:
+    """``secant bench``: run, score, report. Returns the output folder (``None`` for
+    ``--list`` and on ranks other than 0 under torchrun)."""
     if args.list:
         print(_list())
-        return 0
+        return None
     started = time.perf_counter()
     out = Path(args.out) if args.out else (
         Path("bench-results") / dt.datetime.now().strftime("%Y%m%d-%H%M%S"))
     _check_out(out)
+    table = _tuned(args.tuned)
     problems, entries = _resolve(args)
+    overrides = dict(args.lr)
+    for name in overrides:
+        if name not in [e.name for e in entries]:
+            raise BenchError(f"--lr {name}=...: {name} is not among the optimizers being run "
+                             f"({', '.join(e.name for e in entries)})")
     with distributed.session(args.device) as (rank, world):
         seeds = args.seeds or args.suite_seeds
-        overrides = dict(args.lr)
-        for name in overrides:
-            if name not in [e.name for e in entries]:
-                raise BenchError(f"--lr {name}=...: {name} is not among the optimizers being run "
-                                 f"({', '.join(e.name for e in entries)})")
-        datasets = {p.name: p.load(args.data_dir, args.synthetic) for p in problems}
+        datasets = _load(args, problems)
         meta = _meta(args, argv_text) | {"world_size": world}
         meta["config"]["seeds"] = seeds
         if args.jobs > 1 and world > 1:
@@ -257,15 +320,15 @@ def bench(args: argparse.Namespace, argv_text: str) -> int:
         tasks = []
         for p in problems:
             for e in entries:
-                lr, src = (overrides[e.name], "override") if e.name in overrides else (
-                    e.lr_for(p.name), e.lr_source(p.name))
+                lr, knob, src = table.settings(e, p.name)
+                if e.name in overrides:
+                    lr, src = overrides[e.name], "override"
                 for seed in range(seeds):
-                    cfg = _config(args, p, e, lr, src, seed, e.knob_for(p.name))
-                    tasks.append((p, e, datasets[p.name], cfg))
+                    tasks.append((p, e, datasets[p.name], _config(args, p, e, lr, src, seed, knob)))
         runs = parallel.run_all(tasks, args.jobs, progress=not args.no_progress and rank == 0)
         if rank != 0:  # under torchrun, rank 0 reports
-            return 0
-        info = {p.name: _problem_info(args, p) for p in problems}
+            return None
+        info = {p.name: _problem_info(args, p, table) for p in problems}
         meta["wall_seconds"] = time.perf_counter() - started
         summary, verdicts = report.write_outputs(out, meta, info, runs)
         targets = {p: i["target"] for p, i in info.items()}
@@ -276,7 +339,7 @@ def bench(args: argparse.Namespace, argv_text: str) -> int:
             print(f"\n{p.name} (target {'none' if tgt is None else format(tgt, '.4g')})")
             print(report.text_table(report.table_rows(summary, p.name)))
         print(f"\nwrote {out}/ (results.json, report.md, plots) in {meta['wall_seconds']:.0f} s")
-        return 0
+        return out
 
 
 def _parse_grid(items: list[str], flag: str = "--grid") -> dict[str, list[float]]:
@@ -318,87 +381,132 @@ def _cached_runner(args, problem, entry, data, cache: dict):
     return run
 
 
-def tune(args: argparse.Namespace, argv_text: str) -> int:
-    problems, entries = _resolve(args)
-    grids = _parse_grid(args.grid)
-    knob_grids = _parse_grid(args.knob_grid, "--knob-grid")
-    seeds = [tuning.TUNE_SEED + i for i in range(args.tune_seeds)]
-    table = {k: dict(v) for k, v in TUNED.items() if k in ("choices", "targets")}
-    md = [f"## `{argv_text}`", "",
-          f"{dt.datetime.now().isoformat(timespec='seconds')}; torch {torch.__version__}, "
-          f"{torch.get_num_threads()} threads; {report.machine_info(args.device)['platform']}; "
-          f"tuning seeds {seeds}, reference seeds {list(tuning.REFERENCE_SEEDS)}.", ""]
-    for p in problems:
-        data = p.load(args.data_dir, args.synthetic)
-        budget = (f"{args.budget_seconds:g} s" if args.budget_seconds else
-                  f"{_epochs(args, p):g} epochs")
-        md += [f"### {p.name} ({budget}, batch {args.batch_size or p.batch_size})", "",
-               "| optimizer | lr | knob | final train loss | note |", "|---|---|---|---|---|"]
-        choices = dict(table.get("choices", {}).get(p.name, {}))
-        cache: dict = {}
-        for e in entries:
-            if e.needs_layers and not p.layer_optimizers:
-                continue
-            run = _cached_runner(args, p, e, data, cache)
-            c = tuning.tune_entry(run, grids.get(e.name, list(e.lr_grid)),
-                                  _knob(e, knob_grids), seeds)
-            if c["lr"] is None:
-                choices.pop(e.name, None)
-                md.append(f"| {e.name} | — | — | — | {c['lr_note']}: not chosen |")
-                continue
-            c["run"] = lambda seed, c=c, run=run: run(c["lr"], c["knob"], seed)
-            note = "; ".join(n for n in (c["lr_note"] and f"lr {c['lr_note']}",
-                                         c["knob_note"] and f"knob {c['knob_note']}") if n)
-            knob = ", ".join(f"{k} {v:g}" for k, v in c["knob"].items()) or "—"
-            md.append(f"| {e.name} | {c['lr']:g} | {knob} | {c['loss']:.5g} | "
-                      f"{note or 'inside the grid'} |")
-            pts = "; ".join(f"lr {q['lr']:g}" + "".join(f", {k} {q[k]:g}" for k in c["knob"])
-                            + f": {'diverged' if q['loss'] is None else format(q['loss'], '.4g')}"
-                            for q in c["points"])
-            md.append(f"| | | | | tried: {pts} |")
-            print(f"{p.name}/{e.name}: lr {c['lr']:g} {knob} (final train loss "
-                  f"{c['loss']:.5g}) {note}")
-            choices[e.name] = c
-        finals = {n: [tuning.target_loss(c["run"](s)) for s in tuning.REFERENCE_SEEDS]
-                  for n, c in choices.items() if "run" in c and OPTIMIZERS[n].family == "baseline"}
-        for c in choices.values():
-            c.pop("run", None)
-        table.setdefault("choices", {})[p.name] = choices
-        rule = tuning.scoring.target_from_reference(finals)
-        if rule is not None:
-            loss, base = rule
-            table.setdefault("targets", {})[p.name] = {
-                "loss": float(f"{loss:.6g}"), "baseline": base,
-                "seeds": list(tuning.REFERENCE_SEEDS), "budget": budget,
-                "how": f"median over seeds {list(tuning.REFERENCE_SEEDS)} of the training-subset "
-                       f"loss of the best tuned baseline ({base}, lr {choices[base]['lr']:g}) at "
-                       f"3/4 of {budget} at batch "
-                       f"{args.batch_size or p.batch_size}, in `{argv_text}`"}
-            md += ["", f"Target {loss:.6g}: {table['targets'][p.name]['how']}. Baselines' "
-                   "median losses at 3/4 of the budget: " + ", ".join(
-                       f"{b} {tuning.scoring.median_or_inf(v):.5g}" for b, v in finals.items())]
-        md.append("")
-    if args.write:
-        doc = sys.modules["secant.bench.tuned"].__doc__ or ""
-        Path(args.write).write_text(f'"""{doc}"""\n\nTUNED: dict = '
-                                    + pprint.pformat(table, width=95, sort_dicts=True) + "\n")
-        print(f"wrote {args.write}")
+def _tune_seeds(args) -> list[int]:
+    return [tuning.TUNE_SEED + i for i in range(args.tune_seeds)]
+
+
+def _emit(args, lines: list[str]) -> None:
+    """Part of the Markdown log: appended to ``--markdown``, else printed."""
     if args.markdown:
         with open(args.markdown, "a") as fh:
-            fh.write("\n".join(md) + "\n")
-        print(f"appended to {args.markdown}")
+            fh.write("\n".join(lines) + "\n")
     else:
-        print("\n".join(md))
-    return 0
+        print("\n".join(lines))
+
+
+def tune(args: argparse.Namespace, argv_text: str) -> TunedTable:
+    """``secant tune``: every problem's choices and target, saved to ``--write`` (or
+    ``--write-package``) after every tuned optimizer. Returns the table (with a file to
+    write, all that the file holds)."""
+    args.lr_grids = _parse_grid(args.grid)
+    args.knob_grids = _parse_grid(args.knob_grid, "--knob-grid")
+    path = tuned_table.PACKAGE_FILE if args.write_package else (
+        Path(args.write) if args.write else None)
+    table = tuned_table.check_target(path, args.write_package) if path else TunedTable()
+    if args.markdown:
+        tuned_table.check_writable(Path(args.markdown), f"--markdown {args.markdown}")
+    problems, entries = _resolve(args)
+    datasets = _load(args, problems)
+    if path is None:
+        print("secant tune: no --write PATH: the tuned values are printed, not saved",
+              file=sys.stderr)
+
+    def save() -> None:
+        if path is not None:
+            tuned_table.write(table, path)
+
+    seeds = _tune_seeds(args)
+    _emit(args, [f"## `{argv_text}`", "",
+                 f"{dt.datetime.now().isoformat(timespec='seconds')}; torch {torch.__version__}, "
+                 f"{torch.get_num_threads()} threads; "
+                 f"{report.machine_info(args.device)['platform']}; tuning seeds {seeds}, "
+                 f"reference seeds {list(tuning.REFERENCE_SEEDS)}.", ""])
+    for p in problems:
+        _emit(args, _tune_problem(args, argv_text, p, datasets[p.name], entries, table, save))
+    if path:
+        print(f"wrote {path}")
+    if args.markdown:
+        print(f"appended to {args.markdown}")
+    return table
+
+
+def _tune_problem(args, argv_text: str, p, data, entries: list, table: TunedTable,
+                  save) -> list[str]:
+    """Tune every entry that applies to ``p``, then set ``p``'s target; every choice goes into
+    ``table`` and is saved at once (``save()``). Returns the Markdown log of ``p``."""
+    seeds = _tune_seeds(args)
+    budget = (f"{args.budget_seconds:g} s" if args.budget_seconds else
+              f"{_epochs(args, p):g} epochs")
+    md = [f"### {p.name} ({budget}, batch {args.batch_size or p.batch_size})", "",
+          "| optimizer | lr | knob | final train loss | note |", "|---|---|---|---|---|"]
+    choices = table.choices.setdefault(p.name, {})
+    cache: dict = {}
+    reference = {}  # tuned baseline -> run(seed) at its choice, for the target
+    for e in (e for e in entries if e.applies_to(p)):
+        run = _cached_runner(args, p, e, data, cache)
+        c = tuning.tune_entry(run, args.lr_grids.get(e.name, list(e.lr_grid)),
+                              _knob(e, args.knob_grids), seeds)
+        if c["lr"] is None:
+            choices.pop(e.name, None)
+            md.append(f"| {e.name} | — | — | — | {c['lr_note']}: not chosen |")
+            save()
+            continue
+        note = "; ".join(n for n in (c["lr_note"] and f"lr {c['lr_note']}",
+                                     c["knob_note"] and f"knob {c['knob_note']}") if n)
+        knob = ", ".join(f"{k} {v:g}" for k, v in c["knob"].items()) or "—"
+        md.append(f"| {e.name} | {c['lr']:g} | {knob} | {c['loss']:.5g} | "
+                  f"{note or 'inside the grid'} |")
+        pts = "; ".join(f"lr {q['lr']:g}" + "".join(f", {k} {q[k]:g}" for k in c["knob"])
+                        + f": {'diverged' if q['loss'] is None else format(q['loss'], '.4g')}"
+                        for q in c["points"])
+        md.append(f"| | | | | tried: {pts} |")
+        print(f"{p.name}/{e.name}: lr {c['lr']:g} {knob} (final train loss "
+              f"{c['loss']:.5g}) {note}")
+        choices[e.name] = c
+        save()
+        if e.family == "baseline":
+            reference[e.name] = lambda seed, run=run, c=c: run(c["lr"], c["knob"], seed)
+    finals = {n: [tuning.target_loss(r(s)) for s in tuning.REFERENCE_SEEDS]
+              for n, r in reference.items()}
+    rule = tuning.scoring.target_from_reference(finals)
+    if rule is not None:
+        loss, base = rule
+        table.targets[p.name] = {
+            "loss": float(f"{loss:.6g}"), "baseline": base,
+            "seeds": list(tuning.REFERENCE_SEEDS), "budget": budget,
+            "how": f"median over seeds {list(tuning.REFERENCE_SEEDS)} of the training-subset "
+                   f"loss of the best tuned baseline ({base}, lr {choices[base]['lr']:g}) at "
+                   f"3/4 of {budget} at batch {args.batch_size or p.batch_size}, in "
+                   f"`{argv_text}`"}
+        save()
+        md += ["", f"Target {loss:.6g}: {table.targets[p.name]['how']}. Baselines' median "
+               "losses at 3/4 of the budget: " + ", ".join(
+                   f"{b} {tuning.scoring.median_or_inf(v):.5g}" for b, v in finals.items())]
+    md.append("")
+    return md
+
+
+@contextlib.contextmanager
+def _threads_kept():
+    threads = torch.get_num_threads()
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)  # leave the caller's setting as it was
+
+
+def execute(args: argparse.Namespace, argv_text: str):
+    """``bench`` or ``tune`` on parsed ``args`` (``args.command``), leaving torch's thread
+    count as it was; bad input raises :class:`BenchError` before any training."""
+    with _threads_kept():
+        return bench(args, argv_text) if args.command == "bench" else tune(args, argv_text)
 
 
 def dispatch(args: argparse.Namespace, argv: list[str]) -> int:
-    argv_text = "secant " + shlex.join(argv)
-    threads = torch.get_num_threads()
+    """The command line's exit status: 0, or 2 with a one-line message on bad input."""
     try:
-        return bench(args, argv_text) if args.command == "bench" else tune(args, argv_text)
+        execute(args, "secant " + shlex.join(argv))
     except BenchError as exc:
         print(f"secant {args.command}: error: {exc}", file=sys.stderr)
         return 2
-    finally:
-        torch.set_num_threads(threads)  # leave the caller's setting as it was
+    return 0

@@ -1,15 +1,20 @@
 """Data for the benchmark problems: generators that need no download, and loaders for the
-standard on-disk formats of a user's local copy (MNIST IDX, CIFAR-10 binary batches).
+standard on-disk formats of a user's local copy (MNIST IDX, CIFAR-10 binary batches), each
+file as is or compressed (``.gz``, ``.bz2``, ``.xz``, ``.zip``).
 
 Every loader raises :class:`BenchError` with a one-line message that names the file and what
-was expected, never a bare ``OSError`` or a reshape error.
+was expected, never a bare ``OSError``, a decompressor's error or a reshape error.
 """
 
 from __future__ import annotations
 
+import bz2
 import gzip
+import lzma
 import random
 import struct
+import zipfile
+import zlib
 from pathlib import Path
 
 import numpy as np
@@ -19,6 +24,54 @@ from torch import Tensor
 
 class BenchError(Exception):
     """A user-facing error of the benchmark harness (bad input, missing or malformed data)."""
+
+
+def describe(exc: BaseException) -> str:
+    """``exc`` in one line: its type (with its module where the name alone says nothing, as
+    ``zlib.error``) and the first line of its message."""
+    text = str(exc).strip()
+    name = type(exc).__name__
+    name = f"{type(exc).__module__}.{name}" if name == "error" else name
+    return name + (f": {text.splitlines()[0]}" if text else "")
+
+
+# ---------------------------------------------------------------------------------- files
+_OPENERS = {".gz": gzip.open, ".bz2": bz2.open, ".xz": lzma.open}
+COMPRESSED = (*_OPENERS, ".zip")
+# what reading a missing, unreadable, truncated or corrupt (compressed) file raises
+_READ_ERRORS = (OSError, EOFError, zlib.error, lzma.LZMAError, zipfile.BadZipFile,
+                RuntimeError, NotImplementedError)
+
+
+def read_bytes(path: str | Path, what: str = "data file") -> bytes:
+    """The bytes of a data file, decompressed when its name ends in ``.gz``, ``.bz2``,
+    ``.xz`` or ``.zip`` (an archive of one file). Every failure, a corrupt compressed body
+    included, raises :class:`BenchError` naming the file."""
+    path = Path(path)
+    try:
+        if path.suffix == ".zip":
+            with zipfile.ZipFile(path) as archive:
+                names = [n for n in archive.namelist() if not n.endswith("/")]
+                if len(names) != 1:
+                    raise BenchError(f"{what} {path}: a zip archive of {len(names)} files, "
+                                     "expected one")
+                return archive.read(names[0])
+        if path.suffix in _OPENERS:
+            with _OPENERS[path.suffix](path) as fh:
+                return fh.read()
+        return path.read_bytes()
+    except _READ_ERRORS as exc:
+        raise BenchError(f"cannot read {what} {path}: {describe(exc)} (missing, truncated or "
+                         "corrupt file)") from None
+
+
+def find_file(folder: Path, names: tuple[str, ...]) -> Path | None:
+    """The first of ``names`` in ``folder``, as is or compressed (``name.gz``, ...)."""
+    for name in names:
+        for suffix in ("", *COMPRESSED):
+            if (folder / (name + suffix)).is_file():
+                return folder / (name + suffix)
+    return None
 
 
 # ---------------------------------------------------------------------------------- CURVES-like
@@ -74,16 +127,14 @@ _IDX_DTYPES = {0x08: np.uint8, 0x09: np.int8, 0x0B: ">i2", 0x0C: ">i4", 0x0D: ">
 
 
 def read_idx(path: str | Path) -> np.ndarray:
-    """Read one IDX file (gzipped if its name ends in ``.gz``) into an array of its shape.
+    """Read one IDX file (compressed if its name says so, :func:`read_bytes`) into an array
+    of its shape.
 
     Format: two zero bytes, a type byte (0x08 = unsigned byte, ...), a byte with the number of
     dimensions, then one big-endian uint32 per dimension, then the data.
     """
     path = Path(path)
-    try:
-        raw = gzip.open(path).read() if path.suffix == ".gz" else path.read_bytes()
-    except (OSError, EOFError) as exc:
-        raise BenchError(f"cannot read IDX file {path}: {exc}") from None
+    raw = read_bytes(path, "IDX file")
     if len(raw) < 4 or raw[0] != 0 or raw[1] != 0 or raw[2] not in _IDX_DTYPES:
         raise BenchError(f"{path}: not an IDX file (expected magic bytes 00 00 <type> <ndim>)")
     ndim = raw[3]
@@ -101,28 +152,20 @@ def read_idx(path: str | Path) -> np.ndarray:
     return np.frombuffer(raw, dtype=dtype, offset=header).reshape(shape)
 
 
-def _find(data_dir: Path, stem: str) -> Path | None:
-    dotted = stem.replace("-idx3", ".idx3")  # some mirrors name them train-images.idx3-ubyte
-    for name in (stem, stem + ".gz", dotted, dotted + ".gz"):
-        if (data_dir / name).is_file():
-            return data_dir / name
-    return None
-
-
 def load_mnist(data_dir: str | Path | None) -> tuple[Tensor, Tensor]:
     """MNIST images from local IDX files, flattened to 784 and scaled to [0, 1]:
     ``train-images-idx3-ubyte`` (60,000) and ``t10k-images-idx3-ubyte`` (10,000), each
-    optionally gzipped (``.gz``), in ``data_dir``."""
-    expected = ", ".join(f"{v}[.gz]" for v in MNIST_FILES.values())
+    optionally compressed (``.gz``, ``.bz2``, ``.xz``, ``.zip``), in ``data_dir``."""
+    expected = " and ".join(MNIST_FILES.values()) + ", optionally .gz, .bz2, .xz or .zip"
     if data_dir is None:
         raise BenchError(f"problem 'mnist' needs --data-dir with the MNIST IDX files ({expected})")
     data_dir = Path(data_dir)
     out = []
     for stem in MNIST_FILES.values():
-        path = _find(data_dir, stem)
+        # some mirrors name them train-images.idx3-ubyte
+        path = find_file(data_dir, (stem, stem.replace("-idx3", ".idx3")))
         if path is None:
-            raise BenchError(f"MNIST file {stem}[.gz] not found in {data_dir} "
-                             f"(expected {expected})")
+            raise BenchError(f"MNIST file {stem} not found in {data_dir} (expected {expected})")
         arr = read_idx(path)
         if arr.ndim != 3 or arr.shape[1:] != (28, 28) or arr.dtype != np.uint8:
             raise BenchError(f"{path}: expected uint8 images of shape (N, 28, 28), got "
@@ -142,12 +185,10 @@ CIFAR_STD = (0.2470, 0.2435, 0.2616)
 
 def read_cifar_batch(path: str | Path) -> tuple[Tensor, Tensor]:
     """One CIFAR-10 binary batch: records of 1 label byte + 3072 pixel bytes (R, G, B planes,
-    32×32 each). Returns uint8 images ``(N, 3, 32, 32)`` and int64 labels."""
+    32×32 each), compressed if its name says so (:func:`read_bytes`). Returns uint8 images
+    ``(N, 3, 32, 32)`` and int64 labels."""
     path = Path(path)
-    try:
-        raw = path.read_bytes()
-    except OSError as exc:
-        raise BenchError(f"cannot read CIFAR-10 batch {path}: {exc}") from None
+    raw = read_bytes(path, "CIFAR-10 batch")
     if len(raw) == 0 or len(raw) % _CIFAR_RECORD:
         raise BenchError(f"{path}: {len(raw)} bytes is not a whole number of {_CIFAR_RECORD}-byte "
                          "CIFAR-10 records (truncated or corrupt file)")
@@ -167,8 +208,9 @@ def _normalise(images: Tensor) -> Tensor:
 
 def load_cifar10(data_dir: str | Path | None) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """CIFAR-10 from the binary version (``data_batch_1.bin`` … ``data_batch_5.bin``,
-    ``test_batch.bin``) in ``data_dir`` or its ``cifar-10-batches-bin`` subfolder; images
-    normalised per channel. Returns ``x_train, y_train, x_test, y_test``."""
+    ``test_batch.bin``, each optionally compressed) in ``data_dir`` or its
+    ``cifar-10-batches-bin`` subfolder; images normalised per channel. Returns ``x_train,
+    y_train, x_test, y_test``."""
     names = ", ".join(CIFAR_TRAIN_FILES + CIFAR_TEST_FILES)
     if data_dir is None:
         raise BenchError(f"CIFAR-10 needs --data-dir with the binary batches ({names}), "
@@ -180,9 +222,11 @@ def load_cifar10(data_dir: str | Path | None) -> tuple[Tensor, Tensor, Tensor, T
     for files in (CIFAR_TRAIN_FILES, CIFAR_TEST_FILES):
         xs, ys = [], []
         for name in files:
-            if not (base / name).is_file():
-                raise BenchError(f"CIFAR-10 file {name} not found in {base} (expected {names})")
-            x, y = read_cifar_batch(base / name)
+            path = find_file(base, (name,))
+            if path is None:
+                raise BenchError(f"CIFAR-10 file {name} not found in {base} (expected {names}, "
+                                 "optionally .gz, .bz2, .xz or .zip)")
+            x, y = read_cifar_batch(path)
             xs.append(x)
             ys.append(y)
         parts.append((_normalise(torch.cat(xs)), torch.cat(ys)))

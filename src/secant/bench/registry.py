@@ -5,8 +5,9 @@ secant's own methods. An entry is *available* only when what it builds exists at
 
 Every entry builds ``(model, lr, knob) -> optimizer``: the learning rate and, where the method
 has one, its main second hyperparameter (the *knob*: damping, β, weight decay), both searched on
-log grids by ``secant tune`` (``docs/bench.md``, Tuning) and read back from the committed table
-(:mod:`secant.bench.tuned`). Other hyperparameters are fixed here and stated in the description.
+log grids by ``secant tune`` (``docs/bench.md``, Tuning) and read back from a tuning table
+(:mod:`secant.bench.tuned_table`); an entry's ``default_lr`` and knob default serve where the
+table has no choice. Other hyperparameters are fixed here and stated in the description.
 """
 
 from __future__ import annotations
@@ -21,7 +22,6 @@ from torch import nn
 import secant
 from secant.bench import baselines
 from secant.bench.data import BenchError
-from secant.bench.tuned import TUNED
 
 
 @dataclass(frozen=True)
@@ -69,23 +69,10 @@ class OptimizerEntry:
                              f"({self.description})")
         return factory(model, lr, dict(knob or {}))
 
-    def chosen(self, problem: str) -> dict | None:
-        return TUNED.get("choices", {}).get(problem, {}).get(self.name)
-
-    def lr_for(self, problem: str) -> float:
-        c = self.chosen(problem)
-        return float(c["lr"]) if c else self.default_lr
-
-    def knob_for(self, problem: str) -> dict:
-        if self.knob is None:
-            return {}
-        c = self.chosen(problem)
-        if c and self.knob.name in c.get("knob", {}):
-            return {self.knob.name: float(c["knob"][self.knob.name])}
-        return {self.knob.name: self.knob.default}
-
-    def lr_source(self, problem: str) -> str:
-        return "tuned" if self.chosen(problem) else "default"
+    def applies_to(self, problem) -> bool:
+        """Whether the entry can train ``problem`` (a layer optimizer needs Linear/Conv2d
+        layers)."""
+        return not self.needs_layers or problem.layer_optimizers
 
 
 def _secant(name: str, layer: bool = False, **fixed) -> Callable[[], Factory | None]:
