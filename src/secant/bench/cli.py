@@ -14,7 +14,15 @@ from pathlib import Path
 
 import torch
 
-from secant.bench import distributed, parallel, report, tuned_table, tuning, user_problems
+from secant.bench import (
+    calibration,
+    distributed,
+    parallel,
+    report,
+    tuned_table,
+    tuning,
+    user_problems,
+)
 from secant.bench.data import BenchError
 from secant.bench.problems import PROBLEMS
 from secant.bench.registry import OPTIMIZERS, available_optimizers, get_optimizer
@@ -120,6 +128,10 @@ def add_bench_parser(sub) -> argparse.ArgumentParser:
     p.add_argument("--out", metavar="DIR",
                    help="output folder, new or empty (default: a new timestamped folder in "
                    "./bench-results/)")
+    p.add_argument("--equal-cost", metavar="OPT",
+                   help="equal-cost budgets: every optimizer gets the cost of OPT's epoch "
+                   "budget (costs per step calibrated first, interleaved, in process CPU "
+                   "time); cheaper optimizers run more steps (docs/bench.md)")
     p.add_argument("--tuned", metavar="PATH",
                    help="tuned learning rates, knobs and targets from a file secant tune "
                    "--write made; its problems' entries replace the package's")
@@ -240,6 +252,27 @@ def _config(args, problem, entry, lr, lr_source, seed, knob) -> RunConfig:
                      _epochs(args, problem), args.device, args.evals, dict(knob))
 
 
+def _equal_cost_epochs(args, problem, settings: dict, data, record: dict) -> dict[str, float]:
+    """``--equal-cost REF``: each applicable optimizer's budget in epochs, for the cost of
+    REF's epoch budget (:mod:`secant.bench.calibration`); the calibration goes in ``record``."""
+    ref = args.equal_cost
+    run = {n: s for n, s in settings.items() if s[0].applies_to(problem)}
+    if ref not in run:
+        raise BenchError(f"--equal-cost {ref}: not among the optimizers run on {problem.name} "
+                         f"({', '.join(run)})")
+    batch = min(args.batch_size or problem.batch_size, len(data.x_train))
+    per_epoch = max(len(data.x_train) // batch, 1)
+    ref_steps = math.ceil(_epochs(args, problem) * per_epoch)
+    print(f"{problem.name}: calibrating the cost per step of {', '.join(run)} ...",
+          file=sys.stderr)
+    costs = calibration.calibrate(problem, [(e, lr, knob) for e, lr, knob, _ in run.values()],
+                                  data, batch, torch.device(args.device))
+    steps = calibration.equal_cost_steps(costs, ref, ref_steps)
+    record[problem.name] = {"reference": ref, "reference_steps": ref_steps,
+                            "cost_per_step": costs, "steps": steps}
+    return {name: n / per_epoch for name, n in steps.items()}
+
+
 def _list() -> str:
     lines = ["suites:"]
     for s in SUITES.values():
@@ -317,18 +350,33 @@ def bench(args: argparse.Namespace, argv_text: str) -> Path | None:
         meta["config"]["seeds"] = seeds
         if args.jobs > 1 and world > 1:
             raise BenchError(f"--jobs {args.jobs}: not under torchrun (each rank runs one process)")
-        tasks = []
+        if args.equal_cost and args.budget_seconds:
+            raise BenchError("--equal-cost sets each optimizer's budget from the reference's "
+                             "epochs: give --epochs (or none), not --budget-seconds")
+        if args.equal_cost and world > 1:
+            raise BenchError("--equal-cost: not under torchrun (calibrate on one process)")
+        tasks, equal_cost = [], {}
         for p in problems:
+            settings = {}
             for e in entries:
                 lr, knob, src = table.settings(e, p.name)
                 if e.name in overrides:
                     lr, src = overrides[e.name], "override"
+                settings[e.name] = (e, lr, knob, src)
+            epochs = (_equal_cost_epochs(args, p, settings, datasets[p.name], equal_cost)
+                      if args.equal_cost else {})
+            for e, lr, knob, src in settings.values():
                 for seed in range(seeds):
-                    tasks.append((p, e, datasets[p.name], _config(args, p, e, lr, src, seed, knob)))
+                    cfg = _config(args, p, e, lr, src, seed, knob)
+                    if e.name in epochs:
+                        cfg.epochs = epochs[e.name]
+                    tasks.append((p, e, datasets[p.name], cfg))
         runs = parallel.run_all(tasks, args.jobs, progress=not args.no_progress and rank == 0)
         if rank != 0:  # under torchrun, rank 0 reports
             return None
-        info = {p.name: _problem_info(args, p, table) for p in problems}
+        info = {p.name: _problem_info(args, p, table) | (
+            {"equal_cost": equal_cost[p.name]} if p.name in equal_cost else {})
+            for p in problems}
         meta["wall_seconds"] = time.perf_counter() - started
         summary, verdicts = report.write_outputs(out, meta, info, runs)
         targets = {p: i["target"] for p, i in info.items()}

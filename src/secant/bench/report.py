@@ -332,6 +332,19 @@ STATISTICS_NOTE = (
     "k of n seeds have one.")
 
 
+def equal_cost_lines(ec: dict | None) -> list[str]:
+    """The equal-cost budget of a problem (``bench --equal-cost``), or nothing."""
+    if not ec:
+        return []
+    ref, cost = ec["reference"], ec["cost_per_step"]
+    per = ", ".join(f"{o} {1e3 * c:.3g} ms ({cost[ref] / c:.2f}×) → {ec['steps'][o]} steps"
+                    for o, c in cost.items())
+    return [f"Equal-cost budget: every optimizer gets the cost of {ec['reference_steps']} "
+            f"steps of {ref}. Cost per step, calibrated before the runs (process CPU time, "
+            f"contenders interleaved in rounds, median), relative speed to {ref}, and the "
+            f"steps that buys: {per}. Final losses below are at equal cost.", ""]
+
+
 def render_markdown(meta: dict, problems_info: dict, summary: dict, verdict: dict,
                     speedup: dict, plots: list[str]) -> str:
     m = meta["machine"]
@@ -389,6 +402,7 @@ def render_markdown(meta: dict, problems_info: dict, summary: dict, verdict: dic
         tgt = "none" if info["target"] is None else f"{info['target']:.4g}"
         lines += [f"## {prob}", "", info["description"] + ".", "",
                   f"Target training loss: {tgt} — {info['target_note']}", "",
+                  *equal_cost_lines(info.get("equal_cost")),
                   md_table(table_rows(summary, prob)), ""]
         msgs = [(o, c["message"]) for o, c in row.items() if c["message"]]
         if msgs:
