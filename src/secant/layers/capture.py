@@ -24,7 +24,11 @@ are summed; :meth:`LayerCapture.collect` returns their mean over the calls. So s
 backward pairs between two steps (gradient accumulation over micro-batches) give the mean of the
 micro-batch statistics, and no activations are kept across calls. A call whose statistics are
 not all finite (an overflowing fp16 micro-batch, whose step ``GradScaler`` skips) is left out of
-the mean; if every call of a layer was left out its mean is NaN, which the optimizers reject.
+the mean once a layer has more than one call; if every call of a layer was left out its mean is
+NaN. A layer's only call is returned as ``reduce`` made it, with no test and no copy (the usual
+case: one forward/backward per step), so its statistics may be non-finite. Either way non-finite
+statistics are the optimizers' to reject (each tests a statistic set once, e.g. through the
+diagonal of a Gram matrix).
 
 Capturing is only on between :meth:`LayerCapture.start` and :meth:`LayerCapture.collect`, and
 only for forward passes in grad mode (nothing is recorded under ``torch.no_grad()``), except
@@ -48,6 +52,8 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+
+from secant.linalg.bfgs import all_finite
 
 
 def _linear_rows(module: nn.Module, t: Tensor) -> Tensor:
@@ -151,8 +157,11 @@ def layer_params(module: nn.Module) -> list[Tensor]:
 
 def weight_matrix(module: nn.Module, t: Tensor) -> Tensor:
     """``t`` shaped as the layer's weight (the weight, its gradient) as ``[d_out, d_in]``: a
-    view when ``t`` is contiguous (in-place updates of it then reach ``t``), else a copy."""
-    return t.t() if layer_kind(module).transposed else t.reshape(t.shape[0], -1)
+    view when ``t`` is contiguous (in-place updates of it then reach ``t``), else a copy; a 2-D
+    ``t`` of a layer that stores its weight ``[d_out, d_in]`` is returned as it is."""
+    if layer_kind(module).transposed:
+        return t.t()
+    return t if t.dim() == 2 else t.reshape(t.shape[0], -1)
 
 
 def weight_layout(module: nn.Module, m: Tensor) -> Tensor:
@@ -164,7 +173,8 @@ def weight_layout(module: nn.Module, m: Tensor) -> Tensor:
 
 def matrix_shape(module: nn.Module) -> tuple[int, int]:
     """``(d_out, d_in + 1)`` (``d_in`` without a bias) of a supported layer's ``W̃``."""
-    d_out, d_in = weight_matrix(module, module.weight).shape
+    shape = module.weight.shape
+    d_out, d_in = shape[::-1] if layer_kind(module).transposed else (shape[0], shape[1:].numel())
     return d_out, d_in + (0 if module.bias is None else 1)
 
 
@@ -278,12 +288,22 @@ class LayerRecord:
 
 @dataclass
 class _Sums:
-    """Running sums of a layer's per-call statistics; ``calls`` counts completed calls,
-    ``finite`` (a tensor, no host sync) those whose statistics were all finite."""
+    """A layer's statistics of the calls so far; ``calls`` counts completed calls. After one
+    call, that call's statistics as they are (``finite`` is ``None``); from the second call on,
+    the sums of the statistics of the calls whose statistics were all finite, and ``finite``
+    (a tensor, no host sync) the number of those calls."""
 
     stats: list[Tensor] = field(default_factory=list)
     finite: Tensor | None = None
     calls: int = 0
+
+
+def _finite_part(stats: list[Tensor]) -> tuple[list[Tensor], Tensor]:
+    """``(stats, 1)`` if every statistic is finite, else ``(zeros, 0)`` (one flag for the set,
+    in the statistics' dtype)."""
+    ok = all_finite(*stats)
+    bad = ~ok
+    return [t.masked_fill(bad, 0.0) for t in stats], ok.to(stats[0].dtype)
 
 
 class LayerCapture:
@@ -383,8 +403,9 @@ class LayerCapture:
 
     def collect(self) -> dict[str, list[Tensor] | None]:
         """Stop capturing; per layer the mean over its completed calls of the ``reduce``
-        statistics, or ``None`` if no call of the layer completed (``last_calls`` holds the
-        number of completed calls per layer)."""
+        statistics (a single call's statistics as ``reduce`` returned them, untested; with
+        several calls, the mean over the finite ones), or ``None`` if no call of the layer
+        completed (``last_calls`` holds the number of completed calls per layer)."""
         sums = self.sums
         self.last_calls = {n: s.calls for n, s in sums.items()}
         wanted = self.active
@@ -395,7 +416,10 @@ class LayerCapture:
             raise RuntimeError("layer capture was not started")
         out: dict[str, list[Tensor] | None] = {}
         for name, s in sums.items():
-            out[name] = None if s.calls == 0 else [t / s.finite for t in s.stats]
+            if s.calls == 0:
+                out[name] = None
+            else:
+                out[name] = s.stats if s.finite is None else [t / s.finite for t in s.stats]
         return out
 
     @contextmanager
@@ -430,19 +454,19 @@ class LayerCapture:
 
     def _cast(self, t: Tensor) -> Tensor:
         t = t.detach()
-        return t if self.dtype is None else t.to(self.dtype)
+        return t if self.dtype in (None, t.dtype) else t.to(self.dtype)
 
     def _add(self, name: str, rec: LayerRecord) -> None:
-        """Reduce one completed call and add its statistics to the layer's sums."""
+        """Reduce one completed call and add its statistics to the layer's (see :class:`_Sums`:
+        the first call is kept as it is; a second one starts the sums over finite calls)."""
         stats = self.reduce(self.layers[name], rec)
         s = self.sums[name]
-        # sum(0·t) is 0 iff t has no ±inf / NaN (one multiply-and-sum; isfinite(t).all() is
-        # ≈ 4× slower on a factor statistic)
-        ok = torch.stack([(t * 0).sum() == 0 for t in stats]).all()
-        stats = [torch.where(ok, t, 0.0) for t in stats]
         if s.calls == 0:
-            s.stats, s.finite = stats, ok.to(stats[0].dtype)
+            s.stats = stats
         else:
+            if s.finite is None:
+                s.stats, s.finite = _finite_part(s.stats)
+            stats, ok = _finite_part(stats)
             torch._foreach_add_(s.stats, stats)
             s.finite = s.finite + ok
         s.calls += 1

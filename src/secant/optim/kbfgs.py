@@ -28,7 +28,9 @@ from secant.linalg import (
     double_damping,
     push,
 )
+from secant.linalg.bfgs import all_finite
 from secant.linalg.kron import damped_inverse, gram
+from secant.linalg.lbfgs import dense_inverse
 from secant.optim.layer_optimizer import (
     LayerOptimizer,
     check,
@@ -109,6 +111,12 @@ class _KroneckerBFGS(LayerOptimizer):
     6. Hessian-action BFGS of ``H_a``: ``v = mean_B(ā)``, ``s_a = H_a v``,
        ``y_a = (A + √λ I) s_a``, ``H_a ← BFGS(H_a, s_a, y_a)`` under the same cautious test with
        ``‖v‖`` — this keeps ``H_a ≈ (A + √λ I)⁻¹`` without any matrix inversion after the first.
+
+    Non-finite statistics (an overflow, a NaN loss) never reach the state, and no test syncs
+    with the host: the pass-1 statistics ``(A, v, h̄, ḡ)`` of a layer carry one finiteness flag
+    (:func:`secant.linalg.bfgs.all_finite`; ``A`` through its diagonal), which gates ``A``,
+    ``H_a`` and the pair, and the pair ``(s, y)`` a second one; counted in ``stats_rejected`` and
+    ``g_pairs_rejected``.
 
     **Conv2d** (an extension beyond the paper, whose code supports Linear layers only): ``ā``
     are the unfolded patches, ``A`` and ``v`` are means over examples *and* spatial positions,
@@ -214,21 +222,28 @@ class _KroneckerBFGS(LayerOptimizer):
     def _fresh_hg(self, d_out: int, kw: dict[str, Any]) -> dict[str, Tensor]:
         raise NotImplementedError
 
-    def _apply_hg(self, ls: dict[str, Any], x: Tensor) -> Tensor:
-        """``H_g X`` for ``X [d_out, r]``."""
+    def _hg_matrix(self, ls: dict[str, Any]) -> Tensor | None:
+        """``H_g`` as a dense ``[d_out, d_out]`` matrix for this step's two products with it
+        (the direction, then ``H_g ȳ`` in the double damping, before the pair updates it), or
+        ``None`` where it is applied in another form; the ``hg`` argument of the methods
+        below."""
         raise NotImplementedError
 
     def _update_hg(self, ls: dict[str, Any], s: Tensor, y: Tensor, accept: Tensor) -> Tensor:
         """Apply the pair where ``accept``; return the final acceptance (0-d bool)."""
         raise NotImplementedError
 
-    def _apply_hg_split(self, ls: dict[str, Any], x: Tensor) -> tuple[Tensor, Tensor]:
-        """``(H_g X_W, H_g x_b)`` for ``X = [X_W, x_b]`` (the bias column last)."""
-        y = self._apply_hg(ls, x)
-        return y[:, :-1], y[:, -1]
+    def _apply_hg(self, ls: dict[str, Any], hg: Tensor | None, x: Tensor) -> Tensor:
+        """``H_g X`` for ``X [d_out, r]``."""
+        return hg @ x
 
-    def _add_direction(self, ls: dict[str, Any], x: Tensor, targets: list[Tensor],
-                       alpha: float) -> None:
+    def _apply_hg_split(self, ls: dict[str, Any], hg: Tensor | None, x: Tensor
+                        ) -> tuple[Tensor, Tensor]:
+        """``(H_g X_W, H_g x_b)`` for ``X = [X_W, x_b]`` (the bias column last)."""
+        return hg @ x[:, :-1], hg @ x[:, -1]
+
+    def _add_direction(self, ls: dict[str, Any], hg: Tensor | None, x: Tensor,
+                       targets: list[Tensor], alpha: float) -> None:
         """``targets += alpha · P`` with ``P = H_g X H_a``, ``targets = [T_W, t_b]`` (matrix
         views of ``layer_params``), ``[T]`` without bias. With ``H_a = [[H, h], [h′ᵀ, η]]``
         (``h`` its last column, ``h′`` its last row): ``P_W = (H_g X_W) H + (H_g x_b) h′ᵀ`` and
@@ -238,9 +253,9 @@ class _KroneckerBFGS(LayerOptimizer):
         ``P``; docs/kronecker.md)."""
         h_a = ls["H_a"]
         if len(targets) == 1:
-            targets[0].addmm_(self._apply_hg(ls, x), h_a, alpha=alpha)
+            targets[0].addmm_(self._apply_hg(ls, hg, x), h_a, alpha=alpha)
             return
-        y_w, y_b = self._apply_hg_split(ls, x)
+        y_w, y_b = self._apply_hg_split(ls, hg, x)
         t_w, t_b = targets
         t_w.addmm_(y_w, h_a[:-1, :-1], alpha=alpha).addr_(y_b, h_a[-1, :-1], alpha=alpha)
         t_b.addmv_(y_w, h_a[:-1, -1], alpha=alpha).add_(y_b * h_a[-1, -1], alpha=alpha)
@@ -441,7 +456,11 @@ class _KroneckerBFGS(LayerOptimizer):
         return out
 
     def _first_half(self, recs: list[list[Tensor] | None], skip_a: bool
-                    ) -> list[tuple[Tensor, Tensor, Tensor, Tensor] | None]:
+                    ) -> list[tuple[Tensor, Tensor, Tensor, Tensor, Tensor | None] | None]:
+        """Steps 2–3 for every layer (``A``, gradient EMA, direction); returns per layer what
+        the second half needs: ``(h̄, ḡ, v, ok, hg)``, ``ok`` the one finiteness flag of the
+        pass-1 statistics ``(A, v, h̄, ḡ)`` (a non-finite set updates nothing: neither ``A``,
+        ``H_a`` nor, through ``h̄`` and ``ḡ``, the pair), ``hg`` from :meth:`_hg_matrix`."""
         st = self._st
         first = not st["a_initialized"]
         shapes = [[(i, i), (i,), (o,), (o,)] for o, i in map(matrix_shape, self.layers)]
@@ -473,7 +492,7 @@ class _KroneckerBFGS(LayerOptimizer):
                 saved.append(None)
                 continue
             # a Gram matrix is finite iff its diagonal is (|A_ij| ≤ sqrt(A_ii A_jj))
-            ok = torch.isfinite(a_new.diagonal()).all() & torch.isfinite(v).all()
+            ok = all_finite(a_new.diagonal(), v, h_mean, g_sum)
             if recs[i] is not None:
                 ls["stats_rejected"] += ~ok
             if first:
@@ -486,9 +505,10 @@ class _KroneckerBFGS(LayerOptimizer):
                 # a_new is this step's own buffer: mask it in place (no d_in² temporary)
                 ls["A"].lerp_(torch.where(ok, a_new, ls["A"], out=a_new), 1.0 - self.stat_decay)
             self._update_grad_ema(i, ls["grad_ema"], 1.0 - group["momentum"])
+            hg = self._hg_matrix(ls)
             with torch.no_grad():
-                self._add_direction(ls, ls["grad_ema"], targets, -group["lr"])
-            saved.append(None if recs[i] is None else (h_mean, g_sum, v, ok))
+                self._add_direction(ls, hg, ls["grad_ema"], targets, -group["lr"])
+            saved.append(None if recs[i] is None else (h_mean, g_sum, v, ok, hg))
         if shared:
             bufs = self._all_reduce(bufs)  # owners' steps, zeros elsewhere: summed = shared
         parts = iter(bufs)
@@ -514,10 +534,11 @@ class _KroneckerBFGS(LayerOptimizer):
             wd = self.param_groups[gi]["weight_decay"]
             if p.grad is None:
                 blk.mul_(1.0 - rate)
-            else:
-                blk.lerp_(_matrix(m, p.grad.detach()).to(ema.dtype), rate)
+            else:  # (step runs under no_grad: no detach needed)
+                g = _matrix(m, p.grad)
+                blk.lerp_(g if g.dtype == ema.dtype else g.to(ema.dtype), rate)
             if wd:
-                blk.add_(_matrix(m, p.detach()), alpha=rate * wd)
+                blk.add_(_matrix(m, p), alpha=rate * wd)
 
     def _second_half(self, pass1: list, recs: list[list[Tensor] | None]) -> None:
         c = self.pair_decay
@@ -527,14 +548,14 @@ class _KroneckerBFGS(LayerOptimizer):
             if saved is None or recs[i] is None:
                 continue
             root = math.sqrt(self.layer_group(i)["damping"])
-            h1, g1, v, ok_stats = saved
+            h1, g1, v, ok_stats, hg = saved
             s = stats[2 * i] - h1
             y = stats[2 * i + 1] - g1
-            finite = torch.isfinite(s).all() & torch.isfinite(y).all()
-            ls["s_bar"].copy_(torch.where(finite, c * ls["s_bar"] + (1 - c) * s, ls["s_bar"]))
-            ls["y_bar"].copy_(torch.where(finite, c * ls["y_bar"] + (1 - c) * y, ls["y_bar"]))
+            finite = ok_stats & all_finite(s, y)  # pass 1's set, then pass 2's h̄⁺, ḡ⁺ in s, y
             sb, yb = ls["s_bar"], ls["y_bar"]
-            hy = self._apply_hg(ls, yb.unsqueeze(1)).squeeze(1)
+            torch.where(finite, c * sb + (1 - c) * s, sb, out=sb)
+            torch.where(finite, c * yb + (1 - c) * y, yb, out=yb)
+            hy = self._apply_hg(ls, hg, yb.unsqueeze(1)).squeeze(1)
             st_, yt = double_damping(sb, yb, hy, self.mu1, root)
             ls["dd_step1_active"] += _vdot(sb, yb) < self.mu1 * _vdot(yb, hy)
             ls["dd_step2_active"] += _vdot(st_, yb) < root * _vdot(st_, st_)
@@ -637,11 +658,8 @@ class KBFGS(_KroneckerBFGS):
     def _fresh_hg(self, d_out: int, kw: dict[str, Any]) -> dict[str, Tensor]:
         return {"H_g": torch.eye(d_out, **kw)}
 
-    def _apply_hg(self, ls: dict[str, Any], x: Tensor) -> Tensor:
-        return ls["H_g"] @ x
-
-    def _apply_hg_split(self, ls: dict[str, Any], x: Tensor) -> tuple[Tensor, Tensor]:
-        return ls["H_g"] @ x[:, :-1], ls["H_g"] @ x[:, -1]
+    def _hg_matrix(self, ls: dict[str, Any]) -> Tensor:
+        return ls["H_g"]
 
     def _update_hg(self, ls: dict[str, Any], s: Tensor, y: Tensor, accept: Tensor) -> Tensor:
         return bfgs_inverse_update_(ls["H_g"], s, y, accept)
@@ -656,9 +674,16 @@ class KBFGSL(_KroneckerBFGS):
 
     ``H_g`` is the L-BFGS operator of the last ``history_size`` accepted pairs with
     ``H₀ = I`` (γ fixed to 1, as the paper), kept in the shared ring-buffer history of
-    :mod:`secant.linalg.lbfgs` (one block, ``c = d_out``) and applied in the compact form
-    (:func:`secant.linalg.compact_apply`). Memory per layer: ``2·history_size·d_out`` instead of
-    ``d_out²``.
+    :mod:`secant.linalg.lbfgs` (one block, ``c = d_out``). A step multiplies by it twice (the
+    direction, then ``H_g ȳ`` in the double damping). Where ``d_out ≤ 2·history_size`` the step
+    first materialises ``H_g`` as a dense ``d_out × d_out`` matrix (the compact form multiplied
+    out, :func:`secant.linalg.lbfgs.dense_inverse`: one ``m × m`` triangular solve) and both
+    products are plain matmuls; wider layers apply the compact form
+    (:func:`secant.linalg.compact_apply`, two solves each) to the direction and to ``ȳ``.
+    Either way the operator is L-BFGS of the ring's pairs, not a full-memory BFGS matrix (the
+    two differ once the ring wraps). The transient dense matrix is no larger than the history's
+    ``2·history_size × d_out`` vectors; the state kept between steps is the history alone:
+    ``2·history_size·(d_out + 2·history_size)`` per layer instead of ``d_out²``.
 
     Args: as :class:`KBFGS` (including ``process_group``, ``distributed_mode``, ``a_init``), plus
     ``history_size`` (100, the paper's code).
@@ -699,10 +724,28 @@ class KBFGSL(_KroneckerBFGS):
         return History(z, ls["hist_gram"], ls["hist_head"], ls["hist_count"],
                        torch.zeros(1, dtype=torch.long, device=z.device))
 
-    def _apply_hg(self, ls: dict[str, Any], x: Tensor) -> Tensor:
-        h = self._history(ls)
+    def _compact(self, ls: dict[str, Any], x: Tensor) -> Tensor:
+        """``H_g X`` for ``X [d_out, r]`` by the compact form of the history."""
         one = torch.ones(1, dtype=x.dtype, device=x.device)
-        return compact_apply(h, x.T.unsqueeze(0), one)[0].T
+        return compact_apply(self._history(ls), x.T.unsqueeze(0), one)[0].T
+
+    def _hg_matrix(self, ls: dict[str, Any]) -> Tensor | None:
+        """The L-BFGS matrix ``H_g`` (:func:`secant.linalg.lbfgs.dense_inverse`) where
+        ``d_out ≤ 2·history_size``; ``None`` (compact applies) above."""
+        z = ls["hist_z"]
+        if z.shape[2] > 2 * self.history_size:
+            return None
+        return dense_inverse(self._history(ls), torch.ones(1, dtype=z.dtype, device=z.device))[0]
+
+    def _apply_hg(self, ls: dict[str, Any], hg: Tensor | None, x: Tensor) -> Tensor:
+        return self._compact(ls, x) if hg is None else hg @ x
+
+    def _apply_hg_split(self, ls: dict[str, Any], hg: Tensor | None, x: Tensor
+                        ) -> tuple[Tensor, Tensor]:
+        if hg is not None:
+            return super()._apply_hg_split(ls, hg, x)
+        y = self._compact(ls, x)
+        return y[:, :-1], y[:, -1]
 
     def _update_hg(self, ls: dict[str, Any], s: Tensor, y: Tensor, accept: Tensor) -> Tensor:
         push(self._history(ls), s.unsqueeze(0), y.unsqueeze(0), accept.view(1))

@@ -1,0 +1,324 @@
+"""Per-step cost of secant's optimizers against SGD with momentum on the same model and batch:
+process CPU time per step and dispatched aten ops per step (eager mode).
+
+Problems (``secant.bench.problems``; models and losses as the harness builds them): ``digits``,
+the 64-32-16-8-16-32-64 autoencoder at batch 100; ``mnist1d``, the 40-256-128-10 MLP at batch
+100; ``curves``, the K-BFGS paper's 784-400-200-100-50-25-6-25-50-100-200-400-784 autoencoder
+(842,340 parameters) at batch 1000. Data: the problem's training set (its first 8 batches,
+cycled), or with ``--synthetic`` random data of the same shapes (uniform in [0, 1] for the
+autoencoders, standard normal inputs and uniform labels for the classifier): the cost of a
+step does not depend on the values.
+
+Contenders (``secant.bench.registry``, with the committed tuned ``lr`` / knob of the problem,
+else the registry default): SGD-momentum (``torch.optim.SGD``, momentum 0.9), Adam, K-FAC (the
+harness configuration: Cholesky inverses, factors every 10 steps, inverses every 100),
+K-BFGS and K-BFGS(L) (``A`` warm-started on the 8 batches, as the harness does), MomentumLBFGS
+and Neumann. Every contender has its own copy of the model (same seed) and is driven as
+``loss = opt.step(closure)``, the closure being the harness's (``zero_grad(set_to_none=True)``,
+loss, ``backward()``).
+
+Timing: one thread (``torch.set_num_threads(1)``); process CPU time (``time.process_time_ns``)
+of each ``opt.step(closure)``; after ``warmup`` untimed steps of each contender, ``rounds``
+rounds in each of which every contender (in an order rotated round by round) runs ``steps``
+consecutive timed steps, so machine load drifting during the run hits all alike. Reported: the
+median CPU ms per step over all timed steps, its ratio to SGD's median ("ratio"), the median over
+rounds of the per-round ratio of medians ("paired"), and the mean ms per step (K-FAC's factor
+steps, every 10th, and inverse steps are in the mean, not the median).
+
+Op counts: a ``TorchDispatchMode`` counts every aten op dispatched during ``--count-steps``
+further steps of each contender (ops after composite decomposition: what actually runs,
+including views and the ops of forward and backward). "ops/step" is the median over those steps;
+"extra ops / layer" is ``(ops/step − SGD's ops/step) / L`` for the layer optimizers (``L``
+Kronecker layers): SGD's whole step (one forward and backward, and its update) stands in for
+the model's own passes, so this is what a step of the method dispatches per layer beyond one
+model pass (K-BFGS's second pass, cheaper than the first, included).
+
+    python benchmarks/step_cost.py --label after      # full run, ≈ 3–4 min on 2 CPU cores
+    python benchmarks/step_cost.py --quick            # smoke run, < 1 min, writes nothing
+
+With ``--label NAME`` the run is stored under that name in ``--json`` (default
+benchmarks/results/step_cost.json, other labels kept) and ``--md`` (default
+benchmarks/step_cost.md) is rewritten from every stored label, with the targets.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import platform
+import shlex
+import statistics
+import sys
+import time
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from torch import Tensor, nn
+from torch.utils._python_dispatch import TorchDispatchMode
+
+from secant.bench import tuned_table
+from secant.bench.problems import Problem, get_problem, seeded_model
+from secant.bench.registry import get_optimizer
+
+CONTENDERS = ("sgd", "adam", "kfac", "kbfgs", "kbfgsl", "mlbfgs", "neumann")
+NAMES = {"sgd": "SGD-momentum", "adam": "Adam", "kfac": "K-FAC", "kbfgs": "K-BFGS",
+         "kbfgsl": "K-BFGS(L)", "mlbfgs": "MomentumLBFGS", "neumann": "Neumann"}
+LAYER_OPTIMIZERS = ("kfac", "kbfgs", "kbfgsl")
+# (rounds, steps per round, warm-up steps) of the full and of the quick run
+PLANS = {"digits": ((9, 20, 10), (2, 4, 3)), "mnist1d": ((9, 20, 10), (2, 4, 3)),
+         "curves": ((7, 8, 4), (1, 2, 1))}
+BATCHES = 8  # distinct batches, cycled
+# the targets of issue 20 (CPU-time ratio to SGD-momentum, median), and ops per layer
+TARGETS = {("digits", "kbfgs"): 5.0, ("digits", "kbfgsl"): 6.0, ("digits", "kfac"): 2.0,
+           ("mnist1d", "kbfgs"): 4.0, ("curves", "kbfgs"): 2.5, ("curves", "kbfgsl"): 2.5,
+           ("curves", "kfac"): 1.55}
+OPS_PER_LAYER_TARGET = 60
+ROOT = Path(__file__).resolve().parent
+
+
+class OpCounter(TorchDispatchMode):
+    """Counts the aten ops dispatched while active, in all and by name."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.by_name: Counter[str] = Counter()
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):  # noqa: ANN001
+        self.by_name[func.overloadpacket.__name__] += 1
+        return func(*args, **(kwargs or {}))
+
+
+def make_batches(problem: Problem, synthetic: bool) -> list[tuple[Tensor, Tensor | None]]:
+    n = problem.batch_size
+    if synthetic:
+        g = torch.Generator().manual_seed(0)
+        d_in = next(m for m in problem.build().modules() if isinstance(m, nn.Linear)).in_features
+        if problem.criterion == "bce_sum":  # an autoencoder
+            return [(torch.rand(n, d_in, generator=g), None) for _ in range(BATCHES)]
+        return [(torch.randn(n, d_in, generator=g), torch.randint(0, 10, (n,), generator=g))
+                for _ in range(BATCHES)]
+    data = problem.load(None, False)
+    out = []
+    for k in range(BATCHES):
+        rows = slice(k * n, (k + 1) * n)
+        out.append((data.x_train[rows], None if data.y_train is None else data.y_train[rows]))
+    return out
+
+
+@dataclass
+class Contender:
+    name: str
+    model: nn.Module
+    opt: object
+    problem: Problem
+    batches: list
+    k: int = 0
+    times: list[list[int]] = field(default_factory=list)  # ns per step, per round
+    last_loss: float = math.nan
+
+    def step(self) -> None:
+        xb, yb = self.batches[self.k % len(self.batches)]
+        self.k += 1
+        model, opt, problem = self.model, self.opt, self.problem
+
+        def closure() -> Tensor:
+            opt.zero_grad(set_to_none=True)
+            loss = problem.loss(model, xb, yb)
+            loss.backward()
+            return loss
+
+        self.last_loss = opt.step(closure)
+
+    def timed_steps(self, n: int) -> None:
+        ts = []
+        for _ in range(n):
+            t0 = time.process_time_ns()
+            self.step()
+            ts.append(time.process_time_ns() - t0)
+        self.times.append(ts)
+
+
+def build(problem: Problem, name: str, batches: list) -> Contender:
+    entry = get_optimizer(name)
+    model = seeded_model(problem, 0)
+    lr, knob, _ = tuned_table.package().settings(entry, problem.name)
+    opt = entry.make(model, lr, knob)
+    if entry.warm_start:
+        opt.warm_start([(x,) for x, _ in batches])
+    return Contender(name, model, opt, problem, batches)
+
+
+def count_ops(c: Contender, steps: int) -> dict:
+    per_step, names = [], Counter()
+    for _ in range(steps):
+        with OpCounter() as mode:
+            c.step()
+        per_step.append(sum(mode.by_name.values()))
+        names.update(mode.by_name)
+    return {"ops_per_step": statistics.median(per_step), "ops_mean": statistics.fmean(per_step),
+            "top_ops": {k: round(v / steps, 1) for k, v in names.most_common(14)}}
+
+
+def run_problem(pname: str, quick: bool, synthetic: bool, count_steps: int) -> dict:
+    problem = get_problem(pname)
+    rounds, steps, warmup = PLANS[pname][quick]
+    batches = make_batches(problem, synthetic or (quick and pname == "curves"))
+    cs = [build(problem, name, batches) for name in CONTENDERS]
+    for _ in range(warmup):
+        for c in cs:
+            c.step()
+    for r in range(rounds):
+        for c in cs[r % len(cs):] + cs[: r % len(cs)]:
+            c.timed_steps(steps)
+    sgd = cs[0]
+    sgd_med = statistics.median(t for ts in sgd.times for t in ts)
+    out = {"batch": problem.batch_size, "rounds": rounds, "steps": steps, "warmup": warmup,
+           "contenders": {}}
+    for c in cs:
+        flat = [t for ts in c.times for t in ts]
+        med = statistics.median(flat)
+        paired = statistics.median(statistics.median(a) / statistics.median(b)
+                                   for a, b in zip(c.times, sgd.times))
+        loss = float(c.last_loss.detach()) if isinstance(c.last_loss, Tensor) else c.last_loss
+        out["contenders"][c.name] = {"ms": med / 1e6, "mean_ms": statistics.fmean(flat) / 1e6,
+                                     "ratio": med / sgd_med, "paired": paired,
+                                     "last_loss": loss}
+    for c in cs:
+        out["contenders"][c.name].update(count_ops(c, count_steps))
+    base = out["contenders"]["sgd"]["ops_per_step"]
+    for c in cs:
+        if c.name in LAYER_OPTIMIZERS:
+            rec = out["contenders"][c.name]
+            rec["layers"] = len(c.opt.layers)
+            rec["extra_ops_per_layer"] = (rec["ops_per_step"] - base) / rec["layers"]
+    return out
+
+
+def machine() -> dict:
+    cpu = platform.processor()
+    try:
+        with open("/proc/cpuinfo") as f:
+            cpu = next(ln.split(":", 1)[1].strip() for ln in f if ln.startswith("model name"))
+    except (OSError, StopIteration):
+        pass
+    return {"cpu": cpu, "cores": os.cpu_count(), "torch": torch.__version__,
+            "python": platform.python_version(), "platform": platform.platform()}
+
+
+# ------------------------------------------------------------------------------------ report
+def table(run: dict) -> list[str]:
+    lines = []
+    for pname, pr in run["problems"].items():
+        lines += [f"**{pname}** (batch {pr['batch']}; {pr['rounds']} rounds × {pr['steps']} "
+                  f"steps, warm-up {pr['warmup']})", "",
+                  "| optimizer | CPU ms/step (median) | ratio / paired | mean ms | ops/step "
+                  "| extra ops / layer |", "|---|---|---|---|---|---|"]
+        for name, c in pr["contenders"].items():
+            per_layer = (f"{c['extra_ops_per_layer']:.0f} (L = {c['layers']})"
+                         if "extra_ops_per_layer" in c else "")
+            lines.append(f"| {NAMES[name]} | {c['ms']:.3g} | {c['ratio']:.2f} / "
+                         f"{c['paired']:.2f} | {c['mean_ms']:.3g} | {c['ops_per_step']:.0f} | "
+                         f"{per_layer} |")
+        lines.append("")
+    return lines
+
+
+def render(runs: dict) -> str:
+    doc = __doc__.split("\n\n    python")[0]
+    lines = ["# Step cost against SGD-momentum (CPU time and dispatched ops)", "",
+             "Generated by `benchmarks/step_cost.py` from `benchmarks/results/step_cost.json`.",
+             "", doc, ""]
+    labels = list(runs)
+    lines += ["## Targets (median CPU-time ratio to SGD-momentum; ops per K-BFGS layer)", "",
+              "| problem / optimizer | target | " + " | ".join(labels) + " |",
+              "|---|---|" + "---|" * len(labels)]
+    for (pname, name), target in TARGETS.items():
+        cells = []
+        for lab in labels:
+            c = runs[lab]["problems"].get(pname, {}).get("contenders", {}).get(name)
+            cells.append("—" if c is None else
+                         f"{c['ratio']:.2f}× {'met' if c['ratio'] <= target else 'not met'}")
+        lines.append(f"| {pname} {NAMES[name]} | ≤ {target}× | " + " | ".join(cells) + " |")
+    for pname in ("digits", "mnist1d", "curves"):
+        for name in ("kbfgs", "kbfgsl"):
+            cells = []
+            for lab in labels:
+                c = runs[lab]["problems"].get(pname, {}).get("contenders", {}).get(name)
+                cells.append("—" if c is None else f"{c['extra_ops_per_layer']:.0f} "
+                             f"{'met' if c['extra_ops_per_layer'] <= OPS_PER_LAYER_TARGET else 'not met'}")  # noqa: E501
+            lines.append(f"| {pname} {NAMES[name]} ops / layer | ≤ {OPS_PER_LAYER_TARGET} | "
+                         + " | ".join(cells) + " |")
+    lines += ["", "## All contenders: CPU-time ratio to SGD-momentum (extra ops / layer)", "",
+              "| problem | optimizer | " + " | ".join(labels) + " |",
+              "|---|---|" + "---|" * len(labels)]
+    for pname in ("digits", "mnist1d", "curves"):
+        for name in CONTENDERS:
+            cells = []
+            for lab in labels:
+                c = runs[lab]["problems"].get(pname, {}).get("contenders", {}).get(name)
+                cells.append("—" if c is None else f"{c['ratio']:.2f}×" + (
+                    f" ({c['extra_ops_per_layer']:.0f})" if "extra_ops_per_layer" in c else ""))
+            lines.append(f"| {pname} | {NAMES[name]} | " + " | ".join(cells) + " |")
+    lines.append("")
+    for lab in labels:
+        run = runs[lab]
+        m = run["machine"]
+        lines += [f"## {lab}", "", f"`{run['command']}` — {run['date']}; {m['cpu']}, "
+                  f"{m['cores']} cores (shared; load average {run['load'][0]:.1f} at the start, "
+                  f"{run['load'][1]:.1f} at the end), torch {m['torch']}, Python {m['python']}, "
+                  f"one thread; data: {run['data']}.", ""]
+        if run.get("note"):
+            lines += [run["note"], ""]
+        lines += table(run)
+        for pname, pr in run["problems"].items():
+            for name in ("kbfgs", "kbfgsl"):
+                top = ", ".join(f"{k} {v:g}" for k, v in pr["contenders"][name]["top_ops"].items())
+                lines.append(f"* {pname} {NAMES[name]}, most dispatched ops per step: {top}")
+        lines.append("")
+    return "\n".join(lines)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--problems", default="digits,mnist1d,curves")
+    ap.add_argument("--quick", action="store_true", help="smoke run: few steps, synthetic "
+                    "CURVES data, nothing written")
+    ap.add_argument("--synthetic", action="store_true", help="random data of the problems' "
+                    "shapes instead of their datasets")
+    ap.add_argument("--count-steps", type=int, default=None)
+    ap.add_argument("--label", default=None, help="store the run under this name and rewrite "
+                    "the markdown report")
+    ap.add_argument("--note", default="", help="a sentence stored with the run")
+    ap.add_argument("--json", default=str(ROOT / "results" / "step_cost.json"))
+    ap.add_argument("--md", default=str(ROOT / "step_cost.md"))
+    args = ap.parse_args()
+    torch.set_num_threads(1)
+    count_steps = args.count_steps or (2 if args.quick else 10)
+    load0 = os.getloadavg()[0]
+    problems = {}
+    for pname in args.problems.split(","):
+        t0 = time.perf_counter()
+        problems[pname] = run_problem(pname, args.quick, args.synthetic, count_steps)
+        print(f"{pname}: {time.perf_counter() - t0:.0f} s", file=sys.stderr)
+    run = {"command": "python benchmarks/step_cost.py " + shlex.join(sys.argv[1:]),
+           "date": time.strftime("%Y-%m-%d %H:%M"), "machine": machine(),
+           "load": [load0, os.getloadavg()[0]], "note": args.note,
+           "data": "random data of the problems' shapes" if args.synthetic else
+           ("the problems' datasets (CURVES: random)" if args.quick else
+            "the problems' datasets, first 8 batches cycled"),
+           "problems": problems}
+    print("\n".join(table(run)))
+    if args.label:
+        path = Path(args.json)
+        runs = json.loads(path.read_text()) if path.exists() else {}
+        runs[args.label] = run
+        path.write_text(json.dumps(runs, indent=1) + "\n")
+        Path(args.md).write_text(render(runs) + "\n")
+
+
+if __name__ == "__main__":
+    main()
