@@ -277,6 +277,17 @@ def test_kbfgsl_matches_dense_lbfgs_after_the_history_wraps(eps):
         assert d["g_pairs_rejected"] > 0 and d["history_length"] == [2, 2, 0]
 
 
+def test_warm_start_leaves_batchnorm_statistics_alone():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(5, 8), nn.BatchNorm1d(8), nn.Tanh(), nn.Linear(8, 3)).to(D)
+    before = {k: v.clone() for k, v in model[1].state_dict().items()}
+    opt = KBFGS(model, lr=0.1)
+    assert opt.warm_start([(x, y) for x, y in batches(3)]) == 3
+    for k, v in model[1].state_dict().items():
+        assert torch.equal(v, before[k]), k
+    assert opt.diagnostics()["warm_started"]
+
+
 def test_kbfgsl_equals_kbfgs_below_capacity():
     data = batches(7, seed=5)
     m1, m2 = mlp(4), mlp(4)

@@ -308,8 +308,9 @@ class _KroneckerBFGS(LayerOptimizer):
                 moved to the device of the model's first supported layer.
             max_batches: stop after this many batches (default: the whole iterable).
 
-        Runs without gradients, in the model's current train / eval mode. Returns the number of
-        batches used (this rank's). Distributed: ``A`` is averaged over all ranks' batches.
+        Runs without gradients, in the model's current train / eval mode; BatchNorm running
+        statistics are left as they were (the pass measures ``A``, it does not train). Returns
+        the number of batches used (this rank's). Distributed: ``A`` is averaged over all ranks' batches.
         """
         check(max_batches is None or (isinstance(max_batches, int) and max_batches >= 1),
               "max_batches", max_batches, "None or an integer >= 1")
@@ -328,7 +329,7 @@ class _KroneckerBFGS(LayerOptimizer):
             d_in = matrix_shape(module)[1]
             sums.append(torch.zeros(d_in, d_in, dtype=self.factor_dtype, device=self._device))
         n = 0
-        with self.capture.warm():
+        with self.capture.warm(), self._batchnorm_frozen():
             for batch in batches:
                 if max_batches is not None and n >= max_batches:
                     break
