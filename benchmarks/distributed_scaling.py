@@ -36,7 +36,9 @@ CLASSES = {"mlbfgs": "MomentumLBFGS", "neumann": "Neumann", "kfac": "KFAC", "kbf
 def make_optimizer(name: str, model: nn.Module):
     cls = getattr(secant, CLASSES[name])
     if name == "mlbfgs":
-        return cls(model.parameters(), lr=0.01, update_period=5)
+        # one block per tensor, so there are blocks to spread over the ranks (the default,
+        # one block per parameter group, is a single block here and is not spread)
+        return cls(model.parameters(), lr=0.01, update_period=5, blocks="tensor")
     if name == "neumann":
         return cls(model.parameters(), lr=0.01)
     return cls(model, lr=0.01)
