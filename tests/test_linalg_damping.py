@@ -3,6 +3,7 @@ and Powell / double damping (O-K3 form) checked against their defining inequalit
 
 import math
 
+import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -105,3 +106,13 @@ def test_double_damping_guarantees():
     y = a @ s  # with H = A⁻¹: sᵀy = yᵀHy = 2‖s‖², both conditions hold
     s_t, y_t = double_damping(s, y, torch.linalg.solve(a, y), mu1, mu2)
     assert torch.equal(s_t, s) and torch.equal(y_t, y)
+
+
+def test_active_only_where_the_bounds_change_the_pair():
+    """With σ_L = 0.01 and τ_max = 0.99, a ratio in [0, σ_L) needs τ ≥ 0.99: capped, the same
+    ŷ as an in-bounds pair, so not counted; a negative ratio or one above σ_H is."""
+    r = torch.tensor([0.005, 0.5, -0.2, 3.0], dtype=torch.float64)
+    tau, active = tau_coefficient(r, torch.ones_like(r), 0.01, 1.5, 0.99)
+    assert active.tolist() == [False, False, True, True]
+    assert tau[0] == tau[1] == 0.99
+    assert 1 - tau[2] * (1 - r[2]) == pytest.approx(0.01)

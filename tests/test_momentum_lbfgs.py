@@ -159,6 +159,10 @@ def test_curvature_diagnostics_match_dense_computation():
                 "pair_span": float(lam.sum() ** 2 / (lam**2).sum())}
         for key, value in want.items():
             assert diag[key + "_per_block"][blk] == pytest.approx(value, rel=1e-8), key
+    g_all = torch.cat([t[0] for t in trace.values()])
+    d_all = torch.cat([t[1] for t in trace.values()])
+    assert diag["direction_cosine"] == pytest.approx(
+        float(g_all @ d_all / (g_all.norm() * d_all.norm())), rel=1e-8)
     assert len(trace) == 3 and diag["history_length"] == [4, 4, 4]
     # the τ-rule keeps the quotients in [σ_L, σ_H] = [0.01, 1.5]
     assert min(diag["curvature_min_per_block"]) >= 0.01 - 1e-12

@@ -28,8 +28,10 @@ def tau_coefficient(
         τ = 1                      otherwise,   then τ ← min(τ, τ_max)
 
     so that ``ŷ = τ y + (1 − τ) s`` has ``r̂ = 1 − τ (1 − r) ∈ [σ_L, σ_H]`` (requires
-    ``σ_L < 1 < σ_H``). Returns ``(τ, active)`` where ``active`` marks pairs whose ratio was out of
-    bounds. Non-finite ratios give a non-finite ``τ``; callers reject such pairs.
+    ``σ_L < 1 < σ_H``). Returns ``(τ, active)`` where ``active`` marks the pairs the bounds
+    changed: ratio out of bounds *and* a bound's ``τ`` below ``τ_max`` (a ratio just under
+    ``σ_L`` can need a ``τ`` above the cap, and then gets the same ``ŷ`` as an in-bounds pair).
+    Non-finite ratios give a non-finite ``τ``; callers reject such pairs.
     """
     r = sy / ss
     low = r < sigma_low
@@ -37,8 +39,9 @@ def tau_coefficient(
     one = torch.ones_like(r)
     tau = torch.where(low, (1.0 - sigma_low) / torch.where(low, 1.0 - r, one), one)
     tau = torch.where(high, (sigma_high - 1.0) / torch.where(high, r - 1.0, one), tau)
+    active = (low | high) & (tau < tau_max)
     tau = torch.where(torch.isfinite(r), tau.clamp(max=tau_max), r)
-    return tau, low | high
+    return tau, active
 
 
 def powell_damping(u: Tensor, w: Tensor, mu_vec: Tensor, mu: float) -> Tensor:

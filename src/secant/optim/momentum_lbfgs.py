@@ -633,7 +633,9 @@ class MomentumLBFGS(OptimizerContract):
         rule and momentum; NaN before the first such step):
 
         * ``direction_cosine_per_block``: ``gᵀd / (‖g‖ ‖d‖)``. 1 means ``H`` acts on ``g`` as
-          a multiple of the identity: the step is (normalised) SGD.
+          a multiple of the identity: the step is (normalised) SGD. ``direction_cosine`` is
+          the same over all blocks together (blocks with different ``γ`` turn the whole step
+          even where each block's own cosine is 1).
         * ``direction_norm_ratio_per_block``: ``‖d‖ / ‖g‖``, the step length the curvature
           gives relative to the gradient's (before the step rule rescales all blocks
           together).
@@ -663,8 +665,7 @@ class MomentumLBFGS(OptimizerContract):
                 sq += st["last_lrs"][i] ** 2 * float(sum(n.double() ** 2 for n in norms))
         keys = ("count", "pairs_accepted", "pairs_rejected", "damping_activations")
         per_block = torch.stack([st[k] for k in keys])
-        measures = ("direction_cosine", "direction_norm_ratio", "gamma", "curvature_min",
-                    "curvature_max", "pair_span")
+        measures = ("gd", "gg", "dd", "gamma", "curvature_min", "curvature_max", "pair_span")
         curv = self._curvature_measures()
         if self._group is not None:
             own = self._layout.shards[self._rank]
@@ -680,21 +681,22 @@ class MomentumLBFGS(OptimizerContract):
         for key, row in zip(keys[1:], per_block[1:]):
             out[key] = int(row.sum())
             out[key + "_per_block"] = row.tolist()
-        for key, row in zip(measures, curv):
+        gd, gg, dd, *spectrum = curv
+        out["direction_cosine"] = float(gd.sum() / (gg.sum() * dd.sum()).sqrt())
+        out["direction_cosine_per_block"] = (gd / (gg * dd).sqrt()).tolist()
+        out["direction_norm_ratio_per_block"] = (dd / gg).sqrt().tolist()
+        for key, row in zip(measures[3:], spectrum):
             out[key + "_per_block"] = row.tolist()
         return out
 
     def _curvature_measures(self) -> Tensor:
-        """``[6, own blocks]`` float64: cosine, norm ratio, γ, min and max Rayleigh quotient,
-        span (see :meth:`diagnostics`)."""
+        """``[7, own blocks]`` float64: ``gᵀd``, ``gᵀg``, ``dᵀd`` of the last direction, γ, min
+        and max Rayleigh quotient, span (see :meth:`diagnostics`)."""
         n_own = len(self._layout.shards[self._rank])
         if not self._own_params:
-            return torch.zeros(6, 0, dtype=torch.float64, device=self._layout.chunk_block.device)
+            return torch.zeros(7, 0, dtype=torch.float64, device=self._layout.chunk_block.device)
         h = self._history()
-        if self._turn is None:
-            turn = torch.full((2, n_own), math.nan, dtype=torch.float64, device=h.z.device)
-        else:
-            gd, gg, dd = self._turn.double()
-            turn = torch.stack([gd / (gg * dd).sqrt(), (dd / gg).sqrt()])
+        turn = (torch.full((3, n_own), math.nan, dtype=torch.float64, device=h.z.device)
+                if self._turn is None else self._turn.double())
         gamma = torch.where(h.count > 0, newest_gamma(h, self.curvature_eps), math.nan)
         return torch.cat([turn, torch.stack([gamma, *pair_spectrum(h)]).double()])
