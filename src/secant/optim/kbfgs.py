@@ -310,7 +310,8 @@ class _KroneckerBFGS(LayerOptimizer):
 
         Runs without gradients, in the model's current train / eval mode; BatchNorm running
         statistics are left as they were (the pass measures ``A``, it does not train). Returns
-        the number of batches used (this rank's). Distributed: ``A`` is averaged over all ranks' batches.
+        the number of batches used (this rank's). Distributed: ``A`` is averaged over all
+        ranks' batches.
         """
         check(max_batches is None or (isinstance(max_batches, int) and max_batches >= 1),
               "max_batches", max_batches, "None or an integer >= 1")
