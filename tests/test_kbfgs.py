@@ -26,12 +26,12 @@ def dense_bfgs(h, s, y):
     return left @ h @ left.T + rho * torch.outer(s, s)
 
 
-def mlp(seed=0, sizes=(5, 4, 3)):
+def mlp(seed=0, sizes=(5, 4, 3), dtype=D):
     torch.manual_seed(seed)
     layers = []
     for i in range(len(sizes) - 1):
         layers += [nn.Linear(sizes[i], sizes[i + 1]), nn.Tanh()]
-    return nn.Sequential(*layers[:-1]).to(D)
+    return nn.Sequential(*layers[:-1]).to(dtype)
 
 
 def batches(n_steps, n=9, seed=11):

@@ -7,6 +7,7 @@ import math
 from collections import Counter
 
 import pytest
+import test_kbfgs
 import torch
 import torch.nn.functional as F
 from layer_helpers import make_closure
@@ -33,17 +34,11 @@ class CountOps(TorchDispatchMode):
 
 
 def mlp(seed, sizes=(5, 6, 4, 3), dtype=D):
-    torch.manual_seed(seed)
-    layers = []
-    for i in range(len(sizes) - 1):
-        layers += [nn.Linear(sizes[i], sizes[i + 1]), nn.Tanh()]
-    return nn.Sequential(*layers[:-1]).to(dtype)
+    return test_kbfgs.mlp(seed, sizes, dtype)
 
 
-def batches(n_steps, n=9, seed=3):
-    g = torch.Generator().manual_seed(seed)
-    return [(torch.randn(n, 5, generator=g, dtype=D), torch.randint(0, 3, (n,), generator=g))
-            for _ in range(n_steps)]
+def batches(n_steps):
+    return test_kbfgs.batches(n_steps, seed=3)
 
 
 # ---------------------------------------------------------------- all_finite
