@@ -414,17 +414,20 @@ class Neumann(OptimizerContract):
         sharded tensors are summed over the shard group (one all-reduce for all parts) and a
         replicated parameter's are counted once."""
         device = self._params[0].device
-        norms = [torch.stack([n.to(device) for n in torch._foreach_norm(ts, 2,
-                                                                       dtype=self._norm_dtype)])
+        norms = [[n.to(device) for n in torch._foreach_norm(ts, 2, dtype=self._norm_dtype)]
                  for ts, _ in parts]
         if self._shard_group is None:
-            return [torch.linalg.vector_norm(n) for n in norms]
-        sharded = [torch.tensor([isinstance(p, DTensor) for p in ps], device=device)
-                   for _, ps in parts]
-        sums = torch.stack([torch.where(sh, n**2, 0.0).sum() for n, sh in zip(norms, sharded)])
+            return [torch.linalg.vector_norm(torch.stack(n)) for n in norms]
+        zero = torch.zeros((), dtype=self._norm_dtype, device=device)
+
+        def squares(ns: list[Tensor], ps: list[Tensor], sharded: bool) -> Tensor:
+            kept = [n for n, p in zip(ns, ps) if isinstance(p, DTensor) == sharded]
+            return torch.stack(kept).square().sum() if kept else zero
+
+        sums = torch.stack([squares(n, ps, True) for n, (_, ps) in zip(norms, parts)])
         total = all_reduce_flat([sums], self._shard_group)[0]
-        return [(tot + torch.where(sh, 0.0, n**2).sum()).sqrt()
-                for tot, n, sh in zip(total, norms, sharded)]
+        return [(tot + squares(n, ps, False)).sqrt()
+                for tot, n, (_, ps) in zip(total, norms, parts)]
 
     def _regulariser_coefficient(self, r_norm: Tensor, g_norm: Tensor) -> Tensor:
         """``c`` with regulariser gradient ``c · r``, ``r = w − v`` over all parameters: the
