@@ -26,7 +26,7 @@ from secant.bench import (
 from secant.bench.data import BenchError
 from secant.bench.problems import PROBLEMS
 from secant.bench.registry import OPTIMIZERS, available_optimizers, get_optimizer
-from secant.bench.runner import RunConfig, run_one
+from secant.bench.runner import RunConfig, epoch_steps, run_one
 from secant.bench.suites import SUITES, get_suite
 from secant.bench.tuned_table import TunedTable
 
@@ -261,7 +261,7 @@ def _equal_cost_epochs(args, problem, settings: dict, data, record: dict) -> dic
         raise BenchError(f"--equal-cost {ref}: not among the optimizers run on {problem.name} "
                          f"({', '.join(run)})")
     batch = min(args.batch_size or problem.batch_size, len(data.x_train))
-    per_epoch = max(len(data.x_train) // batch, 1)
+    per_epoch = epoch_steps(len(data.x_train), batch)
     ref_steps = math.ceil(_epochs(args, problem) * per_epoch)
     print(f"{problem.name}: calibrating the cost per step of {', '.join(run)} ...",
           file=sys.stderr)

@@ -48,6 +48,12 @@ class RunConfig:
     knob: dict = field(default_factory=dict)  # the second hyperparameter, e.g. {"damping": 0.3}
 
 
+def epoch_steps(n: int, batch: int) -> int:
+    """Steps in one epoch of ``n`` examples at ``batch`` per step (a partial batch is dropped;
+    at least one)."""
+    return max(n // batch, 1)
+
+
 def state_bytes(opt: torch.optim.Optimizer) -> int:
     """Bytes of all tensors reachable from ``opt.state_dict()['state']``, each storage counted
     once."""
@@ -135,7 +141,7 @@ def run_one(problem: Problem, entry: OptimizerEntry, data: Dataset, cfg: RunConf
     ev_tr = (x_tr[sub], None if y_tr is None else y_tr[sub])
     ev_te = (x_te[: problem.eval_test], None if y_te is None else y_te[: problem.eval_test])
     batch = min(cfg.batch_size, n)
-    steps_per_epoch = max(n // batch, 1)
+    steps_per_epoch = epoch_steps(n, batch)
     total_steps = None if cfg.epochs is None else max(1, math.ceil(cfg.epochs * steps_per_epoch))
     gen = torch.Generator().manual_seed(cfg.seed)
     if device.type == "cuda":
