@@ -1,6 +1,6 @@
-"""Models of the benchmark problems: the K-BFGS paper's deep autoencoders, a small MLP, the
-CIFAR ResNet-18 and a small ViT. Every weight layer is an ``nn.Linear`` or ``nn.Conv2d`` so the
-layer optimizers (K-FAC, K-BFGS) can hook them."""
+"""Models of the benchmark problems: the K-BFGS paper's deep autoencoders, a small MLP, ResNets
+(the quick suite's small one, CIFAR's ResNet-18) and a small ViT. Every weight layer is an
+``nn.Linear`` or ``nn.Conv2d`` so the layer optimizers (K-FAC, K-BFGS) can hook them."""
 
 from __future__ import annotations
 
@@ -67,24 +67,38 @@ class BasicBlock(nn.Module):
         return torch.relu(out + self.shortcut(x))
 
 
-class ResNet18(nn.Module):
-    """ResNet-18 for 32×32 inputs: 3×3 stride-1 stem, no max-pool, stages of 64/128/256/512
-    channels with two basic blocks each, global average pool, linear classifier."""
+class ResNet(nn.Module):
+    """A ResNet for small images: 3×3 stride-1 stem (no max-pool), one stage of ``depth`` basic
+    blocks per entry of ``widths`` (the first stage at stride 1, the others starting at stride
+    2, 1×1-conv shortcuts where the shape changes), global average pool, linear classifier."""
 
-    def __init__(self, num_classes: int = 10) -> None:
+    def __init__(self, in_channels: int, widths: tuple[int, ...], depth: int,
+                 num_classes: int = 10) -> None:
         super().__init__()
-        self.stem = nn.Sequential(nn.Conv2d(3, 64, 3, 1, 1, bias=False), nn.BatchNorm2d(64),
-                                  nn.ReLU())
-        blocks, cin = [], 64
-        for cout, stride in ((64, 1), (128, 2), (256, 2), (512, 2)):
-            blocks += [BasicBlock(cin, cout, stride), BasicBlock(cout, cout, 1)]
+        self.stem = nn.Sequential(nn.Conv2d(in_channels, widths[0], 3, 1, 1, bias=False),
+                                  nn.BatchNorm2d(widths[0]), nn.ReLU())
+        blocks, cin = [], widths[0]
+        for i, cout in enumerate(widths):
+            blocks += [BasicBlock(cin if j == 0 else cout, cout, 2 if i and not j else 1)
+                       for j in range(depth)]
             cin = cout
         self.blocks = nn.Sequential(*blocks)
-        self.fc = nn.Linear(512, num_classes)
+        self.fc = nn.Linear(cin, num_classes)
 
     def forward(self, x: Tensor) -> Tensor:
         x = self.blocks(self.stem(x))
         return self.fc(torch.flatten(nn.functional.adaptive_avg_pool2d(x, 1), 1))
+
+
+def ResNet18(num_classes: int = 10) -> ResNet:
+    """ResNet-18 for 32×32 RGB inputs: stages of 64/128/256/512 channels, two blocks each."""
+    return ResNet(3, (64, 128, 256, 512), 2, num_classes)
+
+
+def small_resnet() -> ResNet:
+    """The quick suite's CNN for 16×16 grey images: stages of 16/32/64 channels, one block
+    each (77,754 parameters)."""
+    return ResNet(1, (16, 32, 64), 1)
 
 
 # ---------------------------------------------------------------------------------- small ViT

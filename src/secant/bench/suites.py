@@ -31,7 +31,7 @@ def _add(s: Suite) -> None:
 
 _add(Suite("quick", "what `make bench` runs: small real and synthetic problems whose verdict "
            "was checked stable across 3 seeds and machine load; within 10 minutes on 2 CPU "
-           "cores", {"digits-clf": 10, "mnist1d": 10, "digits": 20}, seeds=3))
+           "cores", {"digits-clf": 10, "mnist1d": 10, "digits": 20, "digits-cnn": 10}, seeds=3))
 _add(Suite("paper-ae", "the K-BFGS paper's autoencoder comparison at batch 1000 and its "
            "contenders (SGD-momentum, Adam, K-FAC, K-BFGS, K-BFGS(L)): CURVES-like data (100 "
            "epochs), and MNIST (120 epochs, the paper's K-BFGS run) with --data-dir",
