@@ -135,14 +135,16 @@ def forward_stats(model, x, y):
 
 
 def reference_run(model, data, lr, lam, rho=0.9, wd=1e-5, beta=0.9, c=0.9, mu1=0.2,
-                  eps=1e-4, zero_a=False, wd_bias=None, history=None):
+                  eps=1e-4, zero_a=False, wd_bias=None, history=None, period=1):
     """Dense float64 K-BFGS; with ``history=m`` K-BFGS(L): ``H_g`` rebuilt each step as the BFGS
-    matrix of the last ``m`` accepted pairs applied to ``I``."""
+    matrix of the last ``m`` accepted pairs applied to ``I``; with ``period=T`` only steps
+    0, T, 2T, ... (counting from 0) update ``A``, ``H_a`` and ``H_g`` and run the second pass."""
     lins = [m for m in model if isinstance(m, nn.Linear)]
     r = math.sqrt(lam)
     st = None
     losses = []
-    for x, y in data:
+    for t, (x, y) in enumerate(data):
+        curvature = t % period == 0
         loss, s1 = forward_stats(model, x, y)
         losses.append(loss)
         if st is None:
@@ -154,7 +156,7 @@ def reference_run(model, data, lr, lam, rho=0.9, wd=1e-5, beta=0.9, c=0.9, mu1=0
                                Hg=torch.eye(h.shape[1], dtype=D), m=torch.zeros_like(gw),
                                sb=torch.zeros(h.shape[1], dtype=D), pairs=[],
                                yb=torch.zeros(h.shape[1], dtype=D)))
-        else:
+        elif curvature:
             for ls, (a, _, _, _) in zip(st, s1):
                 ls["A"] = beta * ls["A"] + (1 - beta) * a.T @ a / len(a)
         for ls, lin, (_, _, _, gw) in zip(st, lins, s1):
@@ -166,6 +168,8 @@ def reference_run(model, data, lr, lam, rho=0.9, wd=1e-5, beta=0.9, c=0.9, mu1=0
             with torch.no_grad():
                 lin.weight -= lr * p[:, :-1]
                 lin.bias -= lr * p[:, -1]
+        if not curvature:
+            continue
         _, s2 = forward_stats(model, x, y)
         for ls, (a, h1, g1, _), (_, h2, g2, _) in zip(st, s1, s2):
             s, yv = h2.mean(0) - h1.mean(0), g2.mean(0) - g1.mean(0)
@@ -213,6 +217,32 @@ def test_steps_match_dense_reference(cls):
             torch.testing.assert_close(ls["H_g"], rs["Hg"], rtol=1e-9, atol=1e-11)
     d = opt.diagnostics()
     assert d["g_pairs_accepted"] + d["g_pairs_rejected"] == 4 * 3
+
+
+@pytest.mark.parametrize("cls", [KBFGS, KBFGSL])
+def test_curvature_update_period_matches_dense_reference(cls):
+    """``curvature_update_period=3``: steps 1, 4, 7 are full K-BFGS steps (two closure calls,
+    every curvature update); the steps between call the closure once and move the parameters
+    with the last ``H_g`` and ``H_a``."""
+    data = batches(8)
+    model, ref = mlp(3, (5, 6, 4, 3)), mlp(3, (5, 6, 4, 3))
+    opt = cls(model, lr=0.5, damping=0.1, curvature_update_period=3)
+    calls, losses = [], []
+    for x, y in data:
+        before = len(calls)
+        losses.append(float(opt.step(make_closure(opt, model, x, y, calls))))
+        calls[before:] = [len(calls) - before]
+    assert calls == [2, 1, 1, 2, 1, 1, 2, 1]
+    ref_losses, ref_st = reference_run(ref, data, lr=0.5, lam=0.1, period=3)
+    assert losses == pytest.approx(ref_losses, rel=1e-12)
+    for m, r in zip([m for m in model if isinstance(m, nn.Linear)],
+                    [m for m in ref if isinstance(m, nn.Linear)]):
+        torch.testing.assert_close(wtilde(m), wtilde(r), rtol=1e-10, atol=1e-12)
+    for ls, rs in zip(opt.state["kbfgs"]["layers"], ref_st):
+        torch.testing.assert_close(ls["H_a"], rs["Ha"], rtol=1e-9, atol=1e-11)
+        torch.testing.assert_close(ls["A"], rs["A"])
+    d = opt.diagnostics()
+    assert d["g_pairs_accepted"] + d["g_pairs_rejected"] == 3 * 3
 
 
 @pytest.mark.parametrize("cls", [KBFGS, KBFGSL])
@@ -577,6 +607,9 @@ def test_bad_arguments(kw, name):
             cls(mlp(), **kw)
     with pytest.raises(ValueError, match="history_size=0"):
         KBFGSL(mlp(), history_size=0)
+    for bad in (0, 2.0, True):
+        with pytest.raises(ValueError, match=f"curvature_update_period={bad}"):
+            KBFGS(mlp(), curvature_update_period=bad)
     with pytest.raises(ValueError, match="model="):
         KBFGS(list(mlp().parameters()))
 

@@ -112,6 +112,11 @@ class _KroneckerBFGS(LayerOptimizer):
        ``y_a = (A + √λ I) s_a``, ``H_a ← BFGS(H_a, s_a, y_a)`` under the same cautious test with
        ``‖v‖`` — this keeps ``H_a ≈ (A + √λ I)⁻¹`` without any matrix inversion after the first.
 
+    With ``curvature_update_period=T > 1`` only steps ``k ≡ 1 (mod T)`` run all six; the others
+    run pass 1 without capturing statistics and steps 2–3 for ``ĝ`` alone (``A``, ``H_a``,
+    ``H_g``, ``s̄``, ``ȳ`` unchanged), as K-FAC amortises its factors: one closure call and no
+    curvature work on ``T − 1`` of every ``T`` steps.
+
     Non-finite statistics (an overflow, a NaN loss) never reach the state, and no test syncs
     with the host: the pass-1 statistics ``(A, v, h̄, ḡ)`` of a layer carry one finiteness flag
     (:func:`secant.linalg.bfgs.all_finite`; ``A`` through its diagonal), which gates ``A``,
@@ -179,6 +184,7 @@ class _KroneckerBFGS(LayerOptimizer):
         process_group: Any = None,
         distributed_mode: str = "memory",
         a_init: str = "statistic",
+        curvature_update_period: int = 1,
         **layer_options: Any,
     ) -> None:
         scaler = layer_options.get("grad_scaler")
@@ -195,7 +201,11 @@ class _KroneckerBFGS(LayerOptimizer):
               "a value in (0, 1)")
         check_finite_nonneg("cautious_eps", cautious_eps)
         check(a_init in A_INITS, "a_init", a_init, f"one of {A_INITS}")
+        check(isinstance(curvature_update_period, int)
+              and not isinstance(curvature_update_period, bool) and curvature_update_period >= 1,
+              "curvature_update_period", curvature_update_period, "an integer >= 1")
         self.a_init = a_init
+        self.curvature_update_period = curvature_update_period
         self.stat_decay = stat_decay
         self.pair_decay = pair_decay
         self.mu1 = mu1
@@ -212,6 +222,7 @@ class _KroneckerBFGS(LayerOptimizer):
     def _setup_description(self) -> str:
         return (f"stat_decay={self.stat_decay} pair_decay={self.pair_decay} mu1={self.mu1} "
                 f"cautious_eps={self.cautious_eps} a_init={self.a_init} "
+                f"curvature_update_period={self.curvature_update_period} "
                 f"history_size={getattr(self, 'history_size', None)}")
 
     def _works(self, owned: bool) -> bool:
@@ -390,19 +401,20 @@ class _KroneckerBFGS(LayerOptimizer):
         st = self._st
         k = st["step"] + 1
         kron = self.kron_group is not None
-        if kron:
+        curvature = kron and (k - 1) % self.curvature_update_period == 0
+        if curvature:
             self.capture.start(self._pass1_stats, h_mean=True)
         rng = _rng_state()
         try:
             with torch.enable_grad():
                 loss = closure()
-            recs1 = self._collected(self.capture.collect()) if kron else []
+            recs1 = self._collected(self.capture.collect()) if curvature else None
         finally:
             self.capture.stop()
         if kron:
             pass1 = self._first_half(recs1, skip_a=(k == 1 and st["warm_started"]))
         self._fallback_step("ema")
-        if kron:
+        if curvature:
             self.capture.start(self._pass2_stats, inputs=False, h_mean=True)
             _set_rng_state(rng)  # the same dropout masks (and other randomness) as pass 1
             try:
@@ -457,23 +469,25 @@ class _KroneckerBFGS(LayerOptimizer):
                         for s in shp])
         return out
 
-    def _first_half(self, recs: list[list[Tensor] | None], skip_a: bool
+    def _first_half(self, recs: list[list[Tensor] | None] | None, skip_a: bool
                     ) -> list[tuple[Tensor, Tensor, Tensor, Tensor, Tensor | None] | None]:
         """Steps 2–3 for every layer (``A``, gradient EMA, direction); returns per layer what
         the second half needs: ``(h̄, ḡ, v, ok, hg)``, ``ok`` the one finiteness flag of the
         pass-1 statistics ``(A, v, h̄, ḡ)`` (a non-finite set updates nothing: neither ``A``,
-        ``H_a`` nor, through ``h̄`` and ``ḡ``, the pair), ``hg`` from :meth:`_hg_matrix`."""
+        ``H_a`` nor, through ``h̄`` and ``ḡ``, the pair), ``hg`` from :meth:`_hg_matrix`.
+        ``recs`` is ``None`` on a step between curvature updates: gradient EMA and direction
+        only, with the last ``H_g`` and ``H_a``."""
         st = self._st
         first = not st["a_initialized"]
-        shapes = [[(i, i), (i,), (o,), (o,)] for o, i in map(matrix_shape, self.layers)]
-        stats = self._all_reduce(self._stats_or_nan(recs, shapes),
-                                 average=True)  # global-batch statistics
+        if recs is not None:
+            shapes = [[(i, i), (i,), (o,), (o,)] for o, i in map(matrix_shape, self.layers)]
+            stats = self._all_reduce(self._stats_or_nan(recs, shapes),
+                                     average=True)  # global-batch statistics
         shared = self.distributed and self.distributed_mode == "memory"
         saved: list[Any] = []
         bufs: list[Tensor] = []  # directions added to the parameters after the loop
         buffered: list[int] = []
         for i, (own, ls) in enumerate(zip(self._owned, st["layers"])):
-            a_new, v, h_mean, g_sum = stats[4 * i: 4 * i + 4]
             group = self.layer_group(i)
             if not self._has_grad(i):  # no gradient: no update at all
                 saved.append(None)
@@ -493,24 +507,28 @@ class _KroneckerBFGS(LayerOptimizer):
             if not self._works(own):
                 saved.append(None)
                 continue
-            # a Gram matrix is finite iff its diagonal is (|A_ij| ≤ sqrt(A_ii A_jj))
-            ok = all_finite(a_new.diagonal(), v, h_mean, g_sum)
-            if recs[i] is not None:
-                ls["stats_rejected"] += ~ok
-            if first:
-                lam_a = math.sqrt(group["damping"])
-                if self.a_init == "zero":  # a zero-started average after one update
-                    a_new = a_new * (1.0 - self.stat_decay)
-                ls["A"].copy_(torch.where(ok, a_new, ls["A"]))
-                ls["H_a"].copy_(torch.where(ok, damped_inverse(ls["A"], lam_a), ls["H_a"]))
-            elif not skip_a:
-                # a_new is this step's own buffer: mask it in place (no d_in² temporary)
-                ls["A"].lerp_(torch.where(ok, a_new, ls["A"], out=a_new), 1.0 - self.stat_decay)
+            if recs is not None:
+                a_new, v, h_mean, g_sum = stats[4 * i: 4 * i + 4]
+                # a Gram matrix is finite iff its diagonal is (|A_ij| ≤ sqrt(A_ii A_jj))
+                ok = all_finite(a_new.diagonal(), v, h_mean, g_sum)
+                if recs[i] is not None:
+                    ls["stats_rejected"] += ~ok
+                if first:
+                    lam_a = math.sqrt(group["damping"])
+                    if self.a_init == "zero":  # a zero-started average after one update
+                        a_new = a_new * (1.0 - self.stat_decay)
+                    ls["A"].copy_(torch.where(ok, a_new, ls["A"]))
+                    ls["H_a"].copy_(torch.where(ok, damped_inverse(ls["A"], lam_a), ls["H_a"]))
+                elif not skip_a:
+                    # a_new is this step's own buffer: mask it in place (no d_in² temporary)
+                    ls["A"].lerp_(torch.where(ok, a_new, ls["A"], out=a_new),
+                                  1.0 - self.stat_decay)
             self._update_grad_ema(i, ls["grad_ema"], 1.0 - group["momentum"])
             hg = self._hg_matrix(ls)
             with torch.no_grad():
                 self._add_direction(ls, hg, ls["grad_ema"], targets, -group["lr"])
-            saved.append(None if recs[i] is None else (h_mean, g_sum, v, ok, hg))
+            saved.append(None if recs is None or recs[i] is None else
+                         (h_mean, g_sum, v, ok, hg))
         if shared:
             bufs = self._all_reduce(bufs)  # owners' steps, zeros elsewhere: summed = shared
         parts = iter(bufs)
@@ -640,6 +658,10 @@ class KBFGS(_KroneckerBFGS):
         distributed_mode: ``"memory"`` (default) or ``"communication"`` (see below).
         a_init: ``"statistic"`` (default) or ``"zero"``: how ``A`` starts without
             :meth:`warm_start` (see step 2 below).
+        curvature_update_period: ``T`` (1, the paper): steps 1, 1 + T, 1 + 2T, ... are full
+            steps; the ``T − 1`` steps in between call the closure once and only update the
+            gradient EMA and step with the last ``H_g`` and ``H_a`` (an extension beyond the
+            paper, opt-in; measured in ``benchmarks/kbfgs_period.md``).
     """
 
     __doc__ = (__doc__ or "") + "\n" + (_KroneckerBFGS.__doc__ or "")
@@ -651,11 +673,12 @@ class KBFGS(_KroneckerBFGS):
                  param_groups: list[dict[str, Any]] | None = None,
                  factor_dtype: torch.dtype | None = None, grad_scaler: Any = None,
                  process_group: Any = None, distributed_mode: str = "memory",
-                 a_init: str = "statistic") -> None:
+                 a_init: str = "statistic", curvature_update_period: int = 1) -> None:
         super().__init__(model, lr, damping, momentum, weight_decay, stat_decay, pair_decay,
                          mu1, cautious_eps, exclude, fallback_lr, process_group,
-                         distributed_mode, a_init, param_groups=param_groups,
-                         factor_dtype=factor_dtype, grad_scaler=grad_scaler)
+                         distributed_mode, a_init, curvature_update_period,
+                         param_groups=param_groups, factor_dtype=factor_dtype,
+                         grad_scaler=grad_scaler)
 
     def _fresh_hg(self, d_out: int, kw: dict[str, Any]) -> dict[str, Tensor]:
         return {"H_g": torch.eye(d_out, **kw)}
@@ -701,14 +724,15 @@ class KBFGSL(_KroneckerBFGS):
                  param_groups: list[dict[str, Any]] | None = None,
                  factor_dtype: torch.dtype | None = None, grad_scaler: Any = None,
                  process_group: Any = None, distributed_mode: str = "memory",
-                 a_init: str = "statistic") -> None:
+                 a_init: str = "statistic", curvature_update_period: int = 1) -> None:
         check(isinstance(history_size, int) and not isinstance(history_size, bool)
               and history_size >= 1, "history_size", history_size, "an integer >= 1")
         self.history_size = history_size
         super().__init__(model, lr, damping, momentum, weight_decay, stat_decay, pair_decay,
                          mu1, cautious_eps, exclude, fallback_lr, process_group,
-                         distributed_mode, a_init, param_groups=param_groups,
-                         factor_dtype=factor_dtype, grad_scaler=grad_scaler)
+                         distributed_mode, a_init, curvature_update_period,
+                         param_groups=param_groups, factor_dtype=factor_dtype,
+                         grad_scaler=grad_scaler)
 
     def _fresh_hg(self, d_out: int, kw: dict[str, Any]) -> dict[str, Tensor]:
         m = self.history_size
