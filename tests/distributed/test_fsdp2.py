@@ -1,7 +1,7 @@
-"""FSDP2 (``fully_shard``) and HSDP on gloo CPU ranks: Neumann equals the one-process run on
-the same global batch (uneven and empty shards included) and resumes exactly from a
-``torch.distributed.checkpoint`` save; the optimizers without FSDP2 support refuse DTensor
-parameters with a ``ValueError`` on every rank, at construction."""
+"""FSDP2 (``fully_shard``) and HSDP on gloo CPU ranks: Neumann and MomentumLBFGS equal the
+one-process run on the same global batch (uneven and empty shards included), Neumann resumes
+exactly from a ``torch.distributed.checkpoint`` save; the optimizers without FSDP2 support
+refuse DTensor parameters with a ``ValueError`` on every rank, at construction."""
 
 import os
 
@@ -38,6 +38,16 @@ def neumann(params):
     return secant.Neumann(params, lr=0.05, burn_in_steps=2, reset_period=3)
 
 
+OPTIMIZERS = {  # a pair every 2 steps from step 4: 5 pairs in 12 steps, the ring of 3 wraps
+    "neumann": neumann,
+    "mlbfgs": lambda ps: secant.MomentumLBFGS(ps, lr=0.05, weight_decay=0.01, beta=0.9,
+                                              history_size=3, update_period=2),
+    "mlbfgs-tensor-kl": lambda ps: secant.MomentumLBFGS(
+        ps, lr=0.05, beta=0.9, history_size=3, update_period=2, blocks="tensor",
+        step_rule="kl_clip", kl_clip=1e-4),
+}
+
+
 def batch(step):
     gen = torch.Generator().manual_seed(step)
     x = torch.randn(GLOBAL_BATCH, 6, generator=gen, dtype=torch.float64)
@@ -69,35 +79,56 @@ def full_params(net):
     return [p.full_tensor() for p in net.parameters()]
 
 
-def _worker_equal(rank, world, out_dir, mesh_shape):
+def _worker_equal(rank, world, out_dir, mesh_shape, name):
     net = sharded(mesh_shape)
-    opt = neumann(net.parameters())
+    opt = OPTIMIZERS[name](net.parameters())
     train(net, opt, STEPS, rank=rank, world=world)
     diag = opt.diagnostics()  # norms are collectives
     torch.save({"params": full_params(net), "diag": diag},
                os.path.join(out_dir, f"rank{rank}.pt"))
 
 
-def reference(steps=STEPS):
+def reference(name="neumann", steps=STEPS):
     net = model()
-    opt = neumann(net.parameters())
+    opt = OPTIMIZERS[name](net.parameters())
     train(net, opt, steps)
     return net, opt
 
 
-@pytest.mark.parametrize("world,mesh_shape", [(2, (2,)), (3, (3,)), (4, (2, 2))])
-def test_neumann_equals_one_process(tmp_path, world, mesh_shape):
-    """FSDP2 on 2 and 3 ranks (3: uneven shards and an empty one), HSDP on a 2 × 2 mesh."""
-    spawn(world, _worker_equal, str(tmp_path), mesh_shape, pinned_by_torch=True)
-    net, opt = reference()
+def check_equal(tmp_path, world, name, keys):
+    """Every rank's full parameters and the diagnostics ``keys`` equal the one-process run's;
+    returns the reference's diagnostics."""
+    net, opt = reference(name)
     want = opt.diagnostics()
     for r in range(world):
         res = torch.load(tmp_path / f"rank{r}.pt", weights_only=True)
         for p, q in zip(res["params"], net.parameters()):
             torch.testing.assert_close(p, q.detach(), rtol=1e-10, atol=1e-12)
-        for key in ("displacement_norm", "distance_to_average"):
+        for key in keys:
             assert res["diag"][key] == pytest.approx(want[key], rel=1e-9)
+    return want
+
+
+@pytest.mark.parametrize("world,mesh_shape", [(2, (2,)), (3, (3,)), (4, (2, 2))])
+def test_neumann_equals_one_process(tmp_path, world, mesh_shape):
+    """FSDP2 on 2 and 3 ranks (3: uneven shards and an empty one), HSDP on a 2 × 2 mesh."""
+    spawn(world, _worker_equal, str(tmp_path), mesh_shape, "neumann", pinned_by_torch=True)
+    want = check_equal(tmp_path, world, "neumann", ("displacement_norm", "distance_to_average"))
     assert want["resets"] >= 2  # burn-in, resets and regular Neumann steps all ran
+
+
+@pytest.mark.parametrize("world,mesh_shape,name", [
+    (2, (2,), "mlbfgs"), (3, (3,), "mlbfgs-tensor-kl"), (4, (2, 2), "mlbfgs")])
+def test_momentum_lbfgs_equals_one_process(tmp_path, world, mesh_shape, name):
+    """One block per group, and one block per tensor with the KL clip (on 3 ranks the head's
+    weight and bias blocks are empty on rank 2); HSDP on a 2 × 2 mesh."""
+    spawn(world, _worker_equal, str(tmp_path), mesh_shape, name, pinned_by_torch=True)
+    want = check_equal(tmp_path, world, name, (
+        "pairs_accepted_per_block", "history_length", "last_step_norm", "direction_cosine",
+        "direction_cosine_per_block", "gamma_per_block", "curvature_max_per_block"))
+    assert want["pairs_accepted"] == 5 * len(want["history_length"])
+    assert max(want["history_length"]) == 3  # the ring wrapped
+    assert want["direction_cosine"] < 1 - 1e-6  # the curvature turned the step
 
 
 def _worker_dcp(rank, world, out_dir):
@@ -129,7 +160,8 @@ REFUSED = {
     "KFAC": lambda m: secant.KFAC(m),
     "KBFGS": lambda m: secant.KBFGS(m),
     "KBFGSL": lambda m: secant.KBFGSL(m),
-    "MomentumLBFGS": lambda m: secant.MomentumLBFGS(m.parameters()),
+    "MomentumLBFGS with an unsharded parameter": lambda m: secant.MomentumLBFGS(
+        [*m.parameters(), nn.Parameter(torch.zeros(3, dtype=torch.float64))]),
 }
 
 

@@ -14,7 +14,14 @@ Right-hand sides are ``v`` of shape ``[K, r, c]`` (``r`` vectors at once; ``r = 
 gradient, ``r = d_in + 1`` for the columns of a Kronecker factor's matrix argument).
 
 The per-block Gram matrix ``gram = Zᵀ Z`` (``[B, 2m, 2m]``) is kept up to date on every push,
-so the compact form needs no extra pass over the history. Slot ``head[b]`` is the next one to
+so the compact form needs no extra pass over the history.
+
+A block may span processes (FSDP2: each rank holds some rows of every block). Every quantity
+that sums over a block's rows then goes through the history's ``reduce`` (an all-reduce over
+those ranks): the per-block sums of :func:`push`, :func:`compact_apply` and :func:`two_loop`,
+which are the only places these three sum over rows. Everything else is per-block and small,
+so it is computed identically on every rank. (:func:`dense_inverse`, which multiplies a whole
+block out, takes no ``reduce``.) Slot ``head[b]`` is the next one to
 be written (the oldest pair once the ring is full); ``count[b]`` pairs are valid. Empty slots
 hold zeros.
 
@@ -34,6 +41,7 @@ block), for a caller that multiplies by the same ``H`` more than once.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from typing import NamedTuple
 
 import torch
@@ -48,6 +56,7 @@ class History(NamedTuple):
     head: Tensor  # [B] int64: next slot to write
     count: Tensor  # [B] int64: number of valid pairs
     chunk_block: Tensor  # [K] int64: owning block of each chunk
+    reduce: Callable[[Tensor], Tensor] | None = None  # sums [B, ...] over ranks (FSDP2)
 
     @property
     def size(self) -> int:
@@ -91,6 +100,12 @@ def block_dot(a: Tensor, b: Tensor, chunk_block: Tensor, num_blocks: int) -> Ten
     return block_sum((a * b).sum(-1), chunk_block, num_blocks)
 
 
+def _block_total(h: History, x: Tensor) -> Tensor:
+    """:func:`block_sum` of per-chunk ``x`` over the whole of each block (all ranks)."""
+    out = block_sum(x, h.chunk_block, h.num_blocks)
+    return out if h.reduce is None else h.reduce(out)
+
+
 def _slot_rows(h: History, slot: Tensor) -> Tensor:
     """Per-chunk row index of per-block slot ``slot[B]``."""
     return slot[h.chunk_block]
@@ -118,7 +133,7 @@ def push(h: History, s: Tensor, y: Tensor, accept: Tensor) -> None:
     h.z[k, rows + m] = torch.where(take, y, h.z[k, rows + m])
     # Gram columns of the (possibly) rewritten slot, for every block.
     new = torch.stack((h.z[k, rows], h.z[k, rows + m]), dim=-1)  # [K, c, 2]
-    cols = block_sum(torch.bmm(h.z, new), h.chunk_block, h.num_blocks)  # [B, 2m, 2]
+    cols = _block_total(h, torch.bmm(h.z, new))  # [B, 2m, 2]
     b = torch.arange(h.num_blocks, device=h.z.device)
     for j, idx in enumerate((h.head, h.head + m)):
         h.gram[b, :, idx] = cols[:, :, j]
@@ -152,7 +167,7 @@ def _chronology(h: History) -> tuple[Tensor, Tensor]:
 
 def _project(h: History, v: Tensor) -> Tensor:
     """Per-block products ``[Sᵀ v, Yᵀ v]`` for ``v [K, r, c]`` -> ``[B, r, 2m]``."""
-    return block_sum(torch.bmm(v, h.z.transpose(1, 2)), h.chunk_block, h.num_blocks)
+    return _block_total(h, torch.bmm(v, h.z.transpose(1, 2)))
 
 
 def _reconstruct(h: History, v: Tensor, gamma: Tensor, coef: Tensor) -> Tensor:
@@ -244,7 +259,7 @@ def two_loop(h: History, v: Tensor, gamma: Tensor) -> Tensor:
         rho = torch.where(valid[:, i], 1.0 / torch.where(valid[:, i], sy, 1.0), 0.0)
         s = h.z[k, slot[h.chunk_block]].unsqueeze(-1)  # [K, c, 1]
         y = h.z[k, slot[h.chunk_block] + m].unsqueeze(1)  # [K, 1, c]
-        a = rho.unsqueeze(1) * block_sum(torch.bmm(q, s).squeeze(-1), h.chunk_block, len(b))
+        a = rho.unsqueeze(1) * _block_total(h, torch.bmm(q, s).squeeze(-1))
         q = q - a[h.chunk_block].unsqueeze(-1) * y
         alphas.append(a)
         rhos.append(rho)
@@ -254,7 +269,7 @@ def two_loop(h: History, v: Tensor, gamma: Tensor) -> Tensor:
         a, rho = alphas[m - 1 - i], rhos[m - 1 - i]
         s = h.z[k, slot[h.chunk_block]].unsqueeze(1)
         y = h.z[k, slot[h.chunk_block] + m].unsqueeze(-1)
-        beta = rho.unsqueeze(1) * block_sum(torch.bmm(r, y).squeeze(-1), h.chunk_block, len(b))
+        beta = rho.unsqueeze(1) * _block_total(h, torch.bmm(r, y).squeeze(-1))
         r = r + (a - beta)[h.chunk_block].unsqueeze(-1) * s
     return r
 

@@ -3,6 +3,9 @@
 A :class:`BlockLayout` places blocks of parameters one after the other in a ``[K, c]`` buffer,
 each block padded to whole chunks of ``c`` entries, and hands out per-parameter views into any
 buffer of that shape, so that ``torch._foreach_*`` ops act on parameters and flat state alike.
+A ``DTensor`` parameter (FSDP2) is laid out by its local shard: its views have the shard's
+shape, and ``_foreach_*`` ops pair them with the local tensors
+(:func:`secant.distributed.local`).
 
 For distributed training the blocks are split into ``shards`` (one per rank). Shard ``r`` holds
 chunks ``[r·K_s, r·K_s + K_r)`` with ``K_s`` the largest shard's chunk count; the rest of its
@@ -17,6 +20,8 @@ from collections.abc import Sequence
 
 import torch
 from torch import Tensor
+
+from secant.distributed.sharding import local
 
 
 class BlockLayout:
@@ -35,15 +40,18 @@ class BlockLayout:
         if chunk_size < 1:
             raise ValueError(f"chunk_size={chunk_size} must be >= 1")
         shards = [list(range(len(blocks)))] if shards is None else [list(s) for s in shards]
-        self.block_sizes = [sum(p.numel() for p in b) for b in blocks]
+        shapes = {p: local(p).shape for b in blocks for p in b}  # tensors hash by identity
+        self.block_sizes = [sum(shapes[p].numel() for p in b) for b in blocks]
         # No wider than the largest block, rounded up to a multiple of 64 entries.
-        self.chunk_size = c = min(chunk_size, -(-max(self.block_sizes, default=1) // 64) * 64)
+        widest = max([1, *self.block_sizes])
+        self.chunk_size = c = min(chunk_size, -(-widest // 64) * 64)
         chunks = [max(1, -(-n // c)) for n in self.block_sizes]
         self.shard_size = max((sum(chunks[b] for b in s) for s in shards), default=0)
         self.curvature_rows = self.shard_size * len(shards)
         sharded = {b for s in shards for b in s}
         unsharded = [b for b in range(len(blocks)) if b not in sharded]
         self.params: list[Tensor] = []
+        self.shapes: list[torch.Size] = []  # local shapes
         self.offsets: list[int] = []
         self.block_chunks: list[range] = [range(0)] * len(blocks)
         chunk_block = [0] * (self.curvature_rows + sum(chunks[b] for b in unsharded))
@@ -55,8 +63,9 @@ class BlockLayout:
                 offset = k * c
                 for p in blocks[b]:
                     self.params.append(p)
+                    self.shapes.append(shapes[p])
                     self.offsets.append(offset)
-                    offset += p.numel()
+                    offset += shapes[p].numel()
                 self.block_chunks[b] = range(k, k + chunks[b])
                 chunk_block[k : k + chunks[b]] = [b] * chunks[b]
                 k += chunks[b]
@@ -89,6 +98,7 @@ class BlockLayout:
         origin = first_chunk * self.chunk_size
         out = []
         for p in self.params if params is None else params:
-            o = self.offsets[self._index[p]] - origin
-            out.append(flat[o : o + p.numel()].view_as(p))
+            i = self._index[p]
+            o, shape = self.offsets[i] - origin, self.shapes[i]
+            out.append(flat[o : o + shape.numel()].view(shape))
         return out

@@ -11,14 +11,16 @@ from typing import Any
 import torch
 import torch.distributed as dist
 from torch import Tensor
+from torch.distributed.tensor import DTensor
 
 from secant.distributed import (
     all_gather_rows,
     all_reduce_flat,
     assign_blocks,
     check_consistent,
-    refuse_sharded,
+    local,
     resolve_group,
+    shard_group,
 )
 from secant.linalg import (
     History,
@@ -147,6 +149,15 @@ class MomentumLBFGS(OptimizerContract):
             (gradients must already be averaged, e.g. by DDP). Curvature memory per rank is
             about 1/world of the single-process figure; a rank may own no block. Checkpoints
             are per rank: each rank saves and loads its own ``state_dict`` (same world size).
+            **FSDP2 / HSDP** (parameters that are ``DTensor``s from ``fully_shard``; leave
+            ``process_group`` unset): each rank keeps the state of its own rows of every block
+            (memory per rank ≈ 1/shards of one process's) and the per-block sums — inner
+            products, the history's projection ``Zᵀv`` (B × 2m numbers a step) and new Gram
+            columns, the step rule's global norms, the finiteness test — are all-reduced over
+            the shard ranks: four small all-reduces a step and two more every T steps. The
+            iterates equal one process's on the global batch. Every parameter must be a
+            ``DTensor`` on one mesh; ``add_param_group`` is refused; checkpoints are per rank as
+            above (``torch.distributed.checkpoint`` is not supported yet).
         grad_ema_weight_decay: ``True`` feeds ``(1 + λ) g`` instead of ``g`` into the gradient
             average (the released code adds ``λ g``, not ``λ θ``, there).
         curvature_eps: ε added to ``sᵀs`` in the damping ratio and to ``ŷᵀŷ`` in γ (released
@@ -208,7 +219,7 @@ class MomentumLBFGS(OptimizerContract):
         self.maximize = maximize
         defaults = dict(lr=lr, momentum=momentum, weight_decay=weight_decay)
         super().__init__(params, defaults)
-        refuse_sharded((p for g in self.param_groups for p in g["params"]), type(self).__name__)
+        self._shard_group = self._fsdp_group(process_group)
         self.history_size = history_size
         self.update_period = update_period
         self.beta = beta
@@ -224,7 +235,10 @@ class MomentumLBFGS(OptimizerContract):
         self.curvature_eps = curvature_eps
         self._chunk_size = chunk_size
         self._new_group_blocks = "tensor" if blocks == "tensor" else "group"
-        self._group, self._rank, self._world = resolve_group(process_group)
+        if self._shard_group is None:
+            self._group, self._rank, self._world = resolve_group(process_group)
+        else:  # FSDP2: every rank holds its rows of every block (see _fsdp_group)
+            self._group, self._rank, self._world = None, 0, 1
         self._build(*self._resolve_blocks(blocks))
         self.state[_STATE] = self._fresh_state()
 
@@ -275,6 +289,35 @@ class MomentumLBFGS(OptimizerContract):
         except ValueError:
             self.param_groups.pop()
             raise
+
+    def _fsdp_group(self, process_group: dist.ProcessGroup | None) -> dist.ProcessGroup | None:
+        """The ranks FSDP2 shards the parameters over (``None`` without ``DTensor``
+        parameters). Under FSDP2 (and HSDP) each rank keeps the state of its own rows of every
+        block and runs the whole algorithm on them; the per-block sums (inner products, the
+        history's projections and Gram columns) and the global norms are all-reduced over
+        these ranks, so every rank computes the one-process direction for its rows. Gradients
+        arrive averaged over the data-parallel ranks (FSDP2's reduce-scatter)."""
+        params = [p for g in self.param_groups for p in g["params"]]
+        group = shard_group(params, "MomentumLBFGS")
+        if group is None:
+            return None
+        if not all(isinstance(p, DTensor) for p in params):
+            raise ValueError("MomentumLBFGS under FSDP2 needs every parameter sharded (a "
+                             "DTensor): shard the whole model with fully_shard, or give the "
+                             "unsharded parameters to another optimizer")
+        if process_group is not None:
+            raise ValueError("process_group: not with FSDP2 parameters (the blocks are split "
+                             "over the ranks FSDP2 shards them over; DDP's block ownership "
+                             "does not apply)")
+        return group
+
+    def _reduce(self, x: Tensor) -> Tensor:
+        """Sum of ``x`` over the FSDP2 ranks (``x`` itself without FSDP2)."""
+        return x if self._shard_group is None else all_reduce_flat([x], self._shard_group)[0]
+
+    def _norm(self, x: Tensor) -> Tensor:
+        """The 2-norm of the whole vector whose local rows are ``x``."""
+        return self._reduce(x.square().sum()).sqrt()
 
     def _check_group(self, group: dict[str, Any]) -> None:
         check_lr(group["lr"])
@@ -374,7 +417,7 @@ class MomentumLBFGS(OptimizerContract):
         return {
             "step": 0,
             "skipped_steps": torch.zeros((), dtype=torch.long, device=dev),
-            "shard": [self._rank, self._world],
+            "shard": self._shard_id(),
             "last_lrs": [0.0] * len(self.param_groups),
             "param_ema": lay.new_buffer(k_own),
             "grad_ema": lay.new_buffer(k_own),
@@ -392,11 +435,18 @@ class MomentumLBFGS(OptimizerContract):
             "has_snapshot": flags.clone(),
         }
 
+    def _shard_id(self) -> list[int]:
+        """``[rank, world]`` of this rank's state: its DDP shard of the blocks, or its FSDP2
+        rows."""
+        if self._shard_group is not None:
+            return [dist.get_rank(self._shard_group), dist.get_world_size(self._shard_group)]
+        return [self._rank, self._world]
+
     def _grow(self, group: dict[str, Any]) -> None:
         """Rebuild the layout with new blocks for ``group``, carrying the old state over."""
-        if self._group is not None:
-            raise ValueError("add_param_group is not supported with a process group: blocks "
-                             "are assigned to ranks at construction; pass every group then")
+        if self._group is not None or self._shard_group is not None:
+            raise ValueError("add_param_group is not supported with a process group or FSDP2: "
+                             "blocks are laid out at construction; pass every group then")
         params = list(group["params"])
         new = [[p] for p in params] if self._new_group_blocks == "tensor" else [params]
         old_lay, old_st, old_own = self._layout, self.state[_STATE], self._own_params
@@ -471,7 +521,8 @@ class MomentumLBFGS(OptimizerContract):
     def _history(self) -> History:
         st = self.state[_STATE]
         return History(st["history"], st["gram"], st["head"], st["count"],
-                       self._own_chunk_block)
+                       self._own_chunk_block,
+                       None if self._shard_group is None else self._reduce)
 
     def _ema(self, ema: Tensor, x: Tensor, started: Tensor, ok: Tensor) -> None:
         """``ema ← β ema + (1−β) x`` (or ``β ema + x``) where ``ok``; ``x`` where not started."""
@@ -488,7 +539,7 @@ class MomentumLBFGS(OptimizerContract):
         st = self.state[_STATE]
         theta = self._theta
         torch._foreach_copy_(self._views("theta", theta, self._own_params, self._own.start),
-                             self._own_params)
+                             [local(p) for p in self._own_params])
         if self.grad_ema_weight_decay:
             g_own = torch.addcmul(g_own, g_own, self._per_chunk("weight_decay")[self._own, None])
         started = st["ema_started"][self._own_chunk_block].unsqueeze(1)
@@ -515,8 +566,8 @@ class MomentumLBFGS(OptimizerContract):
             a = (h.count > 0).to(s.dtype).mul_(self.pair_momentum)[h.chunk_block].unsqueeze(1)
             s = (1.0 - a) * s + a * s_prev
             y = (1.0 - a) * y + a * y_prev
-        ss = block_dot(s, s, h.chunk_block, h.num_blocks)
-        sy = block_dot(s, y, h.chunk_block, h.num_blocks)
+        ss, sy = self._reduce(torch.stack([block_dot(s, s, h.chunk_block, h.num_blocks),
+                                           block_dot(s, y, h.chunk_block, h.num_blocks)]))
         tau, active = tau_coefficient(sy, ss + self.curvature_eps, self.sigma_low,
                                       self.sigma_high, self.tau_max)
         accept = torch.isfinite(tau) & (ss > 0) & attempt
@@ -533,7 +584,7 @@ class MomentumLBFGS(OptimizerContract):
         blocked = d[: lay.curvature_rows]
         rule = self.step_rule
         raw = blocked.clone() if rule == "kl_clip" else None
-        g_norm = torch.linalg.vector_norm(blocked) if rule == "grad_norm" else None
+        g_norm = self._norm(blocked) if rule == "grad_norm" else None
         own_dir = d[self._own]
         if self._own_params:  # a rank may own no block
             h = self._history()
@@ -549,7 +600,7 @@ class MomentumLBFGS(OptimizerContract):
             all_gather_rows(own_dir, lay.shard_size, self._group, out=blocked)
         if rule == "none":
             return
-        d_norm = torch.linalg.vector_norm(blocked).clamp(min=torch.finfo(d.dtype).tiny)
+        d_norm = self._norm(blocked).clamp(min=torch.finfo(d.dtype).tiny)
         if rule == "unit":
             d.div_(d_norm)
         elif rule == "grad_norm":
@@ -558,7 +609,7 @@ class MomentumLBFGS(OptimizerContract):
         else:
             assert raw is not None
             lrs = self._per_chunk("lr")[: lay.curvature_rows]
-            gd = (lrs**2 * (raw * blocked).sum(-1)).sum()
+            gd = self._reduce((lrs**2 * (raw * blocked).sum(-1)).sum())
             nu = torch.where(gd > 0, (self.kl_clip / gd.clamp(min=1e-300)).sqrt(), 1.0)
             d.mul_(nu.clamp(max=1))
 
@@ -577,7 +628,7 @@ class MomentumLBFGS(OptimizerContract):
         with_grad = [p.grad is not None for p in lay.params]
         if not any(with_grad):
             return loss
-        grads = [p.grad for p in lay.params if p.grad is not None]
+        grads = [local(p.grad) for p in lay.params if p.grad is not None]
         if any(g.is_sparse for g in grads):
             raise RuntimeError("MomentumLBFGS does not support sparse gradients")
         torch._foreach_copy_([v for v, w in zip(d_views, with_grad) if w], grads)
@@ -585,7 +636,8 @@ class MomentumLBFGS(OptimizerContract):
             torch._foreach_zero_([v for v, w in zip(d_views, with_grad) if not w])
         if self.maximize:
             d.neg_()
-        ok = torch.isfinite(d).all()  # stays on the device: a bad step is masked, not branched
+        # stays on the device: a bad step is masked, not branched; skipped on every rank together
+        ok = self._reduce((~torch.isfinite(d)).sum()) == 0
         d.masked_fill_(~ok, 0.0)
         st["skipped_steps"] += ~ok
 
@@ -598,7 +650,8 @@ class MomentumLBFGS(OptimizerContract):
         for group, params in zip(self.param_groups, active):
             decayed = [p for p in params if not (curvature and p in self._free_params)]
             if group["weight_decay"] != 0 and decayed:
-                torch._foreach_add_(lay.views(d, decayed), decayed, alpha=group["weight_decay"])
+                torch._foreach_add_(lay.views(d, decayed), [local(p) for p in decayed],
+                                    alpha=group["weight_decay"])
         if curvature:
             self._precondition(d)
         d.mul_(ok)
@@ -613,7 +666,8 @@ class MomentumLBFGS(OptimizerContract):
         for i, (group, params) in enumerate(zip(self.param_groups, active)):
             if params:
                 lr = scalar_lr(group["lr"])
-                torch._foreach_add_(params, lay.views(d, params), alpha=-lr)
+                torch._foreach_add_([local(p) for p in params], lay.views(d, params),
+                                    alpha=-lr)
                 st["last_lrs"][i] = lr.clone() if isinstance(lr, Tensor) else lr
         return loss
 
@@ -654,7 +708,8 @@ class MomentumLBFGS(OptimizerContract):
           and ``history_length``.
 
         Under a process group the per-block values are gathered over the ranks (each rank holds
-        its own blocks'): this is a collective that every rank must call.
+        its own blocks'): this is a collective that every rank must call. Under FSDP2 the
+        sums over rows are all-reduced over the shard ranks: a collective too.
         """
         st = self.state[_STATE]
         sq = 0.0
@@ -662,7 +717,8 @@ class MomentumLBFGS(OptimizerContract):
             if group["params"]:
                 norms = torch._foreach_norm(self._layout.views(st["momentum_buffer"],
                                                                group["params"]))
-                sq += st["last_lrs"][i] ** 2 * float(sum(n.double() ** 2 for n in norms))
+                sq += st["last_lrs"][i] ** 2 * float(self._reduce(
+                    sum(n.double() ** 2 for n in norms)))
         keys = ("count", "pairs_accepted", "pairs_rejected", "damping_activations")
         per_block = torch.stack([st[k] for k in keys])
         measures = ("gd", "gg", "dd", "gamma", "curvature_min", "curvature_max", "pair_span")
@@ -697,6 +753,6 @@ class MomentumLBFGS(OptimizerContract):
             return torch.zeros(7, 0, dtype=torch.float64, device=self._layout.chunk_block.device)
         h = self._history()
         turn = (torch.full((3, n_own), math.nan, dtype=torch.float64, device=h.z.device)
-                if self._turn is None else self._turn.double())
+                if self._turn is None else self._reduce(self._turn.double()))
         gamma = torch.where(h.count > 0, newest_gamma(h, self.curvature_eps), math.nan)
         return torch.cat([turn, torch.stack([gamma, *pair_spectrum(h)]).double()])
