@@ -131,6 +131,27 @@ def test_momentum_lbfgs_equals_one_process(tmp_path, world, mesh_shape, name):
     assert want["direction_cosine"] < 1 - 1e-6  # the curvature turned the step
 
 
+def _worker_rank_checkpoint(rank, world, out_dir, name):
+    """Half the steps, ``state_dict()`` saved per rank, a new optimizer loads it (checkpoints
+    load with ``weights_only=True``), the other half."""
+    net = sharded((world,))
+    opt = OPTIMIZERS[name](net.parameters())
+    train(net, opt, STEPS // 2, rank=rank, world=world)
+    path = os.path.join(out_dir, f"opt{rank}.pt")
+    torch.save(opt.state_dict(), path)
+    del opt
+    opt = OPTIMIZERS[name](net.parameters())
+    opt.load_state_dict(torch.load(path, weights_only=True))
+    train(net, opt, STEPS - STEPS // 2, start=STEPS // 2, rank=rank, world=world)
+    torch.save({"params": full_params(net), "diag": opt.diagnostics()},
+               os.path.join(out_dir, f"rank{rank}.pt"))
+
+
+def test_momentum_lbfgs_resumes_from_per_rank_checkpoints(tmp_path):
+    spawn(2, _worker_rank_checkpoint, str(tmp_path), "mlbfgs", pinned_by_torch=True)
+    check_equal(tmp_path, 2, "mlbfgs", ("pairs_accepted_per_block", "gamma_per_block"))
+
+
 def _worker_dcp(rank, world, out_dir):
     net = sharded((world,))
     opt = neumann(net.parameters())
