@@ -31,6 +31,7 @@ from torch import Tensor, nn
 from secant.bench import budgets, distributed
 from secant.bench.problems import Dataset, Problem, seeded_model
 from secant.bench.registry import OptimizerEntry
+from secant.distributed import local
 
 
 @dataclass
@@ -56,14 +57,14 @@ def epoch_steps(n: int, batch: int) -> int:
 
 def state_bytes(opt: torch.optim.Optimizer) -> int:
     """Bytes of all tensors reachable from ``opt.state_dict()['state']``, each storage counted
-    once."""
+    once; a ``DTensor`` counts its local shard (what this rank holds)."""
     seen: set[tuple[int, str]] = set()
     total = 0
 
     def walk(obj: object) -> None:
         nonlocal total
         if isinstance(obj, Tensor):
-            st = obj.untyped_storage()
+            st = local(obj).untyped_storage()
             key = (st.data_ptr(), str(obj.device))
             if key not in seen:
                 seen.add(key)
