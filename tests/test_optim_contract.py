@@ -150,8 +150,10 @@ def test_load_pre_hook_result_is_what_gets_loaded(name):
     train(opt, m, 4)
     sd = opt.state_dict()
     key = {"MomentumLBFGS": "mlbfgs", "Neumann": "neumann"}.get(name) or opt.state_key
-    # where the step count is saved: Neumann keeps its global values in the first entry
-    saved_key, step = (0, "neumann_step") if name == "Neumann" else (key, "step")
+    # where the step count is saved: Neumann and MomentumLBFGS keep their global values in the
+    # first parameter's entry
+    saved_key, step = {"Neumann": (0, "neumann_step"),
+                       "MomentumLBFGS": (0, "mlbfgs_step")}.get(name, (key, "step"))
     target = build(name, model())
 
     def hook(optimizer, state_dict):

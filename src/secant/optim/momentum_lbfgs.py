@@ -32,6 +32,7 @@ from secant.linalg import (
     push,
     tau_coefficient,
 )
+from secant.optim import momentum_lbfgs_state as saved_state
 from secant.optim.block_layout import BlockLayout
 from secant.optim.contract import OptimizerContract, check_lr, scalar_lr
 from secant.optim.validation import check
@@ -39,9 +40,6 @@ from secant.optim.validation import check
 STEP_RULES = ("grad_norm", "unit", "kl_clip", "none")
 _STATE = "mlbfgs"
 _LOW_PRECISION = (torch.float16, torch.bfloat16)
-_PER_BLOCK = ("gram", "head", "count", "pairs_accepted", "pairs_rejected",
-              "damping_activations", "ema_started", "has_snapshot")
-_OWN_VECTORS = ("param_ema", "grad_ema", "param_snapshot", "grad_snapshot")
 
 
 class MomentumLBFGS(OptimizerContract):
@@ -147,8 +145,9 @@ class MomentumLBFGS(OptimizerContract):
             rank keeps averages, snapshots and history only for its own blocks and computes
             their directions, which are all-gathered so every replica applies the same update
             (gradients must already be averaged, e.g. by DDP). Curvature memory per rank is
-            about 1/world of the single-process figure; a rank may own no block. Checkpoints
-            are per rank: each rank saves and loads its own ``state_dict`` (same world size).
+            about 1/world of the single-process figure; a rank may own no block. Checkpoints:
+            each rank saves and loads its own ``state_dict`` (each holds its blocks' state), or
+            use ``torch.distributed.checkpoint``.
             **FSDP2 / HSDP** (parameters that are ``DTensor``s from ``fully_shard``; leave
             ``process_group`` unset): each rank keeps the state of its own rows of every block
             (memory per rank ≈ 1/shards of one process's) and the per-block sums — inner
@@ -156,8 +155,10 @@ class MomentumLBFGS(OptimizerContract):
             columns, the step rule's global norms, the finiteness test — are all-reduced over
             the shard ranks: four small all-reduces a step and two more every T steps. The
             iterates equal one process's on the global batch. Every parameter must be a
-            ``DTensor`` on one mesh; ``add_param_group`` is refused; checkpoints are per rank as
-            above (``torch.distributed.checkpoint`` is not supported yet).
+            ``DTensor`` on one mesh; ``add_param_group`` is refused. Checkpoint with
+            ``torch.distributed.checkpoint`` (``get_optimizer_state_dict`` /
+            ``set_optimizer_state_dict``): the state is sharded like the parameters, so a
+            checkpoint saved on some number of ranks loads on another.
         grad_ema_weight_decay: ``True`` feeds ``(1 + λ) g`` instead of ``g`` into the gradient
             average (the released code adds ``λ g``, not ``λ θ``, there).
         curvature_eps: ε added to ``sᵀs`` in the damping ratio and to ``ŷᵀŷ`` in γ (released
@@ -417,7 +418,6 @@ class MomentumLBFGS(OptimizerContract):
         return {
             "step": 0,
             "skipped_steps": torch.zeros((), dtype=torch.long, device=dev),
-            "shard": self._shard_id(),
             "last_lrs": [0.0] * len(self.param_groups),
             "param_ema": lay.new_buffer(k_own),
             "grad_ema": lay.new_buffer(k_own),
@@ -435,13 +435,6 @@ class MomentumLBFGS(OptimizerContract):
             "has_snapshot": flags.clone(),
         }
 
-    def _shard_id(self) -> list[int]:
-        """``[rank, world]`` of this rank's state: its DDP shard of the blocks, or its FSDP2
-        rows."""
-        if self._shard_group is not None:
-            return [dist.get_rank(self._shard_group), dist.get_world_size(self._shard_group)]
-        return [self._rank, self._world]
-
     def _grow(self, group: dict[str, Any]) -> None:
         """Rebuild the layout with new blocks for ``group``, carrying the old state over."""
         if self._group is not None or self._shard_group is not None:
@@ -457,14 +450,14 @@ class MomentumLBFGS(OptimizerContract):
             if ps:
                 torch._foreach_copy_(lay.views(new_buf, ps), old_lay.views(old_buf, ps))
 
-        for key in _OWN_VECTORS:
+        for key in saved_state.OWN_VECTORS:
             carry(st[key], old_st[key], old_own)
         carry(st["momentum_buffer"], old_st["momentum_buffer"], old_lay.params)
         for j in range(st["history"].shape[1]):
             slot = lay.new_buffer(st["history"].shape[0])
             carry(slot, old_st["history"][:, j].contiguous(), old_own)
             st["history"][:, j] = slot
-        for key in _PER_BLOCK:
+        for key in saved_state.PER_BLOCK:
             st[key][: len(old_st[key])] = old_st[key]
         st["step"], st["skipped_steps"] = old_st["step"], old_st["skipped_steps"]
         st["last_lrs"][: len(old_st["last_lrs"])] = old_st["last_lrs"]
@@ -474,29 +467,34 @@ class MomentumLBFGS(OptimizerContract):
         # cached views into the flat buffers: pickle would store them as separate copies
         return super().__getstate__() | {"_view_cache": {}}
 
+    def state_dict(self) -> dict[str, Any]:
+        """``torch.optim`` format, every entry keyed by a parameter (what
+        ``torch.distributed.checkpoint`` needs): each parameter's entry holds its part of the
+        flat state, shaped like it (``DTensor``s under FSDP2), and the per-block and
+        optimizer-wide values sit in the entries of the blocks' first parameters under
+        ``mlbfgs_*`` keys (:mod:`secant.optim.momentum_lbfgs_state`)."""
+        sd = super().state_dict()
+        flat = sd["state"].pop(_STATE)
+        params = [p for g in self.param_groups for p in g["params"]]
+        index = {p: i for i, p in enumerate(params)}  # tensors hash by identity
+        sd["state"] = {index[p]: e for p, e in saved_state.param_entries(self, flat).items()}
+        return sd
+
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        fresh = self.state[_STATE]  # created eagerly: the shapes, dtypes and devices to match
+        fresh = self._fresh_state()
+        params = [p for g in self.param_groups for p in g["params"]]
 
-        def check_saved(sd: dict[str, Any]) -> None:
-            saved = sd["state"].get(_STATE)
-            if saved is None or set(saved) != set(fresh):
-                raise ValueError("state_dict was not saved by a MomentumLBFGS optimizer")
-            if list(saved["shard"]) != fresh["shard"]:
-                raise ValueError(f"state_dict holds the shard (rank, world) = {saved['shard']}, "
-                                 f"this optimizer is {fresh['shard']}: each rank loads its own "
-                                 f"state")
-            for key, ref in fresh.items():
-                if isinstance(ref, Tensor) and saved[key].shape != ref.shape:
-                    raise ValueError(f"state_dict entry {key!r} has shape "
-                                     f"{tuple(saved[key].shape)}, expected {tuple(ref.shape)} "
-                                     f"(different model, blocks or history_size?)")
+        def entries(sd: dict[str, Any]) -> dict[Tensor, dict[str, Any]]:
+            ids = [i for g in sd["param_groups"] for i in g["params"]]
+            return {p: sd["state"][i] for i, p in zip(ids, params) if i in sd["state"]}
 
-        self._load_hooked(state_dict, check_saved)  # replaces self.state; `fresh` is the old one
-        own = self.state[_STATE]
-        for key, ref in fresh.items():
-            if isinstance(ref, Tensor):
-                own[key] = own[key].to(device=ref.device, dtype=ref.dtype, copy=True)
-        own["last_lrs"] = list(own["last_lrs"])
+        sd = self._load_hooked(state_dict,
+                               lambda sd: saved_state.check_entries(self, entries(sd), fresh))
+        # from the saved dict, not from self.state: the base class casts every tensor there
+        # to its parameter's dtype (the counters and flags too)
+        saved_state.load_entries(self, entries(sd), fresh)
+        self.state.clear()
+        self.state[_STATE] = fresh
         self._view_cache.clear()
 
     # ------------------------------------------------------------------ helpers
