@@ -29,10 +29,11 @@ class OptimizerContract(Optimizer):
     needs_closure: bool = False
 
     def __getstate__(self) -> dict[str, Any]:
-        if getattr(self, "_group", None) is not None:
-            raise TypeError(f"a {type(self).__name__} running under a process group cannot be "
-                            "copied or pickled: save state_dict() on each rank (each holds its "
-                            "own shard) and load it into a new optimizer")
+        if any(getattr(self, g, None) is not None for g in ("_group", "_shard_group")):
+            raise TypeError(f"a {type(self).__name__} running under a process group or FSDP2 "
+                            "cannot be copied or pickled: save state_dict() on each rank (each "
+                            "holds its own shard), or a torch.distributed.checkpoint, and load "
+                            "it into a new optimizer")
         return {k: v for k, v in self.__dict__.items() if k not in _TORCH_HOOKS}
 
     def _load_hooked(self, state_dict: dict[str, Any],
