@@ -41,3 +41,13 @@ def test_ddp_example_under_torchrun():
               EXAMPLES / "ddp_torchrun.py", "--optimizer", "kfac", "--steps", "12")
     found = losses(out)
     assert len(found) >= 3 and found[-1] < found[0]
+
+
+@pytest.mark.parametrize("optimizer", ["mlbfgs", "neumann"])
+def test_fsdp2_example_under_torchrun(tmp_path, optimizer):
+    out = run("-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
+              EXAMPLES / "fsdp2_torchrun.py", "--optimizer", optimizer, "--steps", "24",
+              "--checkpoint", tmp_path / "ckpt")
+    assert "resumed from" in out
+    found = losses(out)
+    assert len(found) >= 3 and found[-1] < found[0]
