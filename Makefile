@@ -14,7 +14,7 @@ $(VENV)/.installed: pyproject.toml
 	touch $@
 
 bench: $(VENV)/.installed
-	$(VENV)/bin/secant bench --suite quick
+	$(VENV)/bin/secant bench --suite quick --jobs 2
 
 lint: $(VENV)/.installed
 	$(PY) -m ruff check src tests benchmarks examples
