@@ -513,16 +513,7 @@ class _KroneckerBFGS(LayerOptimizer):
                 ok = all_finite(a_new.diagonal(), v, h_mean, g_sum)
                 if recs[i] is not None:
                     ls["stats_rejected"] += ~ok
-                if first:
-                    lam_a = math.sqrt(group["damping"])
-                    if self.a_init == "zero":  # a zero-started average after one update
-                        a_new = a_new * (1.0 - self.stat_decay)
-                    ls["A"].copy_(torch.where(ok, a_new, ls["A"]))
-                    ls["H_a"].copy_(torch.where(ok, damped_inverse(ls["A"], lam_a), ls["H_a"]))
-                elif not skip_a:
-                    # a_new is this step's own buffer: mask it in place (no d_in² temporary)
-                    ls["A"].lerp_(torch.where(ok, a_new, ls["A"], out=a_new),
-                                  1.0 - self.stat_decay)
+                self._update_a(ls, a_new, ok, group["damping"], first, skip_a)
             self._update_grad_ema(i, ls["grad_ema"], 1.0 - group["momentum"])
             hg = self._hg_matrix(ls)
             with torch.no_grad():
@@ -539,6 +530,21 @@ class _KroneckerBFGS(LayerOptimizer):
                     p.add_(weight_layout(module, d) if p.dim() > 1 else d)
         st["a_initialized"] = True
         return saved
+
+    def _update_a(self, ls: dict[str, Any], a_new: Tensor, ok: Tensor, damping: float,
+                  first: bool, skip_a: bool) -> None:
+        """Step 2's ``A`` where the statistics are finite (``ok``): on the first step ``A`` is
+        the statistic (``a_init``) and ``H_a = (A + √λ I)⁻¹``, later the EMA (skipped on the
+        first step after :meth:`warm_start`)."""
+        if first:
+            if self.a_init == "zero":  # a zero-started average after one update
+                a_new = a_new * (1.0 - self.stat_decay)
+            ls["A"].copy_(torch.where(ok, a_new, ls["A"]))
+            inverse = damped_inverse(ls["A"], math.sqrt(damping))
+            ls["H_a"].copy_(torch.where(ok, inverse, ls["H_a"]))
+        elif not skip_a:
+            # a_new is this step's own buffer: mask it in place (no d_in² temporary)
+            ls["A"].lerp_(torch.where(ok, a_new, ls["A"], out=a_new), 1.0 - self.stat_decay)
 
     def _update_grad_ema(self, i: int, ema: Tensor, rate: float) -> None:
         """``ĝ ← ĝ + rate·(∇W̃ + wd·W̃ − ĝ)`` for layer ``i``, column block by column block
