@@ -454,7 +454,7 @@ class LayerCapture:
 
     def _cast(self, t: Tensor) -> Tensor:
         t = t.detach()
-        return t if self.dtype in (None, t.dtype) else t.to(self.dtype)
+        return t if self.dtype is None else t.to(self.dtype)  # no copy when dtypes match
 
     def _add(self, name: str, rec: LayerRecord) -> None:
         """Reduce one completed call and add its statistics to the layer's (see :class:`_Sums`:

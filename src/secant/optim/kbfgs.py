@@ -560,9 +560,9 @@ class _KroneckerBFGS(LayerOptimizer):
             wd = self.param_groups[gi]["weight_decay"]
             if p.grad is None:
                 blk.mul_(1.0 - rate)
-            else:  # (step runs under no_grad: no detach needed)
-                g = _matrix(m, p.grad)
-                blk.lerp_(g if g.dtype == ema.dtype else g.to(ema.dtype), rate)
+            else:  # (step runs under no_grad: no detach needed; .to is a no-op, no copy, when
+                # the dtypes match)
+                blk.lerp_(_matrix(m, p.grad).to(ema.dtype), rate)
             if wd:
                 blk.add_(_matrix(m, p), alpha=rate * wd)
 
