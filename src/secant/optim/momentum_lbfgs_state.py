@@ -56,6 +56,11 @@ def _history_slots(opt: Any, history: Tensor) -> list[list[Tensor]]:
             for j in range(history.shape[1])]
 
 
+def _first_param(opt: Any) -> Tensor:
+    """The parameter whose entry holds the optimizer-wide values."""
+    return next(p for g in opt.param_groups for p in g["params"])
+
+
 def _block_heads(opt: Any) -> list[tuple[int, Tensor]]:
     """``(local block index, first parameter)`` of each block this rank keeps."""
     return [(j, opt._blocks[b][0]) for j, b in enumerate(opt._layout.shards[opt._rank])]
@@ -78,7 +83,7 @@ def param_entries(opt: Any, st: dict[str, Any]) -> dict[Tensor, dict[str, Any]]:
                 p, torch.stack([slot[i] for slot in slots]), (m2,))
     for j, p in _block_heads(opt):
         entries[p].update({PREFIX + k: st[k][j] for k in PER_BLOCK})
-    first = next(p for g in opt.param_groups for p in g["params"])
+    first = _first_param(opt)
     entries.setdefault(first, {}).update({PREFIX + k: st[k] for k in GLOBAL})
     return entries
 
@@ -99,7 +104,7 @@ def check_entries(opt: Any, entries: dict[Tensor, dict[str, Any]],
                              "history_size?)")
 
     m2 = fresh["history"].shape[1]
-    first = next(p for g in opt.param_groups for p in g["params"])
+    first = _first_param(opt)
     for k in GLOBAL:
         need(first, PREFIX + k, None, "for the first parameter")
     numel = {p: shape.numel() for p, shape in zip(opt._layout.params, opt._layout.shapes)}
@@ -137,7 +142,7 @@ def load_entries(opt: Any, entries: dict[Tensor, dict[str, Any]], st: dict[str, 
     for j, p in _block_heads(opt):
         for k in PER_BLOCK:
             st[k][j] = local(entries[p][PREFIX + k])
-    first = next(p for g in opt.param_groups for p in g["params"])
+    first = _first_param(opt)
     step, skipped, last_lrs = (entries[first][PREFIX + k] for k in GLOBAL)
     st["step"] = int(step)
     st["skipped_steps"].copy_(local(skipped))
