@@ -131,12 +131,14 @@ def diagnostics(opt):
     return opt.diagnostics() if hasattr(opt, "diagnostics") else None
 
 
-def train(model_name: str, opt_name: str, lr: float, seed: int, steps: int) -> dict:
+def train(model_name: str, opt_name: str, lr: float, seed: int, steps: int,
+          make=make_optimizer) -> dict:
+    """One run; ``make(opt_name, model, lr)`` builds the optimizer."""
     torch.manual_seed(seed)
     model = MODELS[model_name]()
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        opt = make_optimizer(opt_name, model, lr)
+        opt = make(opt_name, model, lr)
         losses, collapse = [], None
         for t, batch in enumerate(batches(model_name, seed, steps), 1):
             losses.append(one_step(opt, model, batch))

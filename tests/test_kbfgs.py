@@ -137,9 +137,11 @@ def forward_stats(model, x, y):
 def reference_run(model, data, lr, lam, rho=0.9, wd=1e-5, beta=0.9, c=0.9, mu1=0.2,
                   eps=1e-4, zero_a=False, wd_bias=None, history=None, period=1):
     """Dense float64 K-BFGS; with ``history=m`` K-BFGS(L): ``H_g`` rebuilt each step as the BFGS
-    matrix of the last ``m`` accepted pairs applied to ``I``; with ``period=T`` only steps
-    0, T, 2T, ... (counting from 0) update ``A``, ``H_a`` and ``H_g`` and run the second pass."""
+    matrix of the last ``m`` accepted pairs applied to ``I`` (a list: ``m`` per layer, ``None``
+    for full BFGS); with ``period=T`` only steps 0, T, 2T, ... (counting from 0) update ``A``,
+    ``H_a`` and ``H_g`` and run the second pass."""
     lins = [m for m in model if isinstance(m, nn.Linear)]
+    histories = history if isinstance(history, list) else [history] * len(lins)
     r = math.sqrt(lam)
     st = None
     losses = []
@@ -171,7 +173,7 @@ def reference_run(model, data, lr, lam, rho=0.9, wd=1e-5, beta=0.9, c=0.9, mu1=0
         if not curvature:
             continue
         _, s2 = forward_stats(model, x, y)
-        for ls, (a, h1, g1, _), (_, h2, g2, _) in zip(st, s1, s2):
+        for ls, history, (a, h1, g1, _), (_, h2, g2, _) in zip(st, histories, s1, s2):
             s, yv = h2.mean(0) - h1.mean(0), g2.mean(0) - g1.mean(0)
             ls["sb"] = c * ls["sb"] + (1 - c) * s
             ls["yb"] = c * ls["yb"] + (1 - c) * yv
@@ -288,6 +290,30 @@ def test_kbfgsl_matches_dense_lbfgs_after_the_history_wraps(eps):
     assert d["g_pairs_accepted_per_layer"][0] == 12  # ten pairs dropped from the first ring
     if eps > 1:
         assert d["g_pairs_rejected"] > 0 and d["history_length"] == [2, 2, 0]
+
+
+def test_kbfgsl_dense_hg_keeps_full_bfgs_in_layers_no_wider_than_the_history():
+    """``dense_hg=True``, history of 2: the layers of output width 4 and 3 (≤ 2·2) keep a dense
+    full-memory BFGS ``H_g`` (the reference's K-BFGS), the width-6 layer the ring (its L-BFGS),
+    over 12 steps in which the rings would wrap ten times."""
+    data = batches(12, seed=3)
+    model, ref = mlp(6, (5, 6, 4, 3)), mlp(6, (5, 6, 4, 3))
+    opt = KBFGSL(model, lr=0.5, damping=0.1, history_size=2, dense_hg=True)
+    losses = [float(opt.step(make_closure(opt, model, x, y))) for x, y in data]
+    ref_losses, ref_st = reference_run(ref, data, lr=0.5, lam=0.1, history=[2, None, None])
+    assert losses == pytest.approx(ref_losses, rel=1e-10)
+    layers = opt.state["kbfgs"]["layers"]
+    for ls, rs in zip(layers[1:], ref_st[1:]):
+        torch.testing.assert_close(ls["H_g"], rs["Hg"], rtol=1e-9, atol=1e-11)
+    for m, r in zip([m for m in model if isinstance(m, nn.Linear)],
+                    [m for m in ref if isinstance(m, nn.Linear)]):
+        torch.testing.assert_close(wtilde(m), wtilde(r), rtol=1e-9, atol=1e-11)
+    d = opt.diagnostics()
+    assert d["dense_hg_layers"] == opt.layer_names[1:]
+    assert d["history_length"] == [2, None, None] and d["g_pairs_accepted"] == 36
+    # a checkpoint of the paper's layout does not load into this one
+    with pytest.raises(ValueError, match="optimizer options"):
+        opt.load_state_dict(KBFGSL(mlp(6, (5, 6, 4, 3)), history_size=2).state_dict())
 
 
 def test_warm_start_leaves_batchnorm_statistics_alone():
@@ -590,6 +616,8 @@ def test_bad_arguments(kw, name):
             cls(mlp(), **kw)
     with pytest.raises(ValueError, match="history_size=0"):
         KBFGSL(mlp(), history_size=0)
+    with pytest.raises(ValueError, match="dense_hg='yes'"):
+        KBFGSL(mlp(), dense_hg="yes")
     for bad in (0, 2.0, True):
         with pytest.raises(ValueError, match=f"curvature_update_period={bad}"):
             KBFGS(mlp(), curvature_update_period=bad)

@@ -223,7 +223,8 @@ class _KroneckerBFGS(LayerOptimizer):
         return (f"stat_decay={self.stat_decay} pair_decay={self.pair_decay} mu1={self.mu1} "
                 f"cautious_eps={self.cautious_eps} a_init={self.a_init} "
                 f"curvature_update_period={self.curvature_update_period} "
-                f"history_size={getattr(self, 'history_size', None)}")
+                f"history_size={getattr(self, 'history_size', None)} "
+                f"dense_hg={getattr(self, 'dense_hg', None)}")
 
     def _works(self, owned: bool) -> bool:
         """Whether this rank keeps a layer's curvature state and does its work."""
@@ -717,8 +718,22 @@ class KBFGSL(_KroneckerBFGS):
     ``2·history_size × d_out`` vectors; the state kept between steps is the history alone:
     ``2·history_size·(d_out + 2·history_size)`` per layer instead of ``d_out²``.
 
+    **The sliding window can blow up** (``dense_hg=True`` avoids it where ``d_out ≤ 2m``).
+    Double damping makes each pair safe for the operator it was damped against: step 1 keeps
+    ``ρ ȳᵀH ȳ ≤ 1/μ1`` (``ρ = 1/s̃ᵀỹ``), which bounds how much the update
+    ``H⁺ = VᵀHV + ρ s̃s̃ᵀ``, ``V = I − ρ ỹs̃ᵀ``, can amplify ``H``. Once the ring wraps, the
+    operator rebuilt from the last ``m`` pairs starts from ``H₀ = I`` instead of the older
+    pairs each stored pair was damped against, so the bound no longer holds for the oldest ones:
+    on a small ViT the patch embedding's ``H_g`` grew a largest eigenvalue of 170–600 (full BFGS
+    31–42) and the run fell to chance ~70 steps after the wrap (``benchmarks/kbfgsl_window.md``).
+    With ``dense_hg=True`` every layer with ``d_out ≤ 2·history_size`` keeps K-BFGS's full-memory
+    dense ``H_g`` (BFGS of every accepted pair, at most as large as that layer's history would
+    be, and one rank-2 update per step instead of a rebuild): the same iterates as the paper's
+    until the ring would wrap, K-BFGS's afterwards. Wider layers keep the ring.
+
     Args: as :class:`KBFGS` (including ``process_group``, ``distributed_mode``, ``a_init``), plus
-    ``history_size`` (100, the paper's code).
+    ``history_size`` (100, the paper's code) and ``dense_hg`` (``False``: the paper's L-BFGS
+    ``H_g`` in every layer; ``True``: the dense ``H_g`` above where ``d_out ≤ 2·history_size``).
     """
 
     __doc__ = (__doc__ or "") + "\n" + (_KroneckerBFGS.__doc__ or "")
@@ -731,10 +746,13 @@ class KBFGSL(_KroneckerBFGS):
                  param_groups: list[dict[str, Any]] | None = None,
                  factor_dtype: torch.dtype | None = None, grad_scaler: Any = None,
                  process_group: Any = None, distributed_mode: str = "memory",
-                 a_init: str = "statistic", curvature_update_period: int = 1) -> None:
+                 a_init: str = "statistic", curvature_update_period: int = 1,
+                 dense_hg: bool = False) -> None:
         check(isinstance(history_size, int) and not isinstance(history_size, bool)
               and history_size >= 1, "history_size", history_size, "an integer >= 1")
+        check(isinstance(dense_hg, bool), "dense_hg", dense_hg, "True or False")
         self.history_size = history_size
+        self.dense_hg = dense_hg
         super().__init__(model, lr, damping, momentum, weight_decay, stat_decay, pair_decay,
                          mu1, cautious_eps, exclude, fallback_lr, process_group,
                          distributed_mode, a_init, curvature_update_period,
@@ -743,6 +761,8 @@ class KBFGSL(_KroneckerBFGS):
 
     def _fresh_hg(self, d_out: int, kw: dict[str, Any]) -> dict[str, Tensor]:
         m = self.history_size
+        if self.dense_hg and d_out <= 2 * m:
+            return KBFGS._fresh_hg(self, d_out, kw)
         dev = kw["device"]
         return {
             "hist_z": torch.zeros(1, 2 * m, d_out, **kw),
@@ -764,7 +784,10 @@ class KBFGSL(_KroneckerBFGS):
 
     def _hg_matrix(self, ls: dict[str, Any]) -> Tensor | None:
         """The L-BFGS matrix ``H_g`` (:func:`secant.linalg.lbfgs.dense_inverse`) where
-        ``d_out ≤ 2·history_size``; ``None`` (compact applies) above."""
+        ``d_out ≤ 2·history_size``; ``None`` (compact applies) above. The layer's own matrix
+        where it keeps a dense one (``dense_hg``)."""
+        if "H_g" in ls:
+            return ls["H_g"]
         z = ls["hist_z"]
         if z.shape[2] > 2 * self.history_size:
             return None
@@ -781,12 +804,17 @@ class KBFGSL(_KroneckerBFGS):
         return y[:, :-1], y[:, -1]
 
     def _update_hg(self, ls: dict[str, Any], s: Tensor, y: Tensor, accept: Tensor) -> Tensor:
+        if "H_g" in ls:
+            return KBFGS._update_hg(self, ls, s, y, accept)
         push(self._history(ls), s.unsqueeze(0), y.unsqueeze(0), accept.view(1))
         return accept
 
     def diagnostics(self) -> dict[str, Any]:
-        """As :meth:`KBFGS.diagnostics`, plus ``history_length`` per layer."""
+        """As :meth:`KBFGS.diagnostics`, plus ``history_length`` per layer (``None`` for a layer
+        that keeps a dense ``H_g``) and ``dense_hg_layers``, the names of those layers."""
         out = super().diagnostics()
-        out["history_length"] = [int(ls["hist_count"]) if "hist_count" in ls else 0
-                                 for ls in self._st["layers"]]
+        layers = self._st["layers"]
+        out["history_length"] = [None if "H_g" in ls else int(ls["hist_count"])
+                                 if "hist_count" in ls else 0 for ls in layers]
+        out["dense_hg_layers"] = [n for n, ls in zip(self.layer_names, layers) if "H_g" in ls]
         return out
