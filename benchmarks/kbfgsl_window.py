@@ -73,18 +73,20 @@ def register_dense() -> str:
 
 
 def table(runs: list[dict]) -> str:
-    lines = ["| optimizer | lr | final loss per seed | collapsed (step) | diverged |",
-             "|---|---|---|---|---|"]
+    lines = ["| optimizer | lr | final loss per seed | highest loss after step 100, per seed "
+             "| collapsed (step) | diverged |", "|---|---|---|---|---|---|"]
     for name in CONTENDERS:
         for lr in sorted({r["lr"] for r in runs}):
             rs = [r for r in runs if r["optimizer"] == name and r["lr"] == lr]
             if not rs:
                 continue
             finals = " / ".join(f"{r['final']:.3f}" for r in rs)
+            peaks = " / ".join(f"{max(r['losses'][100:]):.2f}" for r in rs)
             coll = ", ".join(f"s{r['seed']} ({r['collapse']})" for r in rs if r["collapse"])
             div = ", ".join(f"s{r['seed']}" for r in rs if r["diverged"])
             lines.append(f"| {name} | {lr:g} | {finals} (mean "
-                         f"{statistics.fmean(r['final'] for r in rs):.3f}) | {coll or '-'} | "
+                         f"{statistics.fmean(r['final'] for r in rs):.3f}) | {peaks} | "
+                         f"{coll or '-'} | "
                          f"{div or '-'} |")
     return "\n".join(lines)
 
@@ -97,7 +99,11 @@ def main() -> None:
     ap.add_argument("--jobs", type=int, default=1)
     ap.add_argument("--json", type=Path)
     ap.add_argument("--curves", help="run the CURVES comparison instead; its report folder")
+    ap.add_argument("--table", type=Path, help="print the table of a --json file and stop")
     args = ap.parse_args()
+    if args.table:
+        print(table(json.loads(args.table.read_text())["runs"]))
+        return
     if args.curves:
         api.run("curves", optimizers=["kbfgsl", register_dense()], seeds=args.seeds,
                 jobs=args.jobs, out=args.curves, progress=False,

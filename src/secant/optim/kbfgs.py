@@ -700,7 +700,7 @@ class KBFGS(_KroneckerBFGS):
 
 class KBFGSL(_KroneckerBFGS):
     r"""K-BFGS(L): as :class:`KBFGS` with less memory. Use:
-    ``opt = KBFGSL(model, lr=0.1, damping=0.3, history_size=100)``, optional
+    ``opt = KBFGSL(model, lr=0.1, damping=0.3, dense_hg=True)`` (see below), optional
     ``opt.warm_start(train_loader)``, then ``loss = opt.step(closure)`` (closure called twice per
     step on the same minibatch); same recommended start and same "not supported" list as
     :class:`KBFGS`.
