@@ -1,8 +1,7 @@
-"""FSDP2 (``fully_shard``) and HSDP on gloo CPU ranks: Neumann and MomentumLBFGS equal the
-one-process run on the same global batch (uneven and empty shards included) and resume exactly
-from a ``torch.distributed.checkpoint`` save, also on another number of ranks; the optimizers
-without FSDP2 support refuse DTensor parameters with a ``ValueError`` on every rank, at
-construction."""
+"""FSDP2 (``fully_shard``) and HSDP on gloo CPU ranks: every optimizer equals the one-process
+run on the same global batch (uneven and empty shards included); Neumann and MomentumLBFGS
+resume exactly from a ``torch.distributed.checkpoint`` save, also on another number of ranks;
+unsupported layouts refuse with a ``ValueError`` on every rank, at construction."""
 
 import copy
 import os
@@ -48,6 +47,22 @@ OPTIMIZERS = {  # a pair every 2 steps from step 4: 5 pairs in 12 steps, the rin
         ps, lr=0.05, beta=0.9, history_size=3, update_period=2, blocks="tensor",
         step_rule="kl_clip", kl_clip=1e-4),
 }
+# layer optimizers, built over the model: factors every 2 steps, inverses every 4; K-BFGS(L)'s
+# rings of 3 wrap in 12 steps
+LAYER_OPTIMIZERS = {
+    "kfac": lambda m: secant.KFAC(m, lr=0.05, damping=0.1, weight_decay=0.01,
+                                  factor_update_period=2, inverse_update_period=4),
+    "kfac-comm": lambda m: secant.KFAC(m, lr=0.05, damping=0.1, factor_update_period=2,
+                                       inverse_update_period=4, inverse_method="cholesky",
+                                       distributed_mode="communication"),
+    "kbfgs": lambda m: secant.KBFGS(m, lr=0.05, damping=0.3),
+    "kbfgsl": lambda m: secant.KBFGSL(m, lr=0.05, damping=0.3, history_size=3),
+}
+
+
+def build(name, net):
+    return LAYER_OPTIMIZERS[name](net) if name in LAYER_OPTIMIZERS else \
+        OPTIMIZERS[name](net.parameters())
 
 
 def batch(step):
@@ -62,9 +77,13 @@ def train(net, opt, steps, start=0, rank=0, world=1):
     for t in range(start, start + steps):
         x, y = batch(t)
         rows = slice(rank * GLOBAL_BATCH // world, (rank + 1) * GLOBAL_BATCH // world)
-        opt.zero_grad()
-        nn.functional.mse_loss(net(x[rows]), y[rows]).backward()
-        opt.step()
+
+        def closure(x=x[rows], y=y[rows]):
+            opt.zero_grad()
+            loss = nn.functional.mse_loss(net(x), y)
+            loss.backward()
+            return loss
+        opt.step(closure)
 
 
 def sharded(mesh_shape):
@@ -83,7 +102,7 @@ def full_params(net):
 
 def _worker_equal(rank, world, out_dir, mesh_shape, name):
     net = sharded(mesh_shape)
-    opt = OPTIMIZERS[name](net.parameters())
+    opt = build(name, net)
     train(net, opt, STEPS, rank=rank, world=world)
     diag = opt.diagnostics()  # norms are collectives
     try:
@@ -97,7 +116,7 @@ def _worker_equal(rank, world, out_dir, mesh_shape, name):
 
 def reference(name="neumann", steps=STEPS):
     net = model()
-    opt = OPTIMIZERS[name](net.parameters())
+    opt = build(name, net)
     train(net, opt, steps)
     return net, opt
 
@@ -140,6 +159,24 @@ def test_momentum_lbfgs_equals_one_process(tmp_path, world, mesh_shape, name):
     assert want["direction_cosine"] < 1 - 1e-6  # the curvature turned the step
 
 
+@pytest.mark.parametrize("world,mesh_shape,name", [
+    (2, (2,), "kfac"), (3, (3,), "kfac-comm"), (2, (2,), "kbfgs"), (3, (3,), "kbfgsl"),
+    (4, (2, 2), "kbfgs")])
+def test_layer_optimizers_equal_one_process(tmp_path, world, mesh_shape, name):
+    """K-FAC (eigen, weight decay; Cholesky in communication mode), K-BFGS and K-BFGS(L) with
+    its ring wrapping: each rank gathers a layer's gradient and updates its own rows; on 3
+    ranks the head's shards are 1, 1 and 0 rows; HSDP on a 2 × 2 mesh."""
+    spawn(world, _worker_equal, str(tmp_path), mesh_shape, name, pinned_by_torch=True)
+    keys = () if name.startswith("kfac") else (
+        "g_pairs_accepted_per_layer", "dd_step1_active_per_layer", "dd_step2_active_per_layer")
+    want = check_equal(tmp_path, world, name, keys + (("history_length",) if name == "kbfgsl"
+                                                       else ()))
+    if name.startswith("kfac"):
+        assert want["factor_updates"] == STEPS // 2
+    else:
+        assert want["g_pairs_accepted"] == 3 * STEPS and want["dd_step2_active"] > 0
+
+
 def _worker_dcp_save(rank, world, out_dir, name):
     net = sharded((world,))
     opt = OPTIMIZERS[name](net.parameters())
@@ -172,30 +209,39 @@ def test_dcp_resume_is_exact(tmp_path, name, save_world, load_world):
     check_equal(tmp_path, load_world, name, keys)
 
 
-REFUSED = {
-    "KFAC": lambda m: secant.KFAC(m),
-    "KBFGS": lambda m: secant.KBFGS(m),
-    "KBFGSL": lambda m: secant.KBFGSL(m),
-    "MomentumLBFGS with an unsharded parameter": lambda m: secant.MomentumLBFGS(
-        [*m.parameters(), nn.Parameter(torch.zeros(3, dtype=torch.float64))]),
+def partly_sharded():
+    net = model()
+    fully_shard(net[0], mesh=init_device_mesh("cpu", (dist.get_world_size(),)))
+    return net
+
+
+REFUSED = {  # name: (build, words the message must hold)
+    "KFAC over a partly sharded model": (lambda: secant.KFAC(partly_sharded()),
+                                         ("FSDP2", "DTensor")),
+    "KBFGS with a process group": (
+        lambda: secant.KBFGS(sharded((dist.get_world_size(),)), process_group=dist.group.WORLD),
+        ("FSDP2", "process_group")),
+    "MomentumLBFGS with an unsharded parameter": (lambda: secant.MomentumLBFGS(
+        [*sharded((dist.get_world_size(),)).parameters(),
+         nn.Parameter(torch.zeros(3, dtype=torch.float64))]), ("FSDP2", "DTensor")),
 }
 
 
 def _worker_refused(rank, world, out_dir):
-    net = sharded((world,))
     messages = {}
-    for name, build in REFUSED.items():
+    for name, (build_it, _) in REFUSED.items():
         try:
-            build(net)
+            build_it()
         except ValueError as e:
             messages[name] = str(e)
     dist.barrier()  # every rank got here: no hang, no abort
     torch.save(messages, os.path.join(out_dir, f"rank{rank}.pt"))
 
 
-def test_unsupported_optimizers_refuse_on_every_rank(tmp_path):
+def test_unsupported_layouts_refuse_on_every_rank(tmp_path):
     spawn(2, _worker_refused, str(tmp_path), timeout=120, pinned_by_torch=True)
     for r in range(2):
         messages = torch.load(tmp_path / f"rank{r}.pt", weights_only=True)
         assert set(messages) == set(REFUSED)
-        assert all("DTensor" in m and "FSDP2" in m for m in messages.values())
+        for name, (_, words) in REFUSED.items():
+            assert all(w in messages[name] for w in words), messages[name]

@@ -8,15 +8,16 @@ from secant.distributed.collectives import (
     resolve_group,
 )
 from secant.distributed.partition import assign_blocks
-from secant.distributed.sharding import local, refuse_sharded, shard_group
+from secant.distributed.sharding import full, local, local_rows, shard_group
 
 __all__ = [
     "all_gather_rows",
     "all_reduce_flat",
     "assign_blocks",
     "check_consistent",
+    "full",
     "local",
-    "refuse_sharded",
+    "local_rows",
     "resolve_group",
     "shard_group",
 ]

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 
+import torch
 import torch.distributed as dist
 from torch import Tensor
 from torch.distributed.tensor import DTensor, Replicate, Shard
@@ -18,14 +19,22 @@ def local(t: Tensor) -> Tensor:
     return t.to_local() if isinstance(t, DTensor) else t
 
 
-def refuse_sharded(params: Iterable[Tensor], optimizer: str) -> None:
-    """``ValueError`` if any parameter is a ``DTensor`` (FSDP2, tensor parallel)."""
-    for p in params:
-        if isinstance(p, DTensor):
-            raise ValueError(
-                f"{optimizer} does not support DTensor parameters yet (got one with placements "
-                f"{p.placements}, e.g. from FSDP2's fully_shard); train with DDP, or use "
-                "secant.Neumann, which supports FSDP2 and HSDP")
+def full(t: Tensor) -> Tensor:
+    """The whole of a ``DTensor`` (an all-gather over its shards: a collective that every rank
+    of its mesh must call, in the same order), or ``t`` itself."""
+    return t.full_tensor() if isinstance(t, DTensor) else t
+
+
+def local_rows(p: Tensor, whole: Tensor) -> Tensor:
+    """The rows of ``whole`` (shaped as ``p``'s global tensor) that ``p``'s local shard holds:
+    FSDP2 splits dim 0 with ``torch.chunk`` over the shard mesh dimension (fewer chunks than
+    ranks leave the last ranks empty); ``whole`` itself for a plain tensor."""
+    if not isinstance(p, DTensor):
+        return whole
+    (dim,) = [i for i, pl in enumerate(p.placements) if pl == Shard(0)]
+    n, coord = p.device_mesh.size(dim), p.device_mesh.get_local_rank(dim)
+    chunks = torch.chunk(whole, n, dim=0)
+    return chunks[coord] if coord < len(chunks) else whole[:0]
 
 
 def shard_group(params: Iterable[Tensor], optimizer: str) -> dist.ProcessGroup | None:

@@ -53,6 +53,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from secant.distributed.sharding import full, local, local_rows
 from secant.linalg.bfgs import all_finite
 
 
@@ -180,38 +181,42 @@ def matrix_shape(module: nn.Module) -> tuple[int, int]:
 
 def grad_matrix(module: nn.Module, dtype: torch.dtype | None = None) -> Tensor:
     """``∇W̃ = [∇W, ∇b]`` as a new ``[d_out, d_in+1]`` tensor (in ``dtype``, default the
-    weight's); missing grads count as zero."""
+    weight's); missing grads count as zero. FSDP2 (``DTensor``) gradients are gathered whole
+    (a collective)."""
     w, b = module.weight, module.bias
     dtype = dtype or w.dtype
-    gw = w.grad if w.grad is not None else torch.zeros_like(w)
+    gw = full(w.grad) if w.grad is not None else torch.zeros(w.shape, dtype=w.dtype,
+                                                              device=w.device)
     gw = weight_matrix(module, gw).to(dtype)
     if b is None:
         return gw.clone(memory_format=torch.contiguous_format)
-    gb = b.grad if b.grad is not None else torch.zeros_like(b)
+    gb = full(b.grad) if b.grad is not None else torch.zeros(b.shape, dtype=b.dtype,
+                                                             device=b.device)
     return torch.cat((gw, gb.to(dtype).unsqueeze(1)), dim=1)
 
 
 def param_matrix(module: nn.Module, dtype: torch.dtype | None = None) -> Tensor:
     """``W̃ = [W, b]`` as a new ``[d_out, d_in+1]`` tensor (in ``dtype``, default the
-    weight's)."""
+    weight's); FSDP2 (``DTensor``) parameters are gathered whole (a collective)."""
     w, b = module.weight, module.bias
     dtype = dtype or w.dtype
-    wm = weight_matrix(module, w.detach()).to(dtype)
+    wm = weight_matrix(module, full(w.detach())).to(dtype)
     if b is None:
         return wm.clone(memory_format=torch.contiguous_format)
-    return torch.cat((wm, b.detach().to(dtype).unsqueeze(1)), dim=1)
+    return torch.cat((wm, full(b.detach()).to(dtype).unsqueeze(1)), dim=1)
 
 
 def add_to_params(module: nn.Module, update: Tensor, alpha: float) -> None:
     """``W̃ ← W̃ + α·update`` for ``update [d_out, d_in+1]`` (any float dtype: the sum is
-    rounded to the parameters' dtype)."""
-    w, b = module.weight, module.bias
+    rounded to the parameters' dtype); an FSDP2 (``DTensor``) parameter takes the rows of its
+    local shard."""
+    params = layer_params(module)
+    parts = [update] if len(params) == 1 else [update[:, :-1], update[:, -1]]
     with torch.no_grad():
-        if b is None:
-            w.add_(weight_layout(module, update), alpha=alpha)
-        else:
-            w.add_(weight_layout(module, update[:, :-1]), alpha=alpha)
-            b.add_(update[:, -1], alpha=alpha)
+        for p, part in zip(params, parts):
+            if p.dim() > 1:
+                part = weight_layout(module, part)
+            local(p).add_(local_rows(p, part), alpha=alpha)
 
 
 def homogeneous_inputs(module: nn.Module, x: Tensor, ones: bool = True) -> Tensor:

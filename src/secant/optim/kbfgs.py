@@ -13,6 +13,7 @@ import torch
 from torch import Tensor, nn
 from torch.nn.parallel import DistributedDataParallel
 
+from secant.distributed import full, local, local_rows
 from secant.layers import (
     homogeneous_inputs,
     layer_params,
@@ -228,7 +229,7 @@ class _KroneckerBFGS(LayerOptimizer):
 
     def _works(self, owned: bool) -> bool:
         """Whether this rank keeps a layer's curvature state and does its work."""
-        return owned or self.distributed_mode == "communication"
+        return owned or self.sharded or self.distributed_mode == "communication"
 
     # ------------------------------------------------------------------ H_g storage
     def _fresh_hg(self, d_out: int, kw: dict[str, Any]) -> dict[str, Tensor]:
@@ -484,7 +485,7 @@ class _KroneckerBFGS(LayerOptimizer):
             shapes = [[(i, i), (i,), (o,), (o,)] for o, i in map(matrix_shape, self.layers)]
             stats = self._all_reduce(self._stats_or_nan(recs, shapes),
                                      average=True)  # global-batch statistics
-        shared = self.distributed and self.distributed_mode == "memory"
+        shared = self.distributed and self.distributed_mode == "memory" and not self.sharded
         saved: list[Any] = []
         bufs: list[Tensor] = []  # directions added to the parameters after the loop
         buffered: list[int] = []
@@ -497,8 +498,8 @@ class _KroneckerBFGS(LayerOptimizer):
             params = layer_params(module)
             # the step goes straight into the parameters (as matrices), or into buffers added
             # after the loop: shared over the ranks, or a dtype / layout GEMMs cannot write to
-            if not shared and all(p.dtype == self.factor_dtype and p.is_contiguous()
-                                  for p in params):
+            if not shared and not self.sharded and all(
+                    p.dtype == self.factor_dtype and p.is_contiguous() for p in params):
                 targets = [_matrix(module, p.detach()) for p in params]
             else:
                 targets = [torch.zeros(_matrix(module, p).shape, dtype=self.factor_dtype,
@@ -528,7 +529,8 @@ class _KroneckerBFGS(LayerOptimizer):
             for i in buffered:
                 module = self.layers[i]
                 for p, d in zip(layer_params(module), parts):
-                    p.add_(weight_layout(module, d) if p.dim() > 1 else d)
+                    local(p).add_(local_rows(p, weight_layout(module, d) if p.dim() > 1
+                                             else d))
         st["a_initialized"] = True
         return saved
 
@@ -563,9 +565,9 @@ class _KroneckerBFGS(LayerOptimizer):
                 blk.mul_(1.0 - rate)
             else:  # (step runs under no_grad: no detach needed; .to is a no-op, no copy, when
                 # the dtypes match)
-                blk.lerp_(_matrix(m, p.grad).to(ema.dtype), rate)
+                blk.lerp_(_matrix(m, full(p.grad)).to(ema.dtype), rate)
             if wd:
-                blk.add_(_matrix(m, p), alpha=rate * wd)
+                blk.add_(_matrix(m, full(p)), alpha=rate * wd)
 
     def _second_half(self, pass1: list, recs: list[list[Tensor] | None]) -> None:
         c = self.pair_decay

@@ -94,14 +94,17 @@ from contextlib import contextmanager
 from typing import Any
 
 import torch
+import torch.distributed as dist
 from torch import Tensor, nn
+from torch.distributed.tensor import DTensor
 
 from secant.distributed import (
     all_reduce_flat,
     assign_blocks,
     check_consistent,
-    refuse_sharded,
+    local,
     resolve_group,
+    shard_group,
 )
 from secant.layers import (
     LayerCapture,
@@ -216,7 +219,7 @@ class LayerOptimizer(OptimizerContract):
         if not isinstance(model, nn.Module):
             raise ValueError(f"model={type(model).__name__}: expected an nn.Module (layer "
                              "optimizers are built over a model, not a parameter list)")
-        refuse_sharded(model.parameters(), type(self).__name__)
+        self.sharded = self._fsdp2(model, process_group)
         check_finite_nonneg("lr", defaults["lr"])
         if fallback_lr is not None:
             check_finite_nonneg("fallback_lr", fallback_lr)
@@ -290,6 +293,24 @@ class LayerOptimizer(OptimizerContract):
                 "Kronecker curvature, the rest the first-order fallback update; "
                 "opt.coverage() lists which (register other linear-like layers with "
                 "secant.layers.register_layer)", stacklevel=3)
+
+    def _fsdp2(self, model: nn.Module, process_group: Any) -> bool:
+        """Whether the model is sharded by FSDP2 / HSDP (see "FSDP2" in the module docstring);
+        ``ValueError`` for a layout that is not supported."""
+        name = type(self).__name__
+        params = [p for p in model.parameters() if p.requires_grad]
+        if shard_group(params, name) is None:
+            return False
+        if not all(isinstance(p, DTensor) for p in params):
+            raise ValueError(f"{name} under FSDP2 needs every trainable parameter sharded (a "
+                             "DTensor): shard the whole model with fully_shard")
+        if process_group is not None:
+            raise ValueError("process_group: not with FSDP2 parameters (statistics are "
+                             "averaged over every rank of the device mesh)")
+        if params[0].device_mesh.size() != dist.get_world_size():
+            raise ValueError(f"{name} under FSDP2 needs a device mesh over every rank (got "
+                             f"{params[0].device_mesh.size()} of {dist.get_world_size()})")
+        return True
 
     # ------------------------------------------------------------------ discovery
     @staticmethod
@@ -479,7 +500,7 @@ class LayerOptimizer(OptimizerContract):
             self.layer_owners.append(0)
             self._owned.append(True)
             st["layers"].append(self._fresh_layer_state(m, True))
-        st["fallback"].extend(torch.zeros_like(p) for p in other)
+        st["fallback"].extend(torch.zeros_like(local(p)) for p in other)
         self._index_groups()
         if layers:
             self.capture.add_layers(layers)
@@ -529,7 +550,7 @@ class LayerOptimizer(OptimizerContract):
             "shard": [self._rank, self._world],
             "layers": [self._fresh_layer_state(m, own)
                        for m, own in zip(self.layers, self._owned)],
-            "fallback": [torch.zeros_like(p) for g in self.fallback_groups
+            "fallback": [torch.zeros_like(local(p)) for g in self.fallback_groups
                          for p in g["params"]],
         }
 
@@ -578,8 +599,8 @@ class LayerOptimizer(OptimizerContract):
             for p in fb["params"]:
                 u = next(bufs)
                 if p.grad is not None:
-                    ps.append(p)
-                    gs.append(p.grad)
+                    ps.append(local(p))
+                    gs.append(local(p.grad))
                     us.append(u)
             if not ps:
                 continue
