@@ -150,10 +150,10 @@ def test_load_pre_hook_result_is_what_gets_loaded(name):
     train(opt, m, 4)
     sd = opt.state_dict()
     key = {"MomentumLBFGS": "mlbfgs", "Neumann": "neumann"}.get(name) or opt.state_key
-    # where the step count is saved: Neumann and MomentumLBFGS keep their global values in the
-    # first parameter's entry
-    saved_key, step = {"Neumann": (0, "neumann_step"),
-                       "MomentumLBFGS": (0, "mlbfgs_step")}.get(name, (key, "step"))
+    # where the step count is saved: every optimizer keeps its global values in the first
+    # parameter's entry
+    saved_key, step = 0, {"Neumann": "neumann_step", "MomentumLBFGS": "mlbfgs_step"}.get(
+        name, f"{key}_optimizer_step")
     target = build(name, model())
 
     def hook(optimizer, state_dict):

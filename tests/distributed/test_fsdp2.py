@@ -179,7 +179,7 @@ def test_layer_optimizers_equal_one_process(tmp_path, world, mesh_shape, name):
 
 def _worker_dcp_save(rank, world, out_dir, name):
     net = sharded((world,))
-    opt = OPTIMIZERS[name](net.parameters())
+    opt = build(name, net)
     train(net, opt, STEPS // 2, rank=rank, world=world)
     dcp.save({"model": get_model_state_dict(net), "optim": get_optimizer_state_dict(net, opt)},
              checkpoint_id=os.path.join(out_dir, "ckpt"))
@@ -187,7 +187,7 @@ def _worker_dcp_save(rank, world, out_dir, name):
 
 def _worker_dcp_load(rank, world, out_dir, name):
     net = sharded((world,))
-    opt = OPTIMIZERS[name](net.parameters())
+    opt = build(name, net)
     state = {"model": get_model_state_dict(net), "optim": get_optimizer_state_dict(net, opt)}
     dcp.load(state, checkpoint_id=os.path.join(out_dir, "ckpt"))
     set_model_state_dict(net, state["model"])
@@ -198,14 +198,18 @@ def _worker_dcp_load(rank, world, out_dir, name):
 
 
 @pytest.mark.parametrize("name,save_world,load_world", [
-    ("neumann", 2, 3), ("mlbfgs", 2, 3), ("mlbfgs-tensor-kl", 3, 2)])
+    ("neumann", 2, 3), ("mlbfgs", 2, 3), ("mlbfgs-tensor-kl", 3, 2), ("kfac", 2, 3),
+    ("kbfgsl", 3, 2)])
 def test_dcp_resume_is_exact(tmp_path, name, save_world, load_world):
     """Saved with ``dcp.save`` after half the steps, loaded on another number of ranks (the
-    state is resharded), the rest of the run equals one process's."""
+    state is resharded; K-FAC's inverses move to the layers' new owners), the rest of the run
+    equals one process's."""
     spawn(save_world, _worker_dcp_save, str(tmp_path), name, pinned_by_torch=True)
     spawn(load_world, _worker_dcp_load, str(tmp_path), name, pinned_by_torch=True)
-    keys = ("displacement_norm",) if name == "neumann" else (
-        "pairs_accepted_per_block", "history_length", "gamma_per_block", "direction_cosine")
+    keys = {"neumann": ("displacement_norm",), "kfac": (),
+            "kbfgsl": ("g_pairs_accepted_per_layer", "history_length")}.get(name, (
+                "pairs_accepted_per_block", "history_length", "gamma_per_block",
+                "direction_cosine"))
     check_equal(tmp_path, load_world, name, keys)
 
 

@@ -227,6 +227,6 @@ def test_ranks_that_disagree_fail_loudly(world_results):
 def test_loading_another_ranks_state_is_refused(name):
     _, opt = build(name, False)
     sd = opt.state_dict()
-    sd["state"][opt.state_key]["shard"] = [1, 2]
+    sd["state"][0][opt.state_key + "_optimizer_shard"] = [1, 2]
     with pytest.raises(ValueError, match="each rank loads its own"):
         build(name, False)[1].load_state_dict(sd)

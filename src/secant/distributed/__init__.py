@@ -8,7 +8,7 @@ from secant.distributed.collectives import (
     resolve_group,
 )
 from secant.distributed.partition import assign_blocks
-from secant.distributed.sharding import full, local, local_rows, shard_group
+from secant.distributed.sharding import full, local, local_rows, shard_group, sharded_like
 
 __all__ = [
     "all_gather_rows",
@@ -20,4 +20,5 @@ __all__ = [
     "local_rows",
     "resolve_group",
     "shard_group",
+    "sharded_like",
 ]

@@ -37,6 +37,19 @@ def local_rows(p: Tensor, whole: Tensor) -> Tensor:
     return chunks[coord] if coord < len(chunks) else whole[:0]
 
 
+def sharded_like(p: Tensor, t: Tensor, lead: tuple[int, ...] = ()) -> Tensor:
+    """``t`` (this rank's part of a tensor of shape ``[*lead, *p.shape]``) as a ``DTensor``
+    sharded like ``p`` on its trailing dims; ``t`` itself when ``p`` is a plain tensor."""
+    if not isinstance(p, DTensor):
+        return t
+    k = len(lead)
+    placements = [Shard(pl.dim + k) if isinstance(pl, Shard) else pl for pl in p.placements]
+    shape = (*lead, *p.shape)
+    stride = torch.empty(shape, device="meta").stride()
+    return DTensor.from_local(t, p.device_mesh, placements, run_check=False, shape=shape,
+                              stride=stride)
+
+
 def shard_group(params: Iterable[Tensor], optimizer: str) -> dist.ProcessGroup | None:
     """The process group over which the ``DTensor`` parameters are sharded (``None`` if none
     is a ``DTensor``). Accepted: one mesh for all of them, ``Shard(0)`` on one mesh dimension

@@ -53,10 +53,12 @@ State
 All state lives under one string key of ``self.state`` (``self.state[self.state_key]``): an
 integer step counter, a list with one dict of tensors per layer, and the fallback buffers. Per-
 layer tensors are kept in ``factor_dtype``; decompositions run in at least float32
-(:mod:`secant.linalg.kron`). ``load_state_dict`` checks every shape, copies every tensor and
-moves it to the parameter's device, so a checkpoint loads into a freshly built model of the same
-architecture and resumes bit for bit; checkpoints hold only tensors, numbers, lists and dicts
-(``torch.load(..., weights_only=True)`` works).
+(:mod:`secant.linalg.kron`). ``state_dict()`` lays it out per parameter, in ``torch.optim``'s
+format (a layer's state in its weight's entry, :mod:`secant.optim.layer_state`), so
+``torch.distributed.checkpoint`` can save and reshard it. ``load_state_dict`` checks every
+shape, copies every tensor and moves it to the parameter's device, so a checkpoint loads into a
+freshly built model of the same architecture and resumes bit for bit; checkpoints hold only
+tensors, numbers, lists and dicts (``torch.load(..., weights_only=True)`` works).
 
 Distributed data parallelism
 ----------------------------
@@ -82,6 +84,26 @@ timeout.
 Checkpoints are per rank: the state records ``"shard": [rank, world]`` and each rank saves and
 loads its own ``state_dict`` (same world size and options); loading another rank's state raises
 ``ValueError``. Without a process group the shard is ``[0, 1]`` and nothing is communicated.
+
+FSDP2 and HSDP
+--------------
+Over a model sharded by ``fully_shard`` (every trainable parameter a ``DTensor`` split on dim 0
+over one mesh dimension, replicated over the other with HSDP; the mesh spans every rank) the
+optimizer runs on the same global-batch quantities as one process (design K1 of the FSDP2
+notes, its simplest form): the capture hooks see FSDP2's unsharded forward and backward, so each
+rank captures full-width statistics of its local batch, averaged over all ranks as above; each
+layer's gradient ``∇W̃`` (already averaged by FSDP2's reduce-scatter), and ``W̃`` where weight
+decay needs it, is gathered whole (one all-gather per tensor), the direction is computed from
+it, and each rank adds the rows of its own shard. Every rank does this for every layer (so
+K-BFGS's ``distributed_mode`` has no effect here; K-FAC's factor inverses are still split over
+owners by ``distributed_mode``) and the per-layer curvature state and K-FAC's momentum are
+replicated; the fallback groups run on the local shards. A DCP checkpoint
+(``get_optimizer_state_dict`` / ``dcp.save``) loads on any number of ranks. Exact (equal to one
+process on the global batch to rounding, also across a DCP save and a load on another number of
+ranks: ``tests/distributed/test_fsdp2.py``), not yet memory-lean: the
+curvature state is not sharded and the gathers add about one model's worth of traffic per step
+to FSDP2's three. Refused with ``ValueError`` at construction: a partly sharded model, other
+placements (tensor parallel), a mesh that does not span every rank, ``process_group=``.
 """
 
 from __future__ import annotations
@@ -114,6 +136,7 @@ from secant.layers import (
     matrix_shape,
     param_matrix,
 )
+from secant.optim import layer_state
 from secant.optim.contract import OptimizerContract
 from secant.optim.validation import check
 
@@ -558,25 +581,45 @@ class LayerOptimizer(OptimizerContract):
     def _st(self) -> dict[str, Any]:
         return self.state[self.state_key]
 
+    def state_dict(self) -> dict[str, Any]:
+        """``torch.optim`` format, every entry keyed by a parameter (what
+        ``torch.distributed.checkpoint`` needs): a layer's state in the entry of its weight, a
+        fallback buffer in its parameter's, the optimizer-wide values in the first parameter's
+        (:mod:`secant.optim.layer_state`)."""
+        sd = super().state_dict()
+        flat = sd["state"].pop(self.state_key)
+        index = {p: i for i, p in enumerate(self._params())}  # tensors hash by identity
+        sd["state"] = {index[p]: e for p, e in layer_state.param_entries(self, flat).items()}
+        return sd
+
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         fresh = self._fresh_state()
+        params = self._params()
+
+        def flat(sd: dict[str, Any]) -> dict[str, Any]:
+            ids = [i for g in sd["param_groups"] for i in g["params"]]
+            return layer_state.flat_state(
+                self, {p: sd["state"][i] for i, p in zip(ids, params) if i in sd["state"]})
 
         def check_saved(sd: dict[str, Any]) -> None:
-            saved = sd["state"].get(self.state_key)
-            if saved is None:
-                raise ValueError(f"state_dict was not saved by a {type(self).__name__} "
-                                 "optimizer")
-            if list(saved.get("shard", [0, 1])) != fresh["shard"]:
+            saved = flat(sd)
+            if not self.sharded and list(saved["shard"]) != fresh["shard"]:
                 raise ValueError(f"state_dict holds the shard (rank, world) = "
-                                 f"{saved.get('shard')}, this optimizer is {fresh['shard']}: "
+                                 f"{saved['shard']}, this optimizer is {fresh['shard']}: "
                                  "each rank loads its own state")
             if _shape_tree(saved) != _shape_tree(fresh):
                 raise ValueError(f"state_dict does not match this {type(self).__name__}: "
                                  "different model architecture or optimizer options")
 
-        state_dict = self._load_hooked(state_dict, check_saved)
-        self.state[self.state_key] = _clone_tree(state_dict["state"][self.state_key],
-                                                 self._device)
+        # from the saved dict, not from self.state: the base class casts every tensor there
+        # to its parameter's dtype (the counters too)
+        st = _clone_tree(flat(self._load_hooked(state_dict, check_saved)), self._device)
+        st["shard"] = fresh["shard"]  # FSDP2: a checkpoint of any number of ranks
+        self.state.clear()
+        self.state[self.state_key] = st
+
+    def _params(self) -> list[Tensor]:
+        return [p for g in self.param_groups for p in g["params"]]
 
     def remove_hooks(self) -> None:
         """Remove the capture hooks from the model (the optimizer can no longer step)."""

@@ -25,28 +25,14 @@ from typing import Any
 
 import torch
 from torch import Tensor
-from torch.distributed.tensor import DTensor, Shard
 
-from secant.distributed import local
+from secant.distributed import local, sharded_like
 
 PREFIX = "mlbfgs_"
 OWN_VECTORS = ("param_ema", "grad_ema", "param_snapshot", "grad_snapshot")
 PER_BLOCK = ("gram", "head", "count", "pairs_accepted", "pairs_rejected",
              "damping_activations", "ema_started", "has_snapshot")
 GLOBAL = ("step", "skipped_steps", "last_lrs")
-
-
-def _sharded_like(p: Tensor, t: Tensor, lead: tuple[int, ...] = ()) -> Tensor:
-    """``t`` (this rank's part of a tensor of shape ``[*lead, *p.shape]``) as a ``DTensor``
-    sharded like ``p`` on its trailing dims; ``t`` itself when ``p`` is a plain tensor."""
-    if not isinstance(p, DTensor):
-        return t
-    k = len(lead)
-    placements = [Shard(pl.dim + k) if isinstance(pl, Shard) else pl for pl in p.placements]
-    shape = (*lead, *p.shape)
-    stride = torch.empty(shape, device="meta").stride()
-    return DTensor.from_local(t, p.device_mesh, placements, run_check=False, shape=shape,
-                              stride=stride)
 
 
 def _history_slots(opt: Any, history: Tensor) -> list[list[Tensor]]:
@@ -70,7 +56,7 @@ def param_entries(opt: Any, st: dict[str, Any]) -> dict[Tensor, dict[str, Any]]:
     """The per-parameter entries (see the module docstring) of the flat state ``st``."""
     lay = opt._layout
     entries: dict[Tensor, dict[str, Any]] = {
-        p: {"momentum_buffer": _sharded_like(p, v)}
+        p: {"momentum_buffer": sharded_like(p, v)}
         for p, v in zip(lay.params, lay.views(st["momentum_buffer"]))}
     own = opt._own_params
     if own:
@@ -78,8 +64,8 @@ def param_entries(opt: Any, st: dict[str, Any]) -> dict[Tensor, dict[str, Any]]:
         slots = _history_slots(opt, st["history"])
         m2 = len(slots)
         for i, p in enumerate(own):
-            entries[p].update({k: _sharded_like(p, v[i]) for k, v in vectors.items()})
-            entries[p]["history"] = _sharded_like(
+            entries[p].update({k: sharded_like(p, v[i]) for k, v in vectors.items()})
+            entries[p]["history"] = sharded_like(
                 p, torch.stack([slot[i] for slot in slots]), (m2,))
     for j, p in _block_heads(opt):
         entries[p].update({PREFIX + k: st[k][j] for k in PER_BLOCK})
