@@ -1,5 +1,6 @@
 """Layer optimizers (K-FAC, K-BFGS, K-BFGS(L)) under DDP with gloo on 2 and 3 processes, against
-the single-process run on the same global batch; sharded (per-rank) resume; mismatch errors.
+the single-process run on the same global batch; sharded (per-rank) and DCP resume; mismatch
+errors.
 
 One spawn per world size runs every case (each spawn costs seconds); the tests read its results.
 """
@@ -10,8 +11,15 @@ import os
 import pytest
 import torch
 import torch.distributed as dist
+import torch.distributed.checkpoint as dcp
 from dist_harness import spawn
 from torch import nn
+from torch.distributed.checkpoint.state_dict import (
+    get_model_state_dict,
+    get_optimizer_state_dict,
+    set_model_state_dict,
+    set_optimizer_state_dict,
+)
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 from secant import KBFGS, KBFGSL, KFAC
@@ -225,8 +233,46 @@ def test_ranks_that_disagree_fail_loudly(world_results):
 
 @pytest.mark.parametrize("name", ["kfac", "kbfgs"])
 def test_loading_another_ranks_state_is_refused(name):
+    """As rank 1 of 2 would save it in memory mode: without the first layer, which rank 0
+    owns."""
     _, opt = build(name, False)
     sd = opt.state_dict()
+    sd["state"][0] = {k: v for k, v in sd["state"][0].items() if "_optimizer_" in k}
     sd["state"][0][opt.state_key + "_optimizer_shard"] = [1, 2]
     with pytest.raises(ValueError, match="each rank loads its own"):
         build(name, False)[1].load_state_dict(sd)
+
+
+def _worker_dcp(rank, world, out_dir, name, save):
+    """Under DDP: train 3 steps and ``dcp.save``, or build afresh, ``dcp.load`` and train the
+    remaining steps."""
+    small = CASES[name][0]
+    model, opt = build(name, True)
+    ckpt = os.path.join(out_dir, "ckpt")
+    if save:
+        train(model, opt, small, 3, rank=rank, world=world)
+        dcp.save({"model": get_model_state_dict(model),
+                  "optim": get_optimizer_state_dict(model, opt)}, checkpoint_id=ckpt)
+        return
+    state = {"model": get_model_state_dict(model),
+             "optim": get_optimizer_state_dict(model, opt)}
+    dcp.load(state, checkpoint_id=ckpt)
+    set_model_state_dict(model, state["model"])
+    set_optimizer_state_dict(model, opt, state["optim"])
+    train(model, opt, small, STEPS - 3, start=3, rank=rank, world=world)
+    torch.save([p.detach() for p in model.parameters()], os.path.join(out_dir, f"rank{rank}.pt"))
+
+
+@pytest.mark.parametrize("name,save_world,load_world", [("kfac", 2, 3), ("kbfgsl", 3, 2)])
+def test_dcp_resume_under_ddp_is_exact(tmp_path, name, save_world, load_world):
+    """A DCP checkpoint of a DDP run resumes on another number of ranks, whose ranks own other
+    layers (memory mode: a layer's state is in its owner's entries only), equal to one
+    process's uninterrupted run."""
+    spawn(save_world, _worker_dcp, str(tmp_path), name, True)
+    spawn(load_world, _worker_dcp, str(tmp_path), name, False)
+    net, opt = build(name, False)
+    train(net, opt, CASES[name][0], STEPS)
+    for r in range(load_world):
+        for p, q in zip(torch.load(tmp_path / f"rank{r}.pt", weights_only=True),
+                        net.parameters()):
+            torch.testing.assert_close(p, q.detach(), rtol=1e-10, atol=1e-12)

@@ -603,18 +603,20 @@ class LayerOptimizer(OptimizerContract):
 
         def check_saved(sd: dict[str, Any]) -> None:
             saved = flat(sd)
-            if not self.sharded and list(saved["shard"]) != fresh["shard"]:
+            if _shape_tree(saved) == _shape_tree(fresh):
+                return  # this rank's layers (a DCP load: whatever rank or world saved them)
+            if list(saved["shard"]) != fresh["shard"]:
                 raise ValueError(f"state_dict holds the shard (rank, world) = "
                                  f"{saved['shard']}, this optimizer is {fresh['shard']}: "
-                                 "each rank loads its own state")
-            if _shape_tree(saved) != _shape_tree(fresh):
-                raise ValueError(f"state_dict does not match this {type(self).__name__}: "
-                                 "different model architecture or optimizer options")
+                                 "each rank loads its own state (or use "
+                                 "torch.distributed.checkpoint, which reshards it)")
+            raise ValueError(f"state_dict does not match this {type(self).__name__}: "
+                             "different model architecture or optimizer options")
 
         # from the saved dict, not from self.state: the base class casts every tensor there
         # to its parameter's dtype (the counters too)
         st = _clone_tree(flat(self._load_hooked(state_dict, check_saved)), self._device)
-        st["shard"] = fresh["shard"]  # FSDP2: a checkpoint of any number of ranks
+        st["shard"] = fresh["shard"]
         self.state.clear()
         self.state[self.state_key] = st
 
