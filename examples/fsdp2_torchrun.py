@@ -1,7 +1,8 @@
-"""FSDP2 (``fully_shard``) training under ``torchrun`` with MomentumLBFGS or Neumann, and a
+"""FSDP2 (``fully_shard``) training under ``torchrun`` with any secant optimizer, and a
 ``torch.distributed.checkpoint`` (DCP) save and resume halfway: each rank holds a shard of
-every weight, of its gradient and of the optimizer state; the result equals one process on the
-global batch, and the checkpoint loads on any number of ranks (gloo on CPU, NCCL on GPUs).
+every weight and of its gradient (MomentumLBFGS and Neumann: of their state too; the layer
+optimizers keep their curvature state whole on every rank); the result equals one process on
+the global batch, and the checkpoint loads on any number of ranks (gloo on CPU, NCCL on GPUs).
 
     torchrun --standalone --nproc-per-node 2 examples/fsdp2_torchrun.py --checkpoint ckpt
     torchrun --standalone --nproc-per-node 4 examples/fsdp2_torchrun.py --replicas 2  # HSDP
@@ -27,9 +28,11 @@ from torch.distributed.fsdp import fully_shard
 
 import secant
 
-OPTIMIZERS = {
-    "mlbfgs": lambda ps: secant.MomentumLBFGS(ps, lr=0.1, update_period=10),
-    "neumann": lambda ps: secant.Neumann(ps, lr=0.1),
+OPTIMIZERS = {  # over the sharded model
+    "mlbfgs": lambda m: secant.MomentumLBFGS(m.parameters(), lr=0.1, update_period=10),
+    "neumann": lambda m: secant.Neumann(m.parameters(), lr=0.1),
+    "kfac": lambda m: secant.KFAC(m, lr=0.01, damping=0.03),
+    "kbfgs": lambda m: secant.KBFGS(m, lr=0.1, damping=0.3),
 }
 
 
@@ -48,7 +51,7 @@ def build(args: argparse.Namespace, device: torch.device):
         if isinstance(layer, nn.Linear):
             fully_shard(layer, mesh=mesh)
     fully_shard(model, mesh=mesh)
-    return model, OPTIMIZERS[args.optimizer](model.parameters())  # after fully_shard
+    return model, OPTIMIZERS[args.optimizer](model)  # after fully_shard
 
 
 def train(args: argparse.Namespace) -> None:
@@ -67,10 +70,13 @@ def train(args: argparse.Namespace) -> None:
     for step in range(1, args.steps + 1):
         idx = torch.randint(0, len(y), (args.batch,), generator=gen)
         mine = idx[rank * share: (rank + 1) * share].to(device)
-        opt.zero_grad()
-        loss = F.cross_entropy(model(x[mine]), y[mine])
-        loss.backward()
-        opt.step()
+
+        def closure(xb=x[mine], yb=y[mine], model=model, opt=opt):  # K-BFGS: called twice
+            opt.zero_grad()
+            loss = F.cross_entropy(model(xb), yb)
+            loss.backward()
+            return loss
+        loss = opt.step(closure)
         if rank == 0 and (step == 1 or step % max(1, args.steps // 6) == 0):
             print(f"step {step}: rank-0 loss {float(loss.detach()):.4f}")
         if args.checkpoint and step == args.steps // 2:

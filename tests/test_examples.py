@@ -43,7 +43,7 @@ def test_ddp_example_under_torchrun():
     assert len(found) >= 3 and found[-1] < found[0]
 
 
-@pytest.mark.parametrize("optimizer", ["mlbfgs", "neumann"])
+@pytest.mark.parametrize("optimizer", ["mlbfgs", "neumann", "kbfgs"])
 def test_fsdp2_example_under_torchrun(tmp_path, optimizer):
     out = run("-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
               EXAMPLES / "fsdp2_torchrun.py", "--optimizer", optimizer, "--steps", "24",
