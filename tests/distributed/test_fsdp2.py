@@ -27,12 +27,36 @@ GLOBAL_BATCH = 24
 STEPS = 12
 
 
-def model():
-    """Linear layers with and without bias, a LayerNorm, and a 2-row head: on 3 ranks its
-    shards are 1, 1 and 0 rows (an empty shard)."""
+class Block(nn.Module):
+    """A stock transformer encoder layer (its attention projections go to the layer
+    optimizers' first-order fallback) between a Linear embedding and a head, 3 positions."""
+
+    def __init__(self):
+        super().__init__()
+        self.embed = nn.Linear(6, 8)
+        self.encoder = nn.TransformerEncoderLayer(8, 2, 16, dropout=0.0, batch_first=True)
+        self.head = nn.Linear(8, 2)
+
+    def forward(self, x):
+        return self.head(self.encoder(self.embed(x)).mean(1))
+
+
+MODELS = {  # kind: (builder, input shape of one example)
+    # Linear layers with and without bias, a LayerNorm, and a 2-row head: on 3 ranks its
+    # shards are 1, 1 and 0 rows (an empty shard)
+    "mlp": (lambda: nn.Sequential(nn.Linear(6, 16), nn.Tanh(), nn.LayerNorm(16),
+                                  nn.Linear(16, 11, bias=False), nn.Tanh(), nn.Linear(11, 2)),
+            (6,)),
+    "transformer": (Block, (3, 6)),
+    "cnn": (lambda: nn.Sequential(nn.Conv2d(2, 3, 3, padding=1), nn.Tanh(), nn.Flatten(),
+                                  nn.Linear(48, 2)), (2, 4, 4)),
+}
+SHARDED_ALONE = (nn.Linear, nn.Conv2d, nn.TransformerEncoderLayer)
+
+
+def model(kind="mlp"):
     torch.manual_seed(0)
-    return nn.Sequential(nn.Linear(6, 16), nn.Tanh(), nn.LayerNorm(16),
-                         nn.Linear(16, 11, bias=False), nn.Tanh(), nn.Linear(11, 2)).double()
+    return MODELS[kind][0]().double()
 
 
 def neumann(params):
@@ -65,17 +89,17 @@ def build(name, net):
         OPTIMIZERS[name](net.parameters())
 
 
-def batch(step):
+def batch(step, kind="mlp"):
     gen = torch.Generator().manual_seed(step)
-    x = torch.randn(GLOBAL_BATCH, 6, generator=gen, dtype=torch.float64)
-    return x, x[:, :2].sin()
+    x = torch.randn(GLOBAL_BATCH, *MODELS[kind][1], generator=gen, dtype=torch.float64)
+    return x, x.flatten(1)[:, :2].sin()
 
 
-def train(net, opt, steps, start=0, rank=0, world=1):
+def train(net, opt, steps, start=0, rank=0, world=1, kind="mlp"):
     """``world`` ranks each take their slice of the global batch; FSDP2 averages the
     gradients, so the step sees the global batch's mean-loss gradient."""
     for t in range(start, start + steps):
-        x, y = batch(t)
+        x, y = batch(t, kind)
         rows = slice(rank * GLOBAL_BATCH // world, (rank + 1) * GLOBAL_BATCH // world)
 
         def closure(x=x[rows], y=y[rows]):
@@ -86,12 +110,12 @@ def train(net, opt, steps, start=0, rank=0, world=1):
         opt.step(closure)
 
 
-def sharded(mesh_shape):
+def sharded(mesh_shape, kind="mlp"):
     names = ("replicate", "shard")[-len(mesh_shape):]  # HSDP: replicate × shard
     mesh = init_device_mesh("cpu", mesh_shape, mesh_dim_names=names)
-    net = model()
-    for layer in net:
-        if isinstance(layer, nn.Linear):
+    net = model(kind)
+    for layer in net.children():
+        if isinstance(layer, SHARDED_ALONE):
             fully_shard(layer, mesh=mesh)
     return fully_shard(net, mesh=mesh)
 
@@ -100,10 +124,10 @@ def full_params(net):
     return [p.full_tensor() for p in net.parameters()]
 
 
-def _worker_equal(rank, world, out_dir, mesh_shape, name):
-    net = sharded(mesh_shape)
+def _worker_equal(rank, world, out_dir, mesh_shape, name, kind="mlp"):
+    net = sharded(mesh_shape, kind)
     opt = build(name, net)
-    train(net, opt, STEPS, rank=rank, world=world)
+    train(net, opt, STEPS, rank=rank, world=world, kind=kind)
     diag = opt.diagnostics()  # norms are collectives
     try:
         copy.deepcopy(opt)
@@ -114,17 +138,17 @@ def _worker_equal(rank, world, out_dir, mesh_shape, name):
                os.path.join(out_dir, f"rank{rank}.pt"))
 
 
-def reference(name="neumann", steps=STEPS):
-    net = model()
+def reference(name="neumann", steps=STEPS, kind="mlp"):
+    net = model(kind)
     opt = build(name, net)
-    train(net, opt, steps)
+    train(net, opt, steps, kind=kind)
     return net, opt
 
 
-def check_equal(tmp_path, world, name, keys):
+def check_equal(tmp_path, world, name, keys, kind="mlp"):
     """Every rank's full parameters and the diagnostics ``keys`` equal the one-process run's;
     returns the reference's diagnostics."""
-    net, opt = reference(name)
+    net, opt = reference(name, kind=kind)
     want = opt.diagnostics()
     for r in range(world):
         res = torch.load(tmp_path / f"rank{r}.pt", weights_only=True)
@@ -175,6 +199,18 @@ def test_layer_optimizers_equal_one_process(tmp_path, world, mesh_shape, name):
         assert want["factor_updates"] == STEPS // 2
     else:
         assert want["g_pairs_accepted"] == 3 * STEPS and want["dd_step2_active"] > 0
+
+
+@pytest.mark.filterwarnings("ignore:.*functional form")
+@pytest.mark.parametrize("kind,name,world", [
+    ("transformer", "kbfgs", 3), ("transformer", "mlbfgs", 2), ("cnn", "kfac", 2),
+    ("cnn", "neumann", 3)])
+def test_transformer_block_and_cnn_equal_one_process(tmp_path, kind, name, world):
+    """A stock ``nn.TransformerEncoderLayer`` (Kronecker MLP, first-order attention and norms)
+    and a Conv2d + Linear model, sharded per layer; on 3 ranks the conv's 3 output channels
+    and the heads' 2 rows give uneven and empty shards."""
+    spawn(world, _worker_equal, str(tmp_path), (world,), name, kind, pinned_by_torch=True)
+    check_equal(tmp_path, world, name, (), kind)
 
 
 def _worker_dcp_save(rank, world, out_dir, name):
