@@ -1,14 +1,14 @@
 """Optimizer state per rank and communication per optimizer step under FSDP2 and DDP (gloo,
-CPU), 1, 2 and 4 ranks, for the optimizers that support FSDP2 (Neumann, MomentumLBFGS) and
-AdamW as the reference.
+CPU), 1, 2 and 4 ranks, for every secant optimizer and AdamW as the reference.
 
 Each rank trains the CURVES autoencoder (842,340 parameters, float32) on its own batch for
 ``--warmup`` steps (MomentumLBFGS: a pair every 5 steps, so its history is in use), then
 ``--steps`` more with every collective of ``opt.step()`` recorded by a dispatch mode: the
 number of collectives and their payload (an all-reduce's buffer, an all-gather's output, in
-bytes), averaged per step. Not counted: the data-parallel gradient averaging of the backward
-pass (DDP's all-reduce, FSDP2's all-gather and reduce-scatter), which is the same for every
-optimizer. State: bytes of the tensors in ``opt.state_dict()`` held by the rank (a DTensor's
+bytes), averaged per step. Not counted: the collectives inside the closure, i.e. the model's
+own forward and backward (DDP's gradient all-reduce, FSDP2's all-gathers and reduce-scatter),
+which are the same for every optimizer except that K-BFGS runs a second pass. State: bytes of
+the tensors in ``opt.state_dict()`` held by the rank (a DTensor's
 local shard), largest over the ranks.
 
 Run: python benchmarks/fsdp2_scaling.py > benchmarks/fsdp2_scaling.md
@@ -17,6 +17,7 @@ Run: python benchmarks/fsdp2_scaling.py > benchmarks/fsdp2_scaling.md
 from __future__ import annotations
 
 import argparse
+import gc
 import os
 import platform
 import tempfile
@@ -36,13 +37,22 @@ import secant
 from secant.bench.models import CURVES_WIDTHS, autoencoder
 from secant.bench.runner import state_bytes
 
-OPTIMIZERS = {
-    "adamw": lambda ps: torch.optim.AdamW(ps, lr=1e-3),
-    "neumann": lambda ps: secant.Neumann(ps, lr=0.01),
-    "mlbfgs": lambda ps: secant.MomentumLBFGS(ps, lr=0.01, update_period=5),
-    "mlbfgs-tensor": lambda ps: secant.MomentumLBFGS(ps, lr=0.01, update_period=5,
-                                                     blocks="tensor"),
+OPTIMIZERS = {  # over the (wrapped) model
+    "adamw": lambda m: torch.optim.AdamW(m.parameters(), lr=1e-3),
+    "neumann": lambda m: secant.Neumann(m.parameters(), lr=0.01),
+    "mlbfgs": lambda m: secant.MomentumLBFGS(m.parameters(), lr=0.01, update_period=5),
+    "mlbfgs-tensor": lambda m: secant.MomentumLBFGS(m.parameters(), lr=0.01, update_period=5,
+                                                    blocks="tensor"),
+    "kfac": lambda m: secant.KFAC(m, lr=0.01, damping=0.03),
+    "kfac-communication": lambda m: secant.KFAC(m, lr=0.01, damping=0.03,
+                                                distributed_mode="communication"),
+    "kbfgs": lambda m: secant.KBFGS(m, lr=0.1, damping=0.3),
 }
+
+
+# eager c10d ops, and the functional collectives DTensor uses (``full_tensor``); not the waits
+COLLECTIVES = ("c10d", "_c10d_functional")
+WAITS = ("wait_tensor",)
 
 
 class Collectives(TorchDispatchMode):
@@ -52,9 +62,11 @@ class Collectives(TorchDispatchMode):
         super().__init__()
         self.count = 0
         self.bytes = 0
+        self.paused = False  # inside the closure
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        if func.namespace == "c10d":
+        if func.namespace in COLLECTIVES and func.__name__.split(".")[0] not in WAITS \
+                and not self.paused:
             tensors = [t for t in tree_flatten((args, kwargs or {}))[0] if isinstance(t, Tensor)]
             self.count += 1
             self.bytes += max((t.numel() * t.element_size() for t in tensors), default=0)
@@ -75,24 +87,32 @@ def worker(rank, world, init_file, name, mode, steps, warmup, batch, out_dir):
         model = fully_shard(model, mesh=mesh)
     else:
         model = DDP(model)
-    opt = OPTIMIZERS[name](model.parameters())
+    opt = OPTIMIZERS[name](model)
     x = torch.rand(batch, CURVES_WIDTHS[0], generator=torch.Generator().manual_seed(rank))
     comm = Collectives()
-    for t in range(warmup + steps):
+
+    def closure():
+        comm.paused = True
         opt.zero_grad()
-        nn.functional.binary_cross_entropy_with_logits(model(x), x).backward()
+        loss = nn.functional.binary_cross_entropy_with_logits(model(x), x)
+        loss.backward()
+        comm.paused = False
+        return loss
+
+    for t in range(warmup + steps):
         if t < warmup:
-            opt.step()
+            opt.step(closure)
         else:
             with comm:
-                opt.step()
+                opt.step(closure)
     mine = torch.tensor([state_bytes(opt)], dtype=torch.long)
     every = [torch.zeros_like(mine) for _ in range(world)]
     dist.all_gather(every, mine)
     if rank == 0:
         torch.save({"state": max(int(m) for m in every), "count": comm.count / steps,
                     "bytes": comm.bytes / steps}, os.path.join(out_dir, "result.pt"))
-    del opt, model
+    opt = model = closure = None  # freed before the group is destroyed
+    gc.collect()
     dist.destroy_process_group()
 
 
@@ -111,7 +131,8 @@ def main() -> None:
           f"{args.steps} --warmup {args.warmup} --per-rank-batch {args.per_rank_batch}`")
     print("- model: CURVES autoencoder (842,340 float32 parameters = 3.37 MB); FSDP2 shards "
           "every Linear and the root on a 1-D mesh; DDP replicates; MomentumLBFGS with "
-          "update_period=5, history 10\n")
+          "update_period=5, history 10; K-FAC factors every 10 steps, inverses every 100 (so "
+          "none in the counted steps); K-BFGS default settings\n")
     print("| optimizer | mode | ranks | state per rank, max (MB) | vs 1 rank | collectives "
           "per step | payload per step (kB) |")
     print("|---|---|---|---|---|---|---|")
