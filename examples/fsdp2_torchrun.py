@@ -1,7 +1,7 @@
 """FSDP2 (``fully_shard``) training under ``torchrun`` with any secant optimizer, and a
 ``torch.distributed.checkpoint`` (DCP) save and resume halfway: each rank holds a shard of
 every weight and of its gradient (MomentumLBFGS and Neumann: of their state too; the layer
-optimizers keep their curvature state whole on every rank); the result equals one process on
+optimizers split their curvature state by layers over the ranks); the result equals one process on
 the global batch, and the checkpoint loads on any number of ranks (gloo on CPU, NCCL on GPUs).
 
     torchrun --standalone --nproc-per-node 2 examples/fsdp2_torchrun.py --checkpoint ckpt

@@ -229,7 +229,7 @@ class _KroneckerBFGS(LayerOptimizer):
 
     def _works(self, owned: bool) -> bool:
         """Whether this rank keeps a layer's curvature state and does its work."""
-        return owned or self.sharded or self.distributed_mode == "communication"
+        return owned or self.distributed_mode == "communication"
 
     # ------------------------------------------------------------------ H_g storage
     def _fresh_hg(self, d_out: int, kw: dict[str, Any]) -> dict[str, Tensor]:
@@ -485,7 +485,7 @@ class _KroneckerBFGS(LayerOptimizer):
             shapes = [[(i, i), (i,), (o,), (o,)] for o, i in map(matrix_shape, self.layers)]
             stats = self._all_reduce(self._stats_or_nan(recs, shapes),
                                      average=True)  # global-batch statistics
-        shared = self.distributed and self.distributed_mode == "memory" and not self.sharded
+        shared = self.distributed and self.distributed_mode == "memory"
         saved: list[Any] = []
         bufs: list[Tensor] = []  # directions added to the parameters after the loop
         buffered: list[int] = []
@@ -506,6 +506,9 @@ class _KroneckerBFGS(LayerOptimizer):
                                        device=self._device) for p in params]
                 bufs.extend(targets)
                 buffered.append(i)
+            # FSDP2: every rank gathers every layer's tensors (collectives in one order)
+            whole = [(None if p.grad is None else full(p.grad), full(p) if wd else None)
+                     for p, wd in zip(params, self._layer_weight_decay(i))]
             if not self._works(own):
                 saved.append(None)
                 continue
@@ -516,7 +519,7 @@ class _KroneckerBFGS(LayerOptimizer):
                 if recs[i] is not None:
                     ls["stats_rejected"] += ~ok
                 self._update_a(ls, a_new, ok, group["damping"], first, skip_a)
-            self._update_grad_ema(i, ls["grad_ema"], 1.0 - group["momentum"])
+            self._update_grad_ema(i, ls["grad_ema"], 1.0 - group["momentum"], whole)
             hg = self._hg_matrix(ls)
             with torch.no_grad():
                 self._add_direction(ls, hg, ls["grad_ema"], targets, -group["lr"])
@@ -549,25 +552,24 @@ class _KroneckerBFGS(LayerOptimizer):
             # a_new is this step's own buffer: mask it in place (no d_in² temporary)
             ls["A"].lerp_(torch.where(ok, a_new, ls["A"], out=a_new), 1.0 - self.stat_decay)
 
-    def _update_grad_ema(self, i: int, ema: Tensor, rate: float) -> None:
+    def _update_grad_ema(self, i: int, ema: Tensor, rate: float,
+                         whole: list[tuple[Tensor | None, Tensor]]) -> None:
         """``ĝ ← ĝ + rate·(∇W̃ + wd·W̃ − ĝ)`` for layer ``i``, column block by column block
         (``[∇W, ∇b]`` with each block's own group weight decay; a missing gradient counts as
         zero), in place: ``lerp`` towards the gradient, then ``+ rate·wd·W̃`` — the same update
-        as a ``lerp`` towards ``∇W̃ + wd·W̃`` up to rounding, without building ``[∇W, ∇b]``."""
+        as a ``lerp`` towards ``∇W̃ + wd·W̃`` up to rounding, without building ``[∇W, ∇b]``.
+        ``whole``: ``(gradient, parameter)`` of each of the layer's parameters, whole (FSDP2:
+        gathered; else the tensors themselves); the parameter is ``None`` without decay."""
         m = self.layers[i]
-        params = layer_params(m)
-        blocks = [ema[:, :-1], ema[:, -1]] if len(params) == 2 else [ema]
-        gw, gb = self._layer_groups[i]
-        groups = (gw, gw if gb is None else gb)
-        for p, blk, gi in zip(params, blocks, groups):
-            wd = self.param_groups[gi]["weight_decay"]
-            if p.grad is None:
+        blocks = [ema[:, :-1], ema[:, -1]] if len(whole) == 2 else [ema]
+        for (grad, p), blk, wd in zip(whole, blocks, self._layer_weight_decay(i)):
+            if grad is None:
                 blk.mul_(1.0 - rate)
             else:  # (step runs under no_grad: no detach needed; .to is a no-op, no copy, when
                 # the dtypes match)
-                blk.lerp_(_matrix(m, full(p.grad)).to(ema.dtype), rate)
+                blk.lerp_(_matrix(m, grad).to(ema.dtype), rate)
             if wd:
-                blk.add_(_matrix(m, full(p)), alpha=rate * wd)
+                blk.add_(_matrix(m, p), alpha=rate * wd)
 
     def _second_half(self, pass1: list, recs: list[list[Tensor] | None]) -> None:
         c = self.pair_decay

@@ -91,18 +91,17 @@ Over a model sharded by ``fully_shard`` (every trainable parameter a ``DTensor``
 over one mesh dimension, replicated over the other with HSDP; the mesh spans every rank) the
 optimizer runs on the same global-batch quantities as one process (design K1 of the FSDP2
 notes, its simplest form): the capture hooks see FSDP2's unsharded forward and backward, so each
-rank captures full-width statistics of its local batch, averaged over all ranks as above; each
-layer's gradient ``∇W̃`` (already averaged by FSDP2's reduce-scatter), and ``W̃`` where weight
-decay needs it, is gathered whole (one all-gather per tensor), the direction is computed from
-it, and each rank adds the rows of its own shard. Every rank does this for every layer (so
-K-BFGS's ``distributed_mode`` has no effect here; K-FAC's factor inverses are still split over
-owners by ``distributed_mode``) and the per-layer curvature state and K-FAC's momentum are
-replicated; the fallback groups run on the local shards. A DCP checkpoint
-(``get_optimizer_state_dict`` / ``dcp.save``) loads on any number of ranks. Exact (equal to one
-process on the global batch to rounding, also across a DCP save and a load on another number of
-ranks: ``tests/distributed/test_fsdp2.py``), not yet memory-lean: the
-curvature state is not sharded and the gathers add about one model's worth of traffic per step
-to FSDP2's three. Refused with ``ValueError`` at construction: a partly sharded model, other
+rank captures full-width statistics of its local batch, averaged over all ranks as above; every
+rank gathers each layer's gradient ``∇W̃`` (already averaged by FSDP2's reduce-scatter), and
+``W̃`` where weight decay needs it, whole (one all-gather per tensor); the curvature work and
+state are split over the layers' owners by ``distributed_mode`` as under DDP (``"memory"``:
+owners compute the directions, which are all-reduced); each rank adds the rows of its own shard.
+K-FAC's momentum is kept whole on every rank; the fallback groups run on the local shards. A
+DCP checkpoint (``get_optimizer_state_dict`` / ``dcp.save``) loads on any number of ranks.
+Exact (equal to one process on the global batch to rounding, also across a DCP save and a load
+on another number of ranks: ``tests/distributed/test_fsdp2.py``), not yet memory-lean: a
+layer's state is not split by rows (``benchmarks/fsdp2_scaling.md`` measures what each rank
+keeps and sends). Refused with ``ValueError`` at construction: a partly sharded model, other
 placements (tensor parallel), a mesh that does not span every rank, ``process_group=``.
 """
 
@@ -447,6 +446,12 @@ class LayerOptimizer(OptimizerContract):
         m = self.layers[i]
         return m.weight.grad is not None or (m.bias is not None and m.bias.grad is not None)
 
+    def _layer_weight_decay(self, i: int) -> list[float]:
+        """The weight decay of each of layer ``i``'s parameters (weight, then bias)."""
+        gw, gb = self._layer_groups[i]
+        groups = [gw] if self.layers[i].bias is None else [gw, gw if gb is None else gb]
+        return [self.param_groups[g]["weight_decay"] for g in groups]
+
     def _layer_grad(self, i: int) -> Tensor | None:
         """``X = ∇W̃ + [wd_W·W, wd_b·b]`` of layer ``i`` in ``factor_dtype`` (each column block
         with its own group's weight decay); ``None`` if neither weight nor bias has a gradient."""
@@ -454,9 +459,8 @@ class LayerOptimizer(OptimizerContract):
             return None
         m = self.layers[i]
         x = grad_matrix(m, self.factor_dtype)
-        gw, gb = self._layer_groups[i]
-        wd_w = self.param_groups[gw]["weight_decay"]
-        wd_b = wd_w if gb is None else self.param_groups[gb]["weight_decay"]
+        decay = self._layer_weight_decay(i)
+        wd_w, wd_b = decay[0], decay[-1]  # (one value without a bias)
         if wd_w and wd_w == wd_b:
             x.add_(param_matrix(m, self.factor_dtype), alpha=wd_w)
         elif wd_w or wd_b:
