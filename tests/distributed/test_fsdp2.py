@@ -216,6 +216,17 @@ def test_transformer_block_and_cnn_equal_one_process(tmp_path, kind, name, world
     check_equal(tmp_path, world, name, (), kind)
 
 
+@pytest.mark.slow
+@pytest.mark.filterwarnings("ignore:.*functional form")
+@pytest.mark.parametrize("world", [2, 3])
+@pytest.mark.parametrize("kind", list(MODELS))
+@pytest.mark.parametrize("name", ["neumann", "mlbfgs", "kfac", "kbfgs", "kbfgsl"])
+def test_every_optimizer_model_and_world_equals_one_process(tmp_path, name, kind, world):
+    """The whole matrix (slow: ``pytest -m slow``); CI runs the sample above."""
+    spawn(world, _worker_equal, str(tmp_path), (world,), name, kind, pinned_by_torch=True)
+    check_equal(tmp_path, world, name, (), kind)
+
+
 def _worker_dcp_save(rank, world, out_dir, name):
     net = sharded((world,))
     opt = build(name, net)
