@@ -17,8 +17,10 @@ matrices, averages, counters; empty on a rank that does not keep that layer) and
 Under FSDP2 a fallback buffer is a ``DTensor`` sharded like its parameter and a layer's tensors
 are plain tensors, equal on every rank that keeps them: DCP saves each once and loads them on
 any number of ranks (with K-FAC's ``distributed_mode="memory"`` a layer's inverses are kept by
-its owner, and a rank asks for those of the layers it owns after the load). Under DDP each rank
-saves and loads its own entries (``shard`` is checked).
+its owner, and a rank asks for those of the layers it owns after the load). Under DDP a rank's
+``state_dict()`` holds the layers it keeps: a per-rank file loads on the rank that saved it (on
+another, the layers differ and the load raises ``ValueError``), a DCP checkpoint on any number
+of ranks.
 """
 
 from __future__ import annotations
