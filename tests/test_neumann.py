@@ -7,6 +7,7 @@ flat-vector transcription of Algorithm 2 (docs/neumann.md) with the documented d
 
 import io
 import math
+import pickle
 
 import pytest
 import torch
@@ -700,3 +701,64 @@ def test_growth_guard_keeps_lr_1_autoencoder_from_blowing_up():
     for seed in range(4):
         start, end = _digits_autoencoder_run(1.0, seed)
         assert end < start
+
+
+COMPILED = []  # graphs handed to the counting backend
+
+
+@torch._dynamo.register_backend(name="secant_test_counting")
+def _counting_backend(gm, example_inputs):
+    COMPILED.append(gm)
+    return gm.forward
+
+
+def test_compiled_update_equals_eager_and_compiles_each_kind_of_step_once():
+    """``compile=backend``: each kind of step's update (burn-in, reset, regular) is one graph
+    (``fullgraph``: a graph break would raise), compiled at its first use and never again
+    across 32 steps with an LR scheduler, a skipped non-finite step, and gradients alternately
+    replaced (``zero_grad(set_to_none=True)``) and overwritten in place; the trajectory equals
+    the eager one."""
+    kw = dict(lr=0.04, alpha=0.05, beta=2e-6, gamma=0.8, burn_in_steps=3, reset_period=3,
+              mu_period=4)
+    finals, compiled_at = [], []
+    for backend in (False, "secant_test_counting"):
+        COMPILED.clear()
+        params = make_params()
+        opt = Neumann(params, compile=backend, **kw)
+        sched = torch.optim.lr_scheduler.StepLR(opt, step_size=5, gamma=0.7)
+        for k in range(1, 33):
+            before = len(COMPILED)
+            if k % 2 or k < 3:
+                set_grads(params, k)  # fresh .grad tensors
+            else:  # the same .grad tensors, overwritten
+                old = [p.grad for p in params]
+                set_grads(params, k)
+                for o, p in zip(old, params):
+                    p.grad = o.copy_(p.grad)
+            if k == 12:
+                params[1].grad[0] = float("nan")
+            opt.step()
+            sched.step()
+            if len(COMPILED) > before:
+                compiled_at.append(k)
+        finals.append(flat(params))
+    assert compiled_at == [1, 4, 5]  # burn-in, the first reset, the first regular step
+    assert opt.diagnostics()["skipped_steps"] == 1
+    torch.testing.assert_close(finals[1], finals[0], rtol=1e-12, atol=1e-14)
+    # a compiled optimizer pickles (its compiled code is left out) and the copy steps alike
+    params = make_params()
+    opt = Neumann(params, compile="secant_test_counting", **kw)
+    run(opt, params, 6)
+    copied = pickle.loads(pickle.dumps(opt))
+    twins = [q for g in copied.param_groups for q in g["params"]]
+    set_grads(params, 7)
+    for p, q in zip(params, twins):
+        q.grad = p.grad.clone()
+    opt.step()
+    copied.step()
+    assert torch.equal(flat(twins), flat(params))
+
+
+def test_compile_flag_is_checked():
+    with pytest.raises(ValueError, match="compile='no-such-backend'"):
+        Neumann(make_params(), compile="no-such-backend")

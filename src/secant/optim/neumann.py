@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import functools
 import math
 from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
@@ -45,6 +46,63 @@ def _write_back(params: list[Tensor], ws: list[Tensor]) -> None:
     low = [(p, w) for p, w in zip(params, ws) if w is not p]
     if low:
         torch._foreach_copy_([p for p, _ in low], [w for _, w in low])
+
+
+def _gradients(maximize: bool, guarded: bool, ws: list[Tensor], grads: list[Tensor],
+               ok: Tensor, g_scale: Tensor) -> list[Tensor]:
+    """``g`` in the work dtype: 0 where ``ok`` is false (a skipped step), negated to maximise,
+    times ``g_scale`` under the growth guard."""
+    gs = [torch.where(ok, g.to(w.dtype), 0.0) for g, w in zip(grads, ws)]
+    if maximize:
+        torch._foreach_neg_(gs)
+    if guarded:
+        torch._foreach_mul_(gs, g_scale)
+    return gs
+
+
+# One group's update, in place (Algorithm 2), per kind of step; ``η = lr`` is 0 on a skipped
+# step. Every per-step number is a tensor and every flag fixed at construction (bound with
+# functools.partial), so a compiled version never recompiles across steps, learning rates or
+# ``zero_grad`` choices; one function per kind of step, so each is its own compiled code.
+
+
+def _burn_in_update(maximize: bool, guarded: bool, keep: float, ws: list[Tensor],
+                    grads: list[Tensor], ms: list[Tensor], vs: list[Tensor], rs: list[Tensor],
+                    ok: Tensor, lr: Tensor, mu: Tensor, coef: Tensor, g_scale: Tensor) -> None:
+    """Burn-in: ``w ← w − η g``."""
+    gs = _gradients(maximize, guarded, ws, grads, ok, g_scale)
+    torch._foreach_mul_(gs, lr)
+    torch._foreach_sub_(ws, gs)
+
+
+def _reset_update(maximize: bool, guarded: bool, keep: float, ws: list[Tensor],
+                  grads: list[Tensor], ms: list[Tensor], vs: list[Tensor], rs: list[Tensor],
+                  ok: Tensor, lr: Tensor, mu: Tensor, coef: Tensor, g_scale: Tensor) -> None:
+    """A reset (decisions (i), (ii)): only ``m`` changes, ``m ← −η g`` (kept when skipped)."""
+    gs = _gradients(maximize, guarded, ws, grads, ok, g_scale)
+    torch._foreach_mul_(ms, 1.0 - ok.to(lr.dtype))
+    torch._foreach_mul_(gs, lr)
+    torch._foreach_sub_(ms, gs)
+
+
+def _regular_update(maximize: bool, guarded: bool, keep: float, ws: list[Tensor],
+                    grads: list[Tensor], ms: list[Tensor], vs: list[Tensor], rs: list[Tensor],
+                    ok: Tensor, lr: Tensor, mu: Tensor, coef: Tensor, g_scale: Tensor) -> None:
+    """``d = g + c r`` (``rs`` holds ``r = w − v``, overwritten), ``m ← μ m − η d``,
+    ``w ← w + μ m − η d``, ``v ← keep·v + (1 − keep)·w`` (``keep = γ``)."""
+    okf = ok.to(lr.dtype)
+    gs = _gradients(maximize, guarded, ws, grads, ok, g_scale)
+    torch._foreach_mul_(rs, coef)
+    torch._foreach_add_(rs, gs)  # d = g + c r
+    torch._foreach_mul_(rs, lr)  # η d
+    torch._foreach_mul_(ms, torch.where(ok, mu, 1.0))
+    torch._foreach_sub_(ms, rs)  # m ← μ m − η d
+    torch._foreach_add_(ws, torch._foreach_mul(ms, okf * mu))
+    torch._foreach_sub_(ws, rs)  # w ← w + μ m − η d
+    torch._foreach_lerp_(vs, ws, okf * (1.0 - keep))  # v ← γ v + (1 − γ) w
+
+
+_UPDATES = {"burn_in": _burn_in_update, "reset": _reset_update, "regular": _regular_update}
 
 
 class Neumann(OptimizerContract):
@@ -163,6 +221,11 @@ class Neumann(OptimizerContract):
             it is scaled down to that length; ``None`` turns the guard off (the paper's
             literal algorithm is ``regularizer="paper", grad_growth=None``).
         maximize: ascend the objective (the gradient is negated), as in :mod:`torch.optim`.
+        compile: ``True`` (inductor) or a ``torch.compile`` backend name: each kind of step's
+            element-wise update (burn-in, reset, regular) runs as one compiled graph, built at
+            its first use (seconds on a CPU) and never rebuilt across steps, learning rates or
+            ``zero_grad`` choices; equal to eager up to rounding (``False``, the default).
+            The norms and the step's bookkeeping stay eager.
 
     Parameters whose ``.grad`` is ``None`` are left unchanged in a step (their ``m`` and ``v``
     too), as :class:`torch.optim.SGD` does; they still count in ``n`` and in ``‖w − v‖``.
@@ -195,6 +258,7 @@ class Neumann(OptimizerContract):
         reg_eps: float = 1e-12,
         grad_growth: float | None = 2.0,
         maximize: bool = False,
+        compile: bool | str = False,  # noqa: A002 (torch.optim's flag style)
     ) -> None:
         check(math.isfinite(alpha) and alpha >= 0.0, "alpha", alpha, "a finite value >= 0")
         check(math.isfinite(beta) and beta >= 0.0, "beta", beta, "a finite value >= 0")
@@ -218,7 +282,12 @@ class Neumann(OptimizerContract):
                "grad_growth", grad_growth, "None or a finite value >= 1")
         check_lr(lr)
         check(isinstance(maximize, bool), "maximize", maximize, "True or False")
+        backends = torch._dynamo.list_backends(exclude_tags=())
+        check(isinstance(compile, (bool, str)) and (not isinstance(compile, str)
+                                                    or compile in backends),
+              "compile", compile, f"True, False or a torch.compile backend ({', '.join(backends)})")
         self.maximize = maximize
+        self.compile = compile
         self.grad_growth = None if grad_growth is None else float(grad_growth)
         self.alpha = float(alpha)
         self.beta = float(beta)
@@ -353,6 +422,7 @@ class Neumann(OptimizerContract):
             gst["reset_gap"] *= 2
             gst["resets"] += 1
         regular = s > 0 and not is_reset
+        mode = "regular" if regular else "reset" if is_reset else "burn_in"
         parts = [([local(p.grad) for p in with_grad], with_grad)]
         if regular:  # r = w − v of every parameter, once: its norm sets c, each group uses it
             r_list = torch._foreach_sub(_work(self._local_params()), self._local_state("v"))
@@ -362,45 +432,45 @@ class Neumann(OptimizerContract):
         ok = torch.isfinite(g_norm)  # no branch on it: a skipped step multiplies by 0 / 1
         gst["skipped_steps"].add_(~ok.to(gst["skipped_steps"].device))
         okf = ok.to(self._norm_dtype)
+        g_scale = coef = okf  # placeholders where unused (a tensor keeps one signature)
         if self.grad_growth is not None:
             g_scale, gst["grad_norm_avg"] = growth_guard(g_norm, gst["grad_norm_avg"],
                                                          self.grad_growth, _GROWTH_DECAY)
             g_norm = g_norm * g_scale
         if regular:
             coef = torch.where(ok, self._regulariser_coefficient(r_norm[0], g_norm), 0.0)
+        mu_t = torch.full((), mu, dtype=self._norm_dtype, device=okf.device)
+        update = self._update(mode)
         for group, params in zip(self.param_groups, active):
             if not params:
                 continue
-            lr = okf * scalar_lr(group["lr"])  # 0 on a skipped step
             lps = [local(p) for p in params]
             ws = _work(lps)
-            gs = [torch.where(ok, local(p.grad).to(w.dtype), 0.0) for p, w in zip(params, ws)]
-            if self.maximize:
-                torch._foreach_neg_(gs)
-            if self.grad_growth is not None:
-                torch._foreach_mul_(gs, g_scale)
-            ms = [local(self.state[p]["m"]) for p in params]
-            if s <= 0:  # burn-in: w ← w − η g
-                torch._foreach_mul_(gs, lr)
-                torch._foreach_sub_(ws, gs)
-            elif is_reset:  # decisions (i), (ii): only m changes, m ← −η g
-                torch._foreach_mul_(ms, 1.0 - okf)
-                torch._foreach_mul_(gs, lr)
-                torch._foreach_sub_(ms, gs)
-                continue
-            else:
-                vs = [local(self.state[p]["v"]) for p in params]
-                d = [rs[id(p)] for p in params]  # r = w − v
-                torch._foreach_mul_(d, coef)
-                torch._foreach_add_(d, gs)  # d = g + c r
-                torch._foreach_mul_(d, lr)  # η d
-                torch._foreach_mul_(ms, torch.where(ok, mu, 1.0))
-                torch._foreach_sub_(ms, d)  # m ← μ m − η d
-                torch._foreach_add_(ws, torch._foreach_mul(ms, okf * mu))
-                torch._foreach_sub_(ws, d)  # w ← w + μ m − η d
-                torch._foreach_lerp_(vs, ws, okf * (1.0 - self.gamma))  # v ← γ v + (1 − γ) w
-            _write_back(lps, ws)
+            update(ws, [local(p.grad) for p in params],
+                   [local(self.state[p]["m"]) for p in params],
+                   [local(self.state[p]["v"]) for p in params],
+                   [rs[id(p)] for p in params] if regular else [],
+                   ok, okf * scalar_lr(group["lr"]), mu_t, coef, g_scale)
+            if mode != "reset":
+                _write_back(lps, ws)
         return loss
+
+    def __getstate__(self) -> dict[str, Any]:
+        state = super().__getstate__()
+        state.pop("_compiled", None)  # compiled code is not copied: a copy compiles its own
+        return state
+
+    def _update(self, mode: str) -> Callable[..., None]:
+        """The update of a step of kind ``mode``, compiled once with ``compile``."""
+        fn = functools.partial(_UPDATES[mode], self.maximize, self.grad_growth is not None,
+                               self.gamma)
+        if not self.compile:
+            return fn
+        cache = self.__dict__.setdefault("_compiled", {})
+        if mode not in cache:
+            backend = "inductor" if self.compile is True else self.compile
+            cache[mode] = torch.compile(fn, fullgraph=True, dynamic=False, backend=backend)
+        return cache[mode]
 
     def _local_params(self) -> list[Tensor]:
         return [local(p) for p in self._params]
