@@ -11,6 +11,7 @@ from typing import Any
 
 import torch
 from torch import Tensor, nn
+from torch.distributed.tensor import DTensor
 from torch.nn.parallel import DistributedDataParallel
 
 from secant.distributed import full, local, local_rows
@@ -62,6 +63,15 @@ def _matrix(module: nn.Module, p: Tensor) -> Tensor:
     """A layer parameter (or a tensor shaped like it): the weight as ``[d_out, d_in]`` (a view
     of a contiguous one), the bias as it is."""
     return weight_matrix(module, p) if p.dim() > 1 else p
+
+
+def _whole(p: Tensor, wd: float) -> tuple[Tensor | None, Tensor | None]:
+    """``(∇θ, θ)`` whole for the gradient average (``θ`` only with weight decay ``wd``): the
+    tensors themselves, or gathered under FSDP2, where a sharded ``θ`` with a gradient sends
+    ``∇θ + wd·θ`` in one gather instead (returned as the gradient, with no ``θ``)."""
+    if isinstance(p, DTensor) and wd and p.grad is not None:
+        return full(p.grad + wd * p.detach()), None
+    return (None if p.grad is None else full(p.grad)), (full(p) if wd else None)
 
 
 def _rng_state() -> tuple[Tensor, list[Tensor] | None]:
@@ -507,8 +517,7 @@ class _KroneckerBFGS(LayerOptimizer):
                 bufs.extend(targets)
                 buffered.append(i)
             # FSDP2: every rank gathers every layer's tensors (collectives in one order)
-            whole = [(None if p.grad is None else full(p.grad), full(p) if wd else None)
-                     for p, wd in zip(params, self._layer_weight_decay(i))]
+            whole = [_whole(p, wd) for p, wd in zip(params, self._layer_weight_decay(i))]
             if not self._works(own):
                 saved.append(None)
                 continue
@@ -559,7 +568,7 @@ class _KroneckerBFGS(LayerOptimizer):
         zero), in place: ``lerp`` towards the gradient, then ``+ rate·wd·W̃`` — the same update
         as a ``lerp`` towards ``∇W̃ + wd·W̃`` up to rounding, without building ``[∇W, ∇b]``.
         ``whole``: ``(gradient, parameter)`` of each of the layer's parameters, whole (FSDP2:
-        gathered; else the tensors themselves); the parameter is ``None`` without decay."""
+        gathered, see :func:`_whole`); the parameter is ``None`` where no decay is added."""
         m = self.layers[i]
         blocks = [ema[:, :-1], ema[:, -1]] if len(whole) == 2 else [ema]
         for (grad, p), blk, wd in zip(whole, blocks, self._layer_weight_decay(i)):
@@ -568,7 +577,7 @@ class _KroneckerBFGS(LayerOptimizer):
             else:  # (step runs under no_grad: no detach needed; .to is a no-op, no copy, when
                 # the dtypes match)
                 blk.lerp_(_matrix(m, grad).to(ema.dtype), rate)
-            if wd:
+            if p is not None:
                 blk.add_(_matrix(m, p), alpha=rate * wd)
 
     def _second_half(self, pass1: list, recs: list[list[Tensor] | None]) -> None:
