@@ -81,19 +81,21 @@ on every rank, less per-step communication; see the subclass). At construction t
 ``ValueError`` on every rank otherwise; every collective runs under the process group's
 timeout.
 
-Checkpoints are per rank: the state records ``"shard": [rank, world]`` and each rank saves and
-loads its own ``state_dict`` (same world size and options); loading another rank's state raises
-``ValueError``. Without a process group the shard is ``[0, 1]`` and nothing is communicated.
+Checkpoints: each rank's ``state_dict`` holds the layers it keeps (and records ``"shard":
+[rank, world]``); a rank loads its own file (same world size and options; another rank's state
+raises ``ValueError``), or a ``torch.distributed.checkpoint`` of any number of ranks. Without a
+process group the shard is ``[0, 1]`` and nothing is communicated.
 
 FSDP2 and HSDP
 --------------
 Over a model sharded by ``fully_shard`` (every trainable parameter a ``DTensor`` split on dim 0
 over one mesh dimension, replicated over the other with HSDP; the mesh spans every rank) the
 optimizer runs on the same global-batch quantities as one process (design K1 of the FSDP2
-notes, its simplest form): the capture hooks see FSDP2's unsharded forward and backward, so each
+notes, with the state split by layers as under DDP instead of by rows): the capture hooks see FSDP2's unsharded forward and backward, so each
 rank captures full-width statistics of its local batch, averaged over all ranks as above; every
 rank gathers each layer's gradient ``∇W̃`` (already averaged by FSDP2's reduce-scatter), and
-``W̃`` where weight decay needs it, whole (one all-gather per tensor); the curvature work and
+``W̃`` where weight decay needs it, whole (one all-gather per tensor; K-BFGS gathers
+``∇θ + wd·θ`` at once); the curvature work and
 state are split over the layers' owners by ``distributed_mode`` as under DDP (``"memory"``:
 owners compute the directions, which are all-reduced); each rank adds the rows of its own shard.
 K-FAC's momentum is kept whole on every rank; the fallback groups run on the local shards. A
