@@ -4,6 +4,7 @@ resume exactly from a ``torch.distributed.checkpoint`` save, also on another num
 unsupported layouts refuse with a ``ValueError`` on every rank, at construction."""
 
 import copy
+import math
 import os
 
 import pytest
@@ -19,7 +20,7 @@ from torch.distributed.checkpoint.state_dict import (
     set_optimizer_state_dict,
 )
 from torch.distributed.device_mesh import init_device_mesh
-from torch.distributed.fsdp import fully_shard
+from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
 import secant
 
@@ -298,3 +299,42 @@ def test_unsupported_layouts_refuse_on_every_rank(tmp_path):
         assert set(messages) == set(REFUSED)
         for name, (_, words) in REFUSED.items():
             assert all(w in messages[name] for w in words), messages[name]
+
+
+def _worker_bf16(rank, world, out_dir):
+    """FSDP2 with bf16 compute (``MixedPrecisionPolicy``: bf16 parameters in the forward and
+    backward, float32 gradient reduction): every optimizer trains, its state in float32."""
+    policy = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
+    mesh = init_device_mesh("cpu", (world,))
+    out = {}
+    for name in ("kfac", "kbfgs", "mlbfgs", "neumann"):
+        net = model().float()
+        for layer in net.children():
+            if isinstance(layer, SHARDED_ALONE):
+                fully_shard(layer, mesh=mesh, mp_policy=policy)
+        fully_shard(net, mesh=mesh, mp_policy=policy)
+        opt = build(name, net)
+        losses = []
+        for t in range(STEPS):
+            x, y = (v.float() for v in batch(t % 2))
+            rows = slice(rank * GLOBAL_BATCH // world, (rank + 1) * GLOBAL_BATCH // world)
+
+            def closure(x=x[rows], y=y[rows], net=net, opt=opt):
+                opt.zero_grad()
+                loss = nn.functional.mse_loss(net(x).float(), y)
+                loss.backward()
+                return loss
+            losses.append(float(opt.step(closure)))
+        dtypes = {t.dtype for e in opt.state_dict()["state"].values() for t in e.values()
+                  if isinstance(t, torch.Tensor) and t.is_floating_point()}
+        out[name] = (losses, sorted(map(str, dtypes)))
+    torch.save(out, os.path.join(out_dir, f"rank{rank}.pt"))
+
+
+def test_bf16_mixed_precision_trains_with_float32_state(tmp_path):
+    spawn(2, _worker_bf16, str(tmp_path), pinned_by_torch=True)
+    for r in range(2):
+        for name, (losses, dtypes) in torch.load(tmp_path / f"rank{r}.pt").items():
+            assert all(math.isfinite(v) for v in losses), name
+            assert losses[-1] < 0.8 * losses[0], (name, losses)
+            assert dtypes == ["torch.float32"], (name, dtypes)
