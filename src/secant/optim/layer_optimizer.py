@@ -91,11 +91,11 @@ FSDP2 and HSDP
 Over a model sharded by ``fully_shard`` (every trainable parameter a ``DTensor`` split on dim 0
 over one mesh dimension, replicated over the other with HSDP; the mesh spans every rank) the
 optimizer runs on the same global-batch quantities as one process (design K1 of the FSDP2
-notes, with the state split by layers as under DDP instead of by rows): the capture hooks see FSDP2's unsharded forward and backward, so each
-rank captures full-width statistics of its local batch, averaged over all ranks as above; every
-rank gathers each layer's gradient ``∇W̃`` (already averaged by FSDP2's reduce-scatter), and
-``W̃`` where weight decay needs it, whole (one all-gather per tensor; K-BFGS gathers
-``∇θ + wd·θ`` at once); the curvature work and
+notes, with the state split by layers as under DDP instead of by rows): the capture hooks see
+FSDP2's unsharded forward and backward, so each rank captures full-width statistics of its
+local batch, averaged over all ranks as above; every rank gathers each layer's gradient ``∇W̃``
+(already averaged by FSDP2's reduce-scatter), and ``W̃`` where weight decay needs it, whole
+(one all-gather per tensor; K-BFGS gathers ``∇θ + wd·θ`` at once); the curvature work and
 state are split over the layers' owners by ``distributed_mode`` as under DDP (``"memory"``:
 owners compute the directions, which are all-reduced); each rank adds the rows of its own shard.
 K-FAC's momentum is kept whole on every rank; the fallback groups run on the local shards. A
