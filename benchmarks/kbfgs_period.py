@@ -15,28 +15,11 @@ Results: ``benchmarks/kbfgs_period.md``. Run from the repository root::
 from __future__ import annotations
 
 import argparse
-import dataclasses
 
-import secant
-from secant.bench import api, registry, tuned_table
+from secant.bench import api, registry
 
 PROBLEM = "curves"
 PERIODS = (5, 10)
-
-
-def register(base: str, period: int) -> str:
-    """``base`` with ``curvature_update_period=period``, at ``base``'s tuned lr and damping,
-    added to the harness's registry (in this process and the workers it forks)."""
-    entry = registry.get_optimizer(base)
-    lr, knob, _ = tuned_table.package().settings(entry, PROBLEM)
-    cls = {"kbfgs": secant.KBFGS, "kbfgsl": secant.KBFGSL}[base]
-    name = f"{base}-T{period}"
-    registry.OPTIMIZERS[name] = dataclasses.replace(
-        entry, name=name, description=f"{entry.description}; curvature_update_period={period}",
-        resolve=lambda: (lambda model, lr, k: cls(model, lr=lr, curvature_update_period=period,
-                                                  **k)),
-        default_lr=lr, knob=dataclasses.replace(entry.knob, default=knob["damping"]))
-    return name
 
 
 def main() -> None:
@@ -46,7 +29,9 @@ def main() -> None:
     ap.add_argument("--seeds", type=int, default=3)
     ap.add_argument("--base", choices=("kbfgs", "kbfgsl"), default="kbfgs")
     args = ap.parse_args()
-    names = [args.base] + [register(args.base, t) for t in PERIODS]
+    names = [args.base] + [
+        registry.register_variant(args.base, f"{args.base}-T{t}", PROBLEM,
+                                  curvature_update_period=t) for t in PERIODS]
     api.run(PROBLEM, optimizers=names, seeds=args.seeds, jobs=args.jobs, out=args.out,
             equal_cost=args.base, progress=False,
             note=f"curvature update period T: {args.base} is T = 1 (the paper); -T5 / -T10 the "

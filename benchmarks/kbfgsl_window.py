@@ -20,7 +20,6 @@ of ``kbfgsl``) for ``kbfgsl`` and ``kbfgsl-dense`` (``dense_hg=True``: the layer
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
 import multiprocessing as mp
 import platform
@@ -31,7 +30,7 @@ from pathlib import Path
 
 import torch
 
-from secant.bench import api, registry, tuned_table
+from secant.bench import api, registry
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import transformers_tiny as tiny  # noqa: E402
@@ -58,18 +57,6 @@ def one(job: tuple[str, float, int, int]) -> dict:
     if run["collapse"]:
         run["collapse"] = run["collapse"]["step"]
     return run
-
-
-def register_dense() -> str:
-    """``kbfgsl`` with ``dense_hg=True`` at ``kbfgsl``'s tuned CURVES settings, in the
-    harness's registry (this process and the workers it forks)."""
-    entry = registry.get_optimizer("kbfgsl")
-    lr, knob, _ = tuned_table.package().settings(entry, "curves")
-    registry.OPTIMIZERS["kbfgsl-dense"] = dataclasses.replace(
-        entry, name="kbfgsl-dense", description=f"{entry.description}; dense_hg=True",
-        resolve=lambda: (lambda model, lr, k: secant.KBFGSL(model, lr=lr, dense_hg=True, **k)),
-        default_lr=lr, knob=dataclasses.replace(entry.knob, default=knob["damping"]))
-    return "kbfgsl-dense"
 
 
 def table(runs: list[dict]) -> str:
@@ -105,7 +92,8 @@ def main() -> None:
         print(table(json.loads(args.table.read_text())["runs"]))
         return
     if args.curves:
-        api.run("curves", optimizers=["kbfgsl", register_dense()], seeds=args.seeds,
+        dense = registry.register_variant("kbfgsl", "kbfgsl-dense", "curves", dense_hg=True)
+        api.run("curves", optimizers=["kbfgsl", dense], seeds=args.seeds,
                 jobs=args.jobs, out=args.curves, progress=False,
                 note="kbfgsl: the paper's K-BFGS(L); kbfgsl-dense: the same optimizer and "
                 "settings with dense_hg=True")

@@ -110,3 +110,22 @@ def test_autoencoder_loss_is_pixel_summed_bce():
     nn.init.zeros_(model.weight)
     nn.init.zeros_(model.bias)
     assert p.loss(model, x, None).item() == pytest.approx(784 * math.log(2), rel=1e-6)
+
+
+def test_register_variant_adds_options_at_the_base_settings(monkeypatch):
+    """A variant builds the base's optimizer with the extra options, at the base's tuned lr and
+    knob for the problem; the registry is restored afterwards."""
+    from secant.bench import registry, tuned_table
+
+    monkeypatch.setattr(registry, "OPTIMIZERS", dict(registry.OPTIMIZERS))
+    name = registry.register_variant("kbfgsl", "kbfgsl-test", "curves", dense_hg=True,
+                                     history_size=7)
+    base, variant = get_optimizer("kbfgsl"), get_optimizer(name)
+    lr, knob, _ = tuned_table.package().settings(base, "curves")
+    assert (variant.default_lr, variant.knob.default) == (lr, knob["damping"])
+    assert "dense_hg=True" in variant.description
+    opt = variant.make(nn.Sequential(nn.Linear(3, 4), nn.Tanh(), nn.Linear(4, 2)), 0.05,
+                       {"damping": 0.2})
+    assert isinstance(opt, secant.KBFGSL) and opt.dense_hg and opt.history_size == 7
+    assert opt.param_groups[0]["lr"] == 0.05 and opt.param_groups[0]["damping"] == 0.2
+    assert name not in OPTIMIZERS  # the module-level table was not touched

@@ -12,9 +12,11 @@ table has no choice. Other hyperparameters are fixed here and stated in the desc
 
 from __future__ import annotations
 
+import dataclasses
 import importlib
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch import nn
@@ -156,6 +158,24 @@ _add(OptimizerEntry("kbfgsl", "secant.KBFGSL: K-BFGS with limited-memory G facto
 _add(OptimizerEntry("neumann", "secant.Neumann: Neumann-series implicit inverse Hessian "
                     "(Krishnan et al. 2018); library defaults besides lr", "secant",
                     _secant("Neumann"), 1e-2, _LR))
+
+
+def register_variant(base: str, name: str, problem: str, **options: Any) -> str:
+    """Register ``name``: ``base``'s optimizer with the constructor ``options`` added, whose
+    defaults are ``base``'s tuned learning rate and knob on ``problem`` (so it runs at the
+    settings chosen for ``base``), in this process and the workers it forks. Returns ``name``."""
+    from secant.bench import tuned_table
+
+    entry = get_optimizer(base)
+    lr, knob, _ = tuned_table.package().settings(entry, problem)
+    factory = entry.resolve()
+    extra = ", ".join(f"{k}={v!r}" for k, v in options.items())
+    OPTIMIZERS[name] = dataclasses.replace(
+        entry, name=name, description=f"{entry.description}; {extra}",
+        resolve=lambda: (lambda model, lr, k: factory(model, lr, {**k, **options})),
+        default_lr=lr,
+        knob=entry.knob and dataclasses.replace(entry.knob, default=knob[entry.knob.name]))
+    return name
 
 
 def get_optimizer(name: str) -> OptimizerEntry:
