@@ -55,9 +55,9 @@ MODELS = {  # kind: (builder, input shape of one example)
 SHARDED_ALONE = (nn.Linear, nn.Conv2d, nn.TransformerEncoderLayer)
 
 
-def model(kind="mlp"):
+def model(kind="mlp", dtype=torch.float64):
     torch.manual_seed(0)
-    return MODELS[kind][0]().double()
+    return MODELS[kind][0]().to(dtype)
 
 
 def neumann(params):
@@ -111,14 +111,16 @@ def train(net, opt, steps, start=0, rank=0, world=1, kind="mlp"):
         opt.step(closure)
 
 
-def sharded(mesh_shape, kind="mlp"):
+def sharded(mesh_shape, kind="mlp", dtype=torch.float64, **fsdp):
+    """``model(kind)`` sharded per layer and at the root; ``fsdp``: more ``fully_shard``
+    options."""
     names = ("replicate", "shard")[-len(mesh_shape):]  # HSDP: replicate × shard
     mesh = init_device_mesh("cpu", mesh_shape, mesh_dim_names=names)
-    net = model(kind)
+    net = model(kind, dtype)
     for layer in net.children():
         if isinstance(layer, SHARDED_ALONE):
-            fully_shard(layer, mesh=mesh)
-    return fully_shard(net, mesh=mesh)
+            fully_shard(layer, mesh=mesh, **fsdp)
+    return fully_shard(net, mesh=mesh, **fsdp)
 
 
 def full_params(net):
@@ -305,14 +307,9 @@ def _worker_bf16(rank, world, out_dir):
     """FSDP2 with bf16 compute (``MixedPrecisionPolicy``: bf16 parameters in the forward and
     backward, float32 gradient reduction): every optimizer trains, its state in float32."""
     policy = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
-    mesh = init_device_mesh("cpu", (world,))
     out = {}
     for name in ("kfac", "kbfgs", "mlbfgs", "neumann"):
-        net = model().float()
-        for layer in net.children():
-            if isinstance(layer, SHARDED_ALONE):
-                fully_shard(layer, mesh=mesh, mp_policy=policy)
-        fully_shard(net, mesh=mesh, mp_policy=policy)
+        net = sharded((world,), dtype=torch.float32, mp_policy=policy)
         opt = build(name, net)
         losses = []
         for t in range(STEPS):

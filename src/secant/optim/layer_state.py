@@ -39,10 +39,6 @@ def _fallback_params(opt: Any) -> list[Tensor]:
     return [p for g in opt.fallback_groups for p in g["params"]]
 
 
-def _first_param(opt: Any) -> Tensor:
-    return next(p for g in opt.param_groups for p in g["params"])
-
-
 def _prefixes(opt: Any) -> tuple[str, str]:
     """Key prefixes of the optimizer-wide values and of a layer's values."""
     return opt.state_key + "_optimizer_", opt.state_key + "_"
@@ -58,7 +54,7 @@ def param_entries(opt: Any, st: dict[str, Any]) -> dict[Tensor, dict[str, Any]]:
         entries[m.weight].update({layer + k: v for k, v in ls.items()})
     for p, buf in zip(_fallback_params(opt), st["fallback"]):
         entries[p] = {FALLBACK: sharded_like(p, buf)}
-    entries.setdefault(_first_param(opt), {}).update(
+    entries.setdefault(opt._params()[0], {}).update(
         {glob + k: v for k, v in st.items() if k not in ("layers", "fallback")})
     return entries
 
@@ -67,7 +63,7 @@ def flat_state(opt: Any, entries: dict[Tensor, dict[str, Any]]) -> dict[str, Any
     """The flat state held by ``entries``; ``ValueError`` if they miss the optimizer-wide values
     or a fallback buffer (whether it matches this optimizer is the caller's check)."""
     glob, layer = _prefixes(opt)
-    st = {k[len(glob):]: v for k, v in entries.get(_first_param(opt), {}).items()
+    st = {k[len(glob):]: v for k, v in entries.get(opt._params()[0], {}).items()
           if k.startswith(glob)}
     st.pop("layer", None)
     if "step" not in st:
