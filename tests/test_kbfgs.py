@@ -53,7 +53,9 @@ def test_ok3_double_damping_invariants():
             -2, 2, generator=gen)
         hy = h @ y
         s1 = s if s @ y >= mu1 * (y @ hy) else None
-        st, yt = double_damping(s, y, hy, mu1, mu2)
+        st, yt, step1, step2 = double_damping(s, y, hy, mu1, mu2)
+        assert bool(step1) == (s1 is None)
+        assert bool(step2) == bool(st @ y < mu2 * (st @ st))
         if s1 is None:  # step 1 active: equality on H
             assert float(st @ y) == pytest.approx(float(mu1 * (y @ hy)), rel=1e-9)
         assert float(st @ yt) >= float(mu2 * (st @ st)) * (1 - 1e-12)
@@ -62,8 +64,8 @@ def test_ok3_double_damping_invariants():
     # pairs satisfying both conditions are unchanged
     s = torch.randn(n, generator=gen, dtype=D)
     y = s.clone()
-    st, yt = double_damping(s, y, y, mu1, mu2)
-    assert torch.equal(st, s) and torch.equal(yt, y)
+    st, yt, step1, step2 = double_damping(s, y, y, mu1, mu2)
+    assert torch.equal(st, s) and torch.equal(yt, y) and not step1 and not step2
 
 
 def test_in_place_masked_bfgs_update_matches_dense():

@@ -148,6 +148,22 @@ def test_grad_scale_divides_captured_gradients_and_dtype_casts():
     torch.testing.assert_close(g, torch.ones(5, 1, 2, dtype=D))
 
 
+def test_statistics_are_reduced_outside_autocast():
+    """Under a bf16 autocast forward the reduce still runs in the capture's dtype: a Gram of the
+    float32 inputs matches float64 to float32 rounding (in bf16 it would be off by ~1e-2)."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(16, 16), nn.Tanh(), nn.Linear(16, 4))
+    layer = model[2]
+    cap = LayerCapture(model, {"fc": layer}, dtype=torch.float32)
+    cap.start(lambda m, rec: [rec.x.reshape(-1, 16).T @ rec.x.reshape(-1, 16), rec.x])
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        model(torch.randn(64, 16)).float().sum().backward()
+    gram, x = cap.collect()["fc"]
+    assert gram.dtype == torch.float32
+    x = x.reshape(-1, 16).double()
+    torch.testing.assert_close(gram.double(), x.T @ x, rtol=1e-5, atol=1e-5)
+
+
 def test_weight_sharing_raises_within_one_forward_only():
     lin = nn.Linear(3, 3)
     model = nn.Sequential(lin, nn.Tanh(), lin)

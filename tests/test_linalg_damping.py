@@ -98,13 +98,13 @@ def test_double_damping_guarantees():
         h = m @ m.T + 0.1 * torch.eye(n, dtype=torch.float64)
         s = torch.randn(n, generator=gen, dtype=torch.float64)
         y = torch.randn(n, generator=gen, dtype=torch.float64)
-        s_t, y_t = double_damping(s, y, h @ y, mu1, mu2)
+        s_t, y_t, _, _ = double_damping(s, y, h @ y, mu1, mu2)
         assert float(s_t @ y) >= mu1 * float(y @ h @ y) * (1 - 1e-10)
         assert float(s_t @ y_t) >= mu2 * float(s_t @ s_t) * (1 - 1e-10)
     a = torch.eye(n, dtype=torch.float64) * 2.0
     s = torch.randn(n, generator=gen, dtype=torch.float64)
     y = a @ s  # with H = A⁻¹: sᵀy = yᵀHy = 2‖s‖², both conditions hold
-    s_t, y_t = double_damping(s, y, torch.linalg.solve(a, y), mu1, mu2)
+    s_t, y_t, _, _ = double_damping(s, y, torch.linalg.solve(a, y), mu1, mu2)
     assert torch.equal(s_t, s) and torch.equal(y_t, y)
 
 

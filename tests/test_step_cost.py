@@ -92,7 +92,7 @@ def test_dense_inverse_is_lbfgs_of_the_ring(m, n_push):
 class CompactKBFGSL(KBFGSL):
     """K-BFGS(L) with the compact applies on every layer (no dense H_g)."""
 
-    def _hg_matrix(self, ls):
+    def _hg_matrix(self, stack):
         return None
 
 
@@ -120,9 +120,11 @@ def test_kbfgsl_dense_hg_path_equals_compact_applies(eps):
 
 def test_kbfgsl_uses_dense_hg_only_up_to_twice_the_history():
     opt = KBFGSL(mlp(0), lr=0.1, history_size=2)  # widths 6 > 4, then 4 and 3 ≤ 4
-    layers = opt.state["kbfgs"]["layers"]
-    assert [opt._hg_matrix(ls) is None for ls in layers] == [True, False, False]
-    torch.testing.assert_close(opt._hg_matrix(layers[1]), torch.eye(4, dtype=D))
+    dense = {i: opt._hg_matrix(st) is not None for st in opt._stacks for i in st.index}
+    assert dense == {0: False, 1: True, 2: True}
+    stack = next(st for st in opt._stacks if 1 in st.index)
+    torch.testing.assert_close(opt._hg_matrix(stack)[stack.index.index(1)],
+                               torch.eye(4, dtype=D))
 
 
 # ---------------------------------------------------------------- capture
@@ -182,31 +184,45 @@ def test_non_finite_pass1_gradients_reject_the_whole_statistic_set(cls):
         assert d[key + "_per_layer"] == [1, 1, 1], key
 
 
-@pytest.mark.parametrize("cls,bound", [(KBFGS, 240), (KBFGSL, 340)])
+def step_ops(make, widths):
+    """Aten ops of one steady-state step of the optimizer ``make(model)`` on an MLP of
+    ``widths`` (float32, batch 100, a sigmoid cross-entropy on the first inputs)."""
+    x = torch.rand(100, widths[0], generator=torch.Generator().manual_seed(0))
+    model = mlp(0, widths, torch.float32)
+    opt = make(model)
+
+    def closure():
+        opt.zero_grad(set_to_none=True)
+        loss = F.binary_cross_entropy_with_logits(model(x), x[:, :widths[-1]])
+        loss.backward()
+        return loss
+
+    for _ in range(2):
+        opt.step(closure)
+    with CountOps() as mode:
+        opt.step(closure)
+    return sum(mode.ops.values())
+
+
+def sgd(model):
+    return torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
+
+
+@pytest.mark.parametrize("cls,bound", [(KBFGS, 66), (KBFGSL, 85)])
 def test_ops_per_layer_of_a_step(cls, bound):
     """Aten ops a steady-state step dispatches beyond an SGD step on the same model, per
-    Kronecker layer (the digits autoencoder of benchmarks/step_cost.py, float32): 351 (K-BFGS)
-    and 513 (K-BFGS(L)) before the one-flag finiteness tests, the untouched single-call capture
-    and the dense ``H_g`` of K-BFGS(L); a guard against regressions, not a target."""
+    Kronecker layer (the digits autoencoder of benchmarks/step_cost.py): 351 (K-BFGS) and 513
+    (K-BFGS(L)) layer by layer with a flag per tensor, 60 and 77 with the layers in one stack;
+    a guard against regressions, not a target."""
     widths = (64, 32, 16, 8, 16, 32, 64)
-    x = torch.rand(100, 64, generator=torch.Generator().manual_seed(0))
-
-    def step_ops(make):
-        model = mlp(0, widths, torch.float32)
-        opt = make(model)
-
-        def closure():
-            opt.zero_grad(set_to_none=True)
-            loss = F.binary_cross_entropy_with_logits(model(x), x)
-            loss.backward()
-            return loss
-
-        for _ in range(2):
-            opt.step(closure)
-        with CountOps() as mode:
-            opt.step(closure)
-        return sum(mode.ops.values())
-
-    sgd = step_ops(lambda m: torch.optim.SGD(m.parameters(), lr=0.01, momentum=0.9))
-    per_layer = (step_ops(lambda m: cls(m, lr=0.1)) - sgd) / (len(widths) - 1)
+    per_layer = (step_ops(lambda m: cls(m, lr=0.1), widths) - step_ops(sgd, widths)) / 6
     assert per_layer <= bound
+
+
+@pytest.mark.parametrize("cls", [KBFGS, KBFGSL])
+def test_ops_of_a_step_grow_with_stacks_not_with_layers(cls):
+    """Eight more layers of one shape (one stack) add what each layer needs on its own (the
+    capture, the direction: ≈ 30 ops), not another curvature update each (≈ 200)."""
+    few, many = ((16,) * (k + 1) for k in (4, 12))
+    extra = [step_ops(lambda m: cls(m, lr=0.1), w) - step_ops(sgd, w) for w in (few, many)]
+    assert (extra[1] - extra[0]) / 8 <= 35

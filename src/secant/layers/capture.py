@@ -464,7 +464,13 @@ class LayerCapture:
     def _add(self, name: str, rec: LayerRecord) -> None:
         """Reduce one completed call and add its statistics to the layer's (see :class:`_Sums`:
         the first call is kept as it is; a second one starts the sums over finite calls)."""
-        stats = self.reduce(self.layers[name], rec)
+        module = self.layers[name]
+        dev = module.weight.device.type
+        if torch.is_autocast_enabled(dev):  # statistics in the capture's dtype, not autocast's
+            with torch.autocast(dev, enabled=False):
+                stats = self.reduce(module, rec)
+        else:
+            stats = self.reduce(module, rec)
         s = self.sums[name]
         if s.calls == 0:
             s.stats = stats

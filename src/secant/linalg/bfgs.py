@@ -13,6 +13,8 @@ element-wise ops and a reduction.
 
 from __future__ import annotations
 
+import math
+
 import torch
 from torch import Tensor
 
@@ -37,31 +39,46 @@ def cautious_accept(s: Tensor, y: Tensor, scale: Tensor, eps: float = 1e-4) -> T
     """
     sy = (s * y).sum(-1)
     ss = (s * s).sum(-1)
-    finite = (sy * 0 + ss * 0 + scale * 0) == 0  # element-wise: sy, ss and scale finite
-    return finite & (sy > 0) & (sy > eps * ss * scale)
+    # a comparison with NaN is false, and a non-finite ‖s‖² or scale makes the bound ∞ or NaN:
+    # with sᵀy < ∞ that is every non-finite case
+    return (sy > 0) & (sy > eps * ss * scale) & (sy < math.inf)
+
+
+def rows_finite(*tensors: Tensor) -> Tensor:
+    """``[L]`` bool: for each ``l``, every entry of every ``tensors[k][l]`` is finite (no host
+    sync); :func:`all_finite` per index of the leading dimension."""
+    flat = [t.reshape(t.shape[0], -1) for t in tensors]
+    both = flat[0] * 0 if len(flat) == 1 else torch.cat(flat, 1).mul_(0)
+    return both.sum(1) == 0
 
 
 def bfgs_inverse_update_(h: Tensor, s: Tensor, y: Tensor, accept: Tensor) -> Tensor:
-    """In-place, masked BFGS update of one matrix ``H [n, n]`` by the pair ``s, y [n]``.
+    """In-place, masked BFGS update of ``H [n, n]`` by the pair ``s, y [n]``, or of a stack
+    ``H [L, n, n]`` by the pairs ``s, y [L, n]`` (``accept`` 0-d or ``[L]``).
 
     The expanded form ``H⁺ = H + (sᵀy + yᵀHy) ssᵀ/(sᵀy)² − (Hy sᵀ + s yᵀH)/(sᵀy)`` written as
     ``H ← H + U C Uᵀ`` with ``U = [s, Hy]`` and
     ``C = [[(sᵀy + yᵀHy)/(sᵀy)², −1/sᵀy], [−1/sᵀy, 0]]`` — the same expanded form as a single
     rank-2 GEMM pass over ``H``, no temporaries of size ``n²``. Applied only where ``accept``
-    (0-d bool tensor, no host sync) and the coefficients and vectors are finite; otherwise ``H``
+    (bool tensor, no host sync) and the coefficients and vectors are finite; otherwise ``H``
     is left bit-for-bit unchanged. Returns the final acceptance.
 
     Testing ``C`` tests the vectors too: a non-finite entry of ``s``, ``y`` or ``Hy`` makes
     ``sᵀy`` or ``yᵀHy`` non-finite (a product with ±inf or NaN is never finite, nor a sum
     with such a term), and then ``c11`` is NaN or ±inf, or ``c12 = −1/sᵀy`` is (``sᵀy = 0``).
     """
-    hy = h @ y
-    sy = s @ y
-    c11 = (sy + y @ hy) / (sy * sy)
+    hy = h @ y if h.dim() == 2 else torch.bmm(h, y.unsqueeze(2)).squeeze(2)
+    sy = (s * y).sum(-1)
+    c11 = (sy + (y * hy).sum(-1)) / (sy * sy)
     c12 = -1.0 / sy
+    c = torch.stack((c11, c12, c12, torch.zeros_like(c11)), -1)
+    ok = accept & ((c * 0).sum(-1) == 0)
+    mask = ok.unsqueeze(-1).unsqueeze(-1)
     zero = torch.zeros((), dtype=h.dtype, device=h.device)
-    c = torch.stack((c11, c12, c12, zero)).view(2, 2)
-    ok = accept & all_finite(c)
-    u = torch.where(ok, torch.stack((s, hy), dim=1), zero)  # [n, 2]
-    h.addmm_(u @ torch.where(ok, c, zero), u.T)
+    u = torch.where(mask, torch.stack((s, hy), dim=-1), zero)  # [..., n, 2]
+    c = torch.where(mask, c.unflatten(-1, (2, 2)), zero)
+    if h.dim() == 2:
+        h.addmm_(u @ c, u.T)
+    else:
+        h.baddbmm_(torch.bmm(u, c), u.mT)
     return ok

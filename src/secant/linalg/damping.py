@@ -44,6 +44,15 @@ def tau_coefficient(
     return tau, active
 
 
+def _powell(u: Tensor, w: Tensor, mu_vec: Tensor, mu: float) -> tuple[Tensor, Tensor]:
+    """:func:`powell_damping` and where it was active (``[...]`` bool)."""
+    uw = (u * w).sum(-1, keepdim=True)
+    umu = (u * mu_vec).sum(-1, keepdim=True)
+    active = uw < mu * umu
+    theta = torch.where(active, (1.0 - mu) * umu / torch.where(active, umu - uw, 1.0), 1.0)
+    return torch.lerp(mu_vec, w, theta), active.squeeze(-1)
+
+
 def powell_damping(u: Tensor, w: Tensor, mu_vec: Tensor, mu: float) -> Tensor:
     """Powell damping of ``w`` against ``u`` under the metric ``M`` (``mu_vec = M u``).
 
@@ -53,22 +62,20 @@ def powell_damping(u: Tensor, w: Tensor, mu_vec: Tensor, mu: float) -> Tensor:
     * Classical form on ``B`` (damps ``y``): ``powell_damping(s, y, B s, μ)``.
     * Form on ``H`` (damps ``s``): ``powell_damping(y, s, H y, μ)``.
     """
-    uw = (u * w).sum(-1, keepdim=True)
-    umu = (u * mu_vec).sum(-1, keepdim=True)
-    active = uw < mu * umu
-    theta = torch.where(active, (1.0 - mu) * umu / torch.where(active, umu - uw, 1.0), 1.0)
-    return theta * w + (1.0 - theta) * mu_vec
+    return _powell(u, w, mu_vec, mu)[0]
 
 
 def double_damping(
     s: Tensor, y: Tensor, hy: Tensor, mu1: float, mu2: float
-) -> tuple[Tensor, Tensor]:
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """Double damping (DD) of K-BFGS: Powell on ``H`` (``s``), then Powell with ``B = I`` (``y``).
 
     ``hy = H y`` for the current inverse approximation ``H``. Afterwards
     ``s̃ᵀỹ ≥ μ2 ‖s̃‖²`` (equality when step 2 is active), so the BFGS update keeps ``H`` positive
-    definite. Paper constants: ``μ1 = 0.2``, ``μ2 = √λ``.
+    definite. Paper constants: ``μ1 = 0.2``, ``μ2 = √λ``. Returns ``(s̃, ỹ, step1, step2)``, the
+    last two where each step was active (``sᵀy < μ1 yᵀHy``, ``s̃ᵀy < μ2 s̃ᵀs̃``; bool, one per
+    pair).
     """
-    s_tilde = powell_damping(y, s, hy, mu1)
-    y_tilde = powell_damping(s_tilde, y, s_tilde, mu2)
-    return s_tilde, y_tilde
+    s_tilde, step1 = _powell(y, s, hy, mu1)
+    y_tilde, step2 = _powell(s_tilde, y, s_tilde, mu2)
+    return s_tilde, y_tilde, step1, step2

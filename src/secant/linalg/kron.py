@@ -40,7 +40,9 @@ def gram(x: Tensor, alpha: float, block: int = 192, ones: bool = False) -> Tenso
     ``ones`` the statistic of the homogeneous rows ``[x, 1]``: ``alpha · [[xᵀx, xᵀ1], [1ᵀx, n]]``
     (``[d + 1, d + 1]``) without building ``[x, 1]``.
 
-    The columns are cut into equal blocks of at most ``block`` (sizes rounded up to a multiple
+    Up to ``block`` columns this is the plain product of ``[x, 1]`` (as fast for ``n`` = 100 and
+    1000, ``d`` ≤ 192 on one CPU thread, and five ops). Wider, the columns are cut into equal
+    blocks of at most ``block`` (sizes rounded up to a multiple
     of 8); only the blocks on and below the diagonal are multiplied (``b(b+1)/2`` of ``b²``) and
     the others are their transposes, so a wide factor costs about half the multiply-adds of
     ``xᵀx`` (measured ≈ 2× faster for ``d`` = 785…1001, ``n`` = 1000 on one CPU thread, where the
@@ -49,6 +51,9 @@ def gram(x: Tensor, alpha: float, block: int = 192, ones: bool = False) -> Tenso
     (benchmarks/kronecker_speed.md).
     """
     d = x.shape[-1]
+    if d <= block:  # one block: the plain product, [x, 1] built, as fast and fewer ops
+        xa = torch.cat((x, x.new_ones(x.shape[0], 1)), 1) if ones else x
+        return torch.mm(xa.T, xa).mul_(alpha)
     out = x.new_empty(d + ones, d + ones)
     if d:
         nb = math.ceil(d / block)

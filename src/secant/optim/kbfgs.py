@@ -4,8 +4,9 @@ docs/kronecker.md; dtypes, accumulation and parameter groups in docs/patterns.md
 
 from __future__ import annotations
 
+import copy
 import math
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Hashable, Iterable, Iterator
 from contextlib import contextmanager, nullcontext
 from typing import Any
 
@@ -30,21 +31,25 @@ from secant.linalg import (
     double_damping,
     push,
 )
-from secant.linalg.bfgs import all_finite
+from secant.linalg.bfgs import rows_finite
 from secant.linalg.kron import damped_inverse, gram
 from secant.linalg.lbfgs import dense_inverse
+from secant.optim import layer_state
 from secant.optim.layer_optimizer import (
     LayerOptimizer,
     check,
     check_finite_nonneg,
     curvature_step,
 )
+from secant.optim.layer_stacks import LayerStack, plan
 
 A_INITS = ("statistic", "zero")
+_EYE = frozenset({"H_a", "H_g"})  # padded by the identity in a stack
 
 
-def _vdot(a: Tensor, b: Tensor) -> Tensor:
-    return (a * b).sum(-1)
+def _masked(flags: Tensor, mask: Tensor | None) -> Tensor:
+    """``flags & mask``; ``flags`` where there is no mask (see :meth:`_KroneckerBFGS._flags`)."""
+    return flags if mask is None else flags & mask
 
 
 def input_statistics(module: nn.Module, x: Tensor) -> tuple[Tensor, Tensor]:
@@ -52,11 +57,10 @@ def input_statistics(module: nn.Module, x: Tensor) -> tuple[Tensor, Tensor]:
     1 of a biased layer's ``ā`` is added by :func:`~secant.linalg.kron.gram`, not stored)."""
     a = homogeneous_inputs(module, x, ones=False)
     rows = a.reshape(-1, a.shape[-1])
-    bias = module.bias is not None
-    mean = rows.mean(0)
-    if bias:
-        mean = torch.cat((mean, mean.new_ones(1)))
-    return gram(rows, 1.0 / rows.shape[0], ones=bias), mean
+    if module.bias is None:
+        return gram(rows, 1.0 / rows.shape[0]), rows.mean(0)
+    stat = gram(rows, 1.0 / rows.shape[0], ones=True)
+    return stat, stat[-1]  # the last row of mean ā āᵀ is mean ā (its last entry: 1)
 
 
 def _matrix(module: nn.Module, p: Tensor) -> Tensor:
@@ -130,9 +134,15 @@ class _KroneckerBFGS(LayerOptimizer):
 
     Non-finite statistics (an overflow, a NaN loss) never reach the state, and no test syncs
     with the host: the pass-1 statistics ``(A, v, h̄, ḡ)`` of a layer carry one finiteness flag
-    (:func:`secant.linalg.bfgs.all_finite`; ``A`` through its diagonal), which gates ``A``,
+    (:func:`secant.linalg.bfgs.rows_finite`; ``A`` through its diagonal), which gates ``A``,
     ``H_a`` and the pair, and the pair ``(s, y)`` a second one; counted in ``stats_rejected`` and
     ``g_pairs_rejected``.
+
+    **Layer stacks**: the state of layers of one parameter group and kind lives in padded
+    stacked tensors (:mod:`secant.optim.layer_stacks`; docs/kronecker.md, "Layer stacks"), and
+    steps 2 and 4–6 run as batched ops over each stack, so the ops a step dispatches for them do
+    not grow with the number of layers; ``opt.state[...]["layers"][i]`` holds views of layer
+    ``i``'s corner of the stacks.
 
     **Conv2d** (an extension beyond the paper, whose code supports Linear layers only): ``ā``
     are the unfolded patches, ``A`` and ``v`` are means over examples *and* spatial positions,
@@ -222,9 +232,11 @@ class _KroneckerBFGS(LayerOptimizer):
         self.mu1 = mu1
         self.cautious_eps = cautious_eps
         defaults = dict(lr=lr, damping=damping, momentum=momentum, weight_decay=weight_decay)
+        self._stacked: tuple[list, int] | None = None  # the layer list the stacks hold
         super().__init__(model, defaults, exclude=exclude, fallback_lr=fallback_lr,
                          process_group=process_group, distributed_mode=distributed_mode,
                          **layer_options)
+        self._stacks  # noqa: B018 - the per-layer state becomes views of the stacks now
 
     # ------------------------------------------------------------------ distributed
     def _layer_cost(self, d_out: int, d_in: int) -> int:
@@ -245,43 +257,61 @@ class _KroneckerBFGS(LayerOptimizer):
     def _fresh_hg(self, d_out: int, kw: dict[str, Any]) -> dict[str, Tensor]:
         raise NotImplementedError
 
-    def _hg_matrix(self, ls: dict[str, Any]) -> Tensor | None:
-        """``H_g`` as a dense ``[d_out, d_out]`` matrix for this step's two products with it
-        (the direction, then ``H_g ȳ`` in the double damping, before the pair updates it), or
-        ``None`` where it is applied in another form; the ``hg`` argument of the methods
-        below."""
+    def _hg_matrix(self, stack: LayerStack) -> Tensor | None:
+        """``H_g`` of the stack's layers as dense ``[L, O, O]`` matrices for this step's two
+        products with it (the direction, then ``H_g ȳ`` in the double damping, before the pair
+        updates it), or ``None`` where it is applied in another form; the ``hg`` argument of
+        the methods below."""
         raise NotImplementedError
 
-    def _update_hg(self, ls: dict[str, Any], s: Tensor, y: Tensor, accept: Tensor) -> Tensor:
-        """Apply the pair where ``accept``; return the final acceptance (0-d bool)."""
+    def _update_hg(self, stack: LayerStack, s: Tensor, y: Tensor, accept: Tensor) -> Tensor:
+        """Apply the pairs ``[L, O]`` where ``accept [L]``; return the final acceptance."""
         raise NotImplementedError
 
-    def _apply_hg(self, ls: dict[str, Any], hg: Tensor | None, x: Tensor) -> Tensor:
-        """``H_g X`` for ``X [d_out, r]``."""
-        return hg @ x
+    def _apply_hg(self, stack: LayerStack, hg: Tensor | None, x: Tensor) -> Tensor:
+        """``H_g X`` for ``X [L, O, r]``."""
+        return torch.bmm(hg, x)
 
-    def _apply_hg_split(self, ls: dict[str, Any], hg: Tensor | None, x: Tensor
-                        ) -> tuple[Tensor, Tensor]:
-        """``(H_g X_W, H_g x_b)`` for ``X = [X_W, x_b]`` (the bias column last)."""
-        return hg @ x[:, :-1], hg @ x[:, -1]
+    def _stack_kind(self, ls: dict[str, Tensor]) -> Hashable:
+        """What layers must share to share a stack, beyond their state's names and their
+        parameter group (e.g. how their ``H_g`` is applied)."""
+        return None
 
-    def _add_direction(self, ls: dict[str, Any], hg: Tensor | None, x: Tensor,
+    @property
+    def _stacks(self) -> list[LayerStack]:
+        """The stacks (:mod:`secant.optim.layer_stacks`) of the layers this rank works on,
+        by parameter group and kind; built at construction, after :meth:`load_state_dict` and
+        after ``add_param_group``, which replace the per-layer tensors."""
+        layers = self._st["layers"]
+        if self._stacked is None or self._stacked[0] is not layers \
+                or self._stacked[1] != len(layers):
+            work = [i for i, ls in enumerate(layers) if ls]
+            kinds = [(self._layer_groups[i][0], tuple(layers[i]), self._stack_kind(layers[i]))
+                     for i in work]
+            shapes = [{k: tuple(t.shape) for k, t in layers[i].items()} for i in work]
+            self._stack_list = [
+                LayerStack([work[j] for j in idx], [layers[work[j]] for j in idx], _EYE)
+                for idx in plan(shapes, kinds)]
+            self._stacked = (layers, len(layers))
+        return self._stack_list
+
+    def _add_direction(self, views: dict[str, Any], hg_x: list[Tensor],
                        targets: list[Tensor], alpha: float) -> None:
         """``targets += alpha · P`` with ``P = H_g X H_a``, ``targets = [T_W, t_b]`` (matrix
-        views of ``layer_params``), ``[T]`` without bias. With ``H_a = [[H, h], [h′ᵀ, η]]``
-        (``h`` its last column, ``h′`` its last row): ``P_W = (H_g X_W) H + (H_g x_b) h′ᵀ`` and
+        views of ``layer_params``), ``[T]`` without bias; ``hg_x``: ``H_g`` times the blocks of
+        ``X = [X_W, x_b]``; ``views``: the layer's from :meth:`_views`. With
+        ``H_a = [[H, h], [h′ᵀ, η]]``: ``P_W = (H_g X_W) H + (H_g x_b) h′ᵀ`` and
         ``p_b = (H_g X_W) h + η H_g x_b`` — the same product, but the GEMMs run on the even
         ``d_out × d_in`` shapes instead of the odd ``d_in + 1`` ones, which one CPU thread
         multiplies ≈ 1.5× slower, and accumulate straight into the targets (no temporary
         ``P``; docs/kronecker.md)."""
-        h_a = ls["H_a"]
         if len(targets) == 1:
-            targets[0].addmm_(self._apply_hg(ls, hg, x), h_a, alpha=alpha)
+            targets[0].addmm_(hg_x[0], views["h_a"], alpha=alpha)
             return
-        y_w, y_b = self._apply_hg_split(ls, hg, x)
+        y_w, y_b = hg_x
         t_w, t_b = targets
-        t_w.addmm_(y_w, h_a[:-1, :-1], alpha=alpha).addr_(y_b, h_a[-1, :-1], alpha=alpha)
-        t_b.addmv_(y_w, h_a[:-1, -1], alpha=alpha).add_(y_b * h_a[-1, -1], alpha=alpha)
+        t_w.addmm_(y_w, views["h"], alpha=alpha).addr_(y_b, views["h_row"], alpha=alpha)
+        t_b.addmv_(y_w, views["h_col"], alpha=alpha).addcmul_(y_b, views["eta"], value=alpha)
 
     # ------------------------------------------------------------------ state
     def _fresh_layer_state(self, module: nn.Module, owned: bool) -> dict[str, Any]:
@@ -311,6 +341,22 @@ class _KroneckerBFGS(LayerOptimizer):
         st["a_initialized"] = False
         st["warm_started"] = False
         return st
+
+    def __getstate__(self) -> dict[str, Any]:
+        """Each layer's tensors copied out of the stacks (a pickle keeps no storage twice, and
+        no view survives unpickling as a view); the copy rebuilds its stacks from them when it
+        first needs them."""
+        state = super().__getstate__()
+        st = dict(self._st)
+        st["layers"] = [{k: layer_state.own_storage(v) for k, v in ls.items()}
+                        for ls in st["layers"]]
+        state["state"] = copy.copy(self.state)
+        state["state"][self.state_key] = st
+        return state | {"_stack_list": [], "_stacked": None}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        super().load_state_dict(state_dict)
+        self._stacks  # noqa: B018 - the loaded tensors become views of new stacks
 
     # ------------------------------------------------------------------ warm start
     @torch.no_grad()
@@ -481,59 +527,45 @@ class _KroneckerBFGS(LayerOptimizer):
                         for s in shp])
         return out
 
+    def _flags(self, flags: list[bool]) -> Tensor | None:
+        """``flags`` as a bool tensor, or ``None`` when all are true (the usual step: no
+        masking at all)."""
+        return None if all(flags) else torch.tensor(flags, device=self._device)
+
     def _first_half(self, recs: list[list[Tensor] | None] | None, skip_a: bool
-                    ) -> list[tuple[Tensor, Tensor, Tensor, Tensor, Tensor | None] | None]:
-        """Steps 2–3 for every layer (``A``, gradient EMA, direction); returns per layer what
-        the second half needs: ``(h̄, ḡ, v, ok, hg)``, ``ok`` the one finiteness flag of the
-        pass-1 statistics ``(A, v, h̄, ḡ)`` (a non-finite set updates nothing: neither ``A``,
-        ``H_a`` nor, through ``h̄`` and ``ḡ``, the pair), ``hg`` from :meth:`_hg_matrix`.
-        ``recs`` is ``None`` on a step between curvature updates: gradient EMA and direction
-        only, with the last ``H_g`` and ``H_a``."""
-        st = self._st
-        first = not st["a_initialized"]
+                    ) -> list[tuple | None]:
+        """Steps 2–3 for every layer (``A``, gradient EMA, direction); returns per stack what
+        the second half needs (:meth:`_first_half_stack`). ``recs`` is ``None`` on a step
+        between curvature updates: gradient EMA and direction only, with the last ``H_g`` and
+        ``H_a``."""
+        stats = None
         if recs is not None:
             shapes = [[(i, i), (i,), (o,), (o,)] for o, i in map(matrix_shape, self.layers)]
             stats = self._all_reduce(self._stats_or_nan(recs, shapes),
                                      average=True)  # global-batch statistics
         shared = self.distributed and self.distributed_mode == "memory"
-        saved: list[Any] = []
-        bufs: list[Tensor] = []  # directions added to the parameters after the loop
+        targets: dict[int, list[Tensor]] = {}
+        whole: dict[int, list[tuple[Tensor | None, Tensor | None]]] = {}
+        bufs: list[Tensor] = []  # directions added to the parameters after the stacks
         buffered: list[int] = []
-        for i, (own, ls) in enumerate(zip(self._owned, st["layers"])):
-            group = self.layer_group(i)
+        for i, module in enumerate(self.layers):
             if not self._has_grad(i):  # no gradient: no update at all
-                saved.append(None)
                 continue
-            module = self.layers[i]
             params = layer_params(module)
             # the step goes straight into the parameters (as matrices), or into buffers added
-            # after the loop: shared over the ranks, or a dtype / layout GEMMs cannot write to
+            # afterwards: shared over the ranks, or a dtype / layout GEMMs cannot write to
             if not shared and not self.sharded and all(
                     p.dtype == self.factor_dtype and p.is_contiguous() for p in params):
-                targets = [_matrix(module, p.detach()) for p in params]
+                targets[i] = [_matrix(module, p) for p in params]  # (under no_grad)
             else:
-                targets = [torch.zeros(_matrix(module, p).shape, dtype=self.factor_dtype,
-                                       device=self._device) for p in params]
-                bufs.extend(targets)
+                targets[i] = [torch.zeros(_matrix(module, p).shape, dtype=self.factor_dtype,
+                                          device=self._device) for p in params]
+                bufs.extend(targets[i])
                 buffered.append(i)
             # FSDP2: every rank gathers every layer's tensors (collectives in one order)
-            whole = [_whole(p, wd) for p, wd in zip(params, self._layer_weight_decay(i))]
-            if not self._works(own):
-                saved.append(None)
-                continue
-            if recs is not None:
-                a_new, v, h_mean, g_sum = stats[4 * i: 4 * i + 4]
-                # a Gram matrix is finite iff its diagonal is (|A_ij| ≤ sqrt(A_ii A_jj))
-                ok = all_finite(a_new.diagonal(), v, h_mean, g_sum)
-                if recs[i] is not None:
-                    ls["stats_rejected"] += ~ok
-                self._update_a(ls, a_new, ok, group["damping"], first, skip_a)
-            self._update_grad_ema(i, ls["grad_ema"], 1.0 - group["momentum"], whole)
-            hg = self._hg_matrix(ls)
-            with torch.no_grad():
-                self._add_direction(ls, hg, ls["grad_ema"], targets, -group["lr"])
-            saved.append(None if recs is None or recs[i] is None else
-                         (h_mean, g_sum, v, ok, hg))
+            whole[i] = [_whole(p, wd) for p, wd in zip(params, self._layer_weight_decay(i))]
+        saved = [self._first_half_stack(stack, stats, recs, targets, whole, skip_a)
+                 for stack in self._stacks]
         if shared:
             bufs = self._all_reduce(bufs)  # owners' steps, zeros elsewhere: summed = shared
         parts = iter(bufs)
@@ -543,76 +575,180 @@ class _KroneckerBFGS(LayerOptimizer):
                 for p, d in zip(layer_params(module), parts):
                     local(p).add_(local_rows(p, weight_layout(module, d) if p.dim() > 1
                                              else d))
-        st["a_initialized"] = True
+        self._st["a_initialized"] = True
         return saved
 
-    def _update_a(self, ls: dict[str, Any], a_new: Tensor, ok: Tensor, damping: float,
-                  first: bool, skip_a: bool) -> None:
-        """Step 2's ``A`` where the statistics are finite (``ok``): on the first step ``A`` is
-        the statistic (``a_init``) and ``H_a = (A + √λ I)⁻¹``, later the EMA (skipped on the
-        first step after :meth:`warm_start`)."""
-        if first:
+    def _first_half_stack(self, stack: LayerStack, stats: list[Tensor] | None,
+                          recs: list[list[Tensor] | None] | None,
+                          targets: dict[int, list[Tensor]],
+                          whole: dict[int, list[tuple[Tensor | None, Tensor | None]]],
+                          skip_a: bool) -> tuple | None:
+        """Steps 2–3 for the layers of one stack: the pass-1 statistics padded into the stack
+        (``A``'s EMA, their finiteness, one flag per layer, in batched ops), then per layer the
+        gradient EMA and the direction ``−η H_g ĝ H_a`` into ``targets``. Returns what the
+        second half needs, ``(h̄, ḡ, v, ok, hg, live)`` (``ok [L]``: the layer's pass-1 set
+        ``(A, v, h̄, ḡ)`` is finite — a non-finite set updates nothing: neither ``A``, ``H_a``
+        nor, through ``h̄`` and ``ḡ``, the pair; ``live``: the layers that stepped with pass-1
+        data), or
+        ``None`` when no layer of the stack has a gradient or there are no statistics."""
+        live = [i in whole for i in stack.index]
+        if not any(live):
+            return None
+        t = stack.tensors
+        group = self.layer_group(stack.index[0])
+        saved = None
+        if stats is not None:
+            o, i_ = t["s_bar"].shape[1], t["A"].shape[1]
+            a_new, v, h_mean, g_sum = stack.pack(
+                [stats[4 * i: 4 * i + 4] for i in stack.index], [(i_, i_), (i_,), (o,), (o,)])
+            # a Gram matrix is finite iff its diagonal is (|A_ij| ≤ sqrt(A_ii A_jj))
+            ok = rows_finite(a_new.diagonal(dim1=1, dim2=2), v, h_mean, g_sum)
+            with_data = [lv and recs[i] is not None for lv, i in zip(live, stack.index)]
+            counted = self._flags(with_data)
+            t["stats_rejected"] += _masked(~ok, counted)
+            alive = self._flags(live)
+            if alive is not None:
+                ok = ok & alive
+            self._update_a(stack, a_new, ok, group["damping"], skip_a)
+            saved = [h_mean, g_sum, v, ok, with_data]
+        self._update_grad_ema(stack, whole, 1.0 - group["momentum"])
+        hg = self._hg_matrix(stack)
+        hx = self._apply_hg(stack, hg, t["grad_ema"]) if hg is None else None
+        for j, (i, ls, views) in enumerate(zip(stack.index, self._layer_states(stack),
+                                               self._views(stack))):
+            if not live[j]:
+                continue
+            if hx is not None:  # H_g X of the whole stack, computed above
+                o, n = ls["grad_ema"].shape
+                hg_x = hx[j, :o, :n]
+                hg_x = [hg_x[:, :-1], hg_x[:, -1]] if len(views["x"]) == 2 else [hg_x]
+            else:
+                o = ls["grad_ema"].shape[0]
+                h = ls["H_g"] if "H_g" in ls else hg[j, :o, :o]
+                hg_x = [h @ blk for blk in views["x"]]
+            self._add_direction(views, hg_x, targets[i], -group["lr"])
+        if saved is None:
+            return None
+        saved.insert(4, hg)
+        return tuple(saved)
+
+    def _layer_states(self, stack: LayerStack) -> list[dict[str, Tensor]]:
+        layers = self._st["layers"]
+        return [layers[i] for i in stack.index]
+
+    def _update_a(self, stack: LayerStack, a_new: Tensor, ok: Tensor, damping: float,
+                  skip_a: bool) -> None:
+        """Step 2's ``A`` where the statistics are finite (``ok [L]``): on the first step
+        ``A`` is the statistic (``a_init``) and ``H_a = (A + √λ I)⁻¹`` (layer by layer), later
+        the EMA (skipped on the first step after :meth:`warm_start`)."""
+        if not self._st["a_initialized"]:
             if self.a_init == "zero":  # a zero-started average after one update
                 a_new = a_new * (1.0 - self.stat_decay)
-            ls["A"].copy_(torch.where(ok, a_new, ls["A"]))
-            inverse = damped_inverse(ls["A"], math.sqrt(damping))
-            ls["H_a"].copy_(torch.where(ok, inverse, ls["H_a"]))
+            for j, ls in enumerate(self._layer_states(stack)):
+                a = ls["A"]
+                n = a.shape[0]
+                a.copy_(torch.where(ok[j], a_new[j, :n, :n], a))
+                inverse = damped_inverse(a, math.sqrt(damping))
+                ls["H_a"].copy_(torch.where(ok[j], inverse, ls["H_a"]))
         elif not skip_a:
-            # a_new is this step's own buffer: mask it in place (no d_in² temporary)
-            ls["A"].lerp_(torch.where(ok, a_new, ls["A"], out=a_new), 1.0 - self.stat_decay)
+            a = stack.tensors["A"]
+            # a_new is this step's own buffer: mask it in place (no temporary)
+            a.lerp_(torch.where(ok.view(-1, 1, 1), a_new, a, out=a_new), 1.0 - self.stat_decay)
 
-    def _update_grad_ema(self, i: int, ema: Tensor, rate: float,
-                         whole: list[tuple[Tensor | None, Tensor]]) -> None:
-        """``ĝ ← ĝ + rate·(∇W̃ + wd·W̃ − ĝ)`` for layer ``i``, column block by column block
-        (``[∇W, ∇b]`` with each block's own group weight decay; a missing gradient counts as
-        zero), in place: ``lerp`` towards the gradient, then ``+ rate·wd·W̃`` — the same update
-        as a ``lerp`` towards ``∇W̃ + wd·W̃`` up to rounding, without building ``[∇W, ∇b]``.
-        ``whole``: ``(gradient, parameter)`` of each of the layer's parameters, whole (FSDP2:
-        gathered, see :func:`_whole`); the parameter is ``None`` where no decay is added."""
-        m = self.layers[i]
-        blocks = [ema[:, :-1], ema[:, -1]] if len(whole) == 2 else [ema]
-        for (grad, p), blk, wd in zip(whole, blocks, self._layer_weight_decay(i)):
-            if grad is None:
-                blk.mul_(1.0 - rate)
-            else:  # (step runs under no_grad: no detach needed; .to is a no-op, no copy, when
-                # the dtypes match)
-                blk.lerp_(_matrix(m, grad).to(ema.dtype), rate)
-            if p is not None:
-                blk.add_(_matrix(m, p), alpha=rate * wd)
+    def _views(self, stack: LayerStack) -> list[dict[str, Any]]:
+        """Per layer of ``stack``, views of its state that every step reads, built once: the
+        gradient EMA's column blocks ``x = [X_W, x_b]`` (``[X]`` without a bias) and the blocks
+        of ``H_a = [[H, h], [h′ᵀ, η]]`` (``h_a`` itself without a bias)."""
+        if "views" not in stack.derived:
+            out = []
+            for i, ls in zip(stack.index, self._layer_states(stack)):
+                x, h_a = ls["grad_ema"], ls["H_a"]
+                if self.layers[i].bias is None:
+                    out.append({"x": [x], "h_a": h_a})
+                else:
+                    out.append({"x": [x[:, :-1], x[:, -1]], "h": h_a[:-1, :-1],
+                                "h_row": h_a[-1, :-1], "h_col": h_a[:-1, -1],
+                                "eta": h_a[-1, -1]})
+            stack.derived["views"] = out
+        return stack.derived["views"]
 
-    def _second_half(self, pass1: list, recs: list[list[Tensor] | None]) -> None:
+    def _update_grad_ema(self, stack: LayerStack,
+                         whole: dict[int, list[tuple[Tensor | None, Tensor | None]]],
+                         rate: float) -> None:
+        """``ĝ ← ĝ + rate·(∇W̃ + wd·W̃ − ĝ)`` for the stack's layers with a gradient, column
+        block by column block (``[∇W, ∇b]`` with each block's own group weight decay; a missing
+        gradient counts as zero), in place and in a few ``foreach`` ops for the whole stack:
+        ``lerp`` towards the gradient, then ``+ rate·wd·W̃`` — the same update as a ``lerp``
+        towards ``∇W̃ + wd·W̃`` up to rounding, without building ``[∇W, ∇b]``. ``whole[i]``:
+        ``(gradient, parameter)`` of each of layer ``i``'s parameters, whole (FSDP2: gathered,
+        see :func:`_whole`); the parameter is ``None`` where no decay is added."""
+        lerp, grads, missing = [], [], []
+        decay: dict[float, tuple[list[Tensor], list[Tensor]]] = {}
+        for i, views in zip(stack.index, self._views(stack)):
+            if i not in whole:
+                continue
+            m = self.layers[i]
+            for (grad, p), blk, wd in zip(whole[i], views["x"], self._layer_weight_decay(i)):
+                if grad is None:
+                    missing.append(blk)
+                else:  # (.to is a no-op, no copy, when the dtypes match)
+                    lerp.append(blk)
+                    grads.append(_matrix(m, grad).to(blk.dtype))
+                if p is not None:
+                    blocks, params = decay.setdefault(wd, ([], []))
+                    blocks.append(blk)
+                    params.append(_matrix(m, p))
+        if lerp:
+            torch._foreach_lerp_(lerp, grads, rate)
+        if missing:
+            torch._foreach_mul_(missing, 1.0 - rate)
+        for wd, (blocks, params) in decay.items():
+            torch._foreach_add_(blocks, params, alpha=rate * wd)
+
+    def _second_half(self, pass1: list[tuple | None], recs: list[list[Tensor] | None]) -> None:
+        """Steps 4–6 for every stack, in batched ops: the pairs and their EMAs, double damping,
+        the cautious tests, the ``H_g`` update and the Hessian-action update of ``H_a``."""
         c = self.pair_decay
         shapes = [[(o,), (o,)] for o, _ in map(matrix_shape, self.layers)]
         stats = self._all_reduce(self._stats_or_nan(recs, shapes), average=True)
-        for i, (ls, saved) in enumerate(zip(self._st["layers"], pass1)):
-            if saved is None or recs[i] is None:
+        for stack, saved in zip(self._stacks, pass1):
+            if saved is None:
                 continue
-            root = math.sqrt(self.layer_group(i)["damping"])
-            h1, g1, v, ok_stats, hg = saved
-            s = stats[2 * i] - h1
-            y = stats[2 * i + 1] - g1
-            finite = ok_stats & all_finite(s, y)  # pass 1's set, then pass 2's h̄⁺, ḡ⁺ in s, y
-            sb, yb = ls["s_bar"], ls["y_bar"]
-            torch.where(finite, c * sb + (1 - c) * s, sb, out=sb)
-            torch.where(finite, c * yb + (1 - c) * y, yb, out=yb)
-            hy = self._apply_hg(ls, hg, yb.unsqueeze(1)).squeeze(1)
-            st_, yt = double_damping(sb, yb, hy, self.mu1, root)
-            ls["dd_step1_active"] += _vdot(sb, yb) < self.mu1 * _vdot(yb, hy)
-            ls["dd_step2_active"] += _vdot(st_, yb) < root * _vdot(st_, st_)
-            accept = finite & cautious_accept(st_, yt, torch.linalg.vector_norm(g1),
+            h1, g1, v, ok, hg, live = saved
+            live = [lv and recs[i] is not None for lv, i in zip(live, stack.index)]
+            if not any(live):
+                continue
+            t = stack.tensors
+            o = t["s_bar"].shape[1]
+            h2, g2 = stack.pack([stats[2 * i: 2 * i + 2] for i in stack.index], [(o,), (o,)])
+            alive = self._flags(live)
+            root = math.sqrt(self.layer_group(stack.index[0])["damping"])
+            s, y = h2 - h1, g2 - g1
+            # pass 1's set, then pass 2's h̄⁺, ḡ⁺
+            finite = _masked(ok & rows_finite(s, y), alive)
+            sb, yb = t["s_bar"], t["y_bar"]
+            keep = finite.unsqueeze(1)
+            torch.where(keep, torch.lerp(sb, s, 1 - c), sb, out=sb)
+            torch.where(keep, torch.lerp(yb, y, 1 - c), yb, out=yb)
+            hy = self._apply_hg(stack, hg, yb.unsqueeze(2)).squeeze(2)
+            st_, yt, step1, step2 = double_damping(sb, yb, hy, self.mu1, root)
+            t["dd_step1_active"] += _masked(step1, alive)
+            t["dd_step2_active"] += _masked(step2, alive)
+            accept = finite & cautious_accept(st_, yt, torch.linalg.vector_norm(g1, dim=1),
                                               self.cautious_eps)
-            accept = self._update_hg(ls, st_, yt, accept)
-            ls["g_pairs_accepted"] += accept
-            ls["g_pairs_rejected"] += ~accept
+            accept = self._update_hg(stack, st_, yt, accept)
+            t["g_pairs_accepted"] += accept
+            t["g_pairs_rejected"] += _masked(~accept, alive)
             # Hessian-action BFGS of H_a with the (already EMA-updated) A
-            h_a = ls["H_a"]
-            s_a = h_a @ v
-            y_a = ls["A"] @ s_a + root * s_a
-            acc_a = ok_stats & cautious_accept(s_a, y_a, torch.linalg.vector_norm(v),
-                                               self.cautious_eps)
+            h_a = t["H_a"]
+            s_a = torch.bmm(h_a, v.unsqueeze(2))
+            y_a = torch.baddbmm(s_a, t["A"], s_a, beta=root).squeeze(2)
+            s_a = s_a.squeeze(2)
+            acc_a = _masked(ok, alive) & cautious_accept(
+                s_a, y_a, torch.linalg.vector_norm(v, dim=1), self.cautious_eps)
             acc_a = bfgs_inverse_update_(h_a, s_a, y_a, acc_a)
-            ls["a_updates_accepted"] += acc_a
-            ls["a_updates_rejected"] += ~acc_a
+            t["a_updates_accepted"] += acc_a
+            t["a_updates_rejected"] += _masked(~acc_a, alive)
 
     # ------------------------------------------------------------------ reporting
     def diagnostics(self) -> dict[str, Any]:
@@ -704,11 +840,11 @@ class KBFGS(_KroneckerBFGS):
     def _fresh_hg(self, d_out: int, kw: dict[str, Any]) -> dict[str, Tensor]:
         return {"H_g": torch.eye(d_out, **kw)}
 
-    def _hg_matrix(self, ls: dict[str, Any]) -> Tensor:
-        return ls["H_g"]
+    def _hg_matrix(self, stack: LayerStack) -> Tensor:
+        return stack.tensors["H_g"]
 
-    def _update_hg(self, ls: dict[str, Any], s: Tensor, y: Tensor, accept: Tensor) -> Tensor:
-        return bfgs_inverse_update_(ls["H_g"], s, y, accept)
+    def _update_hg(self, stack: LayerStack, s: Tensor, y: Tensor, accept: Tensor) -> Tensor:
+        return bfgs_inverse_update_(stack.tensors["H_g"], s, y, accept)
 
 
 class KBFGSL(_KroneckerBFGS):
@@ -784,42 +920,39 @@ class KBFGSL(_KroneckerBFGS):
             "hist_count": torch.zeros(1, dtype=torch.long, device=dev),
         }
 
+    def _stack_kind(self, ls: dict[str, Tensor]) -> Hashable:
+        """Layers of a ring wider than ``2·history_size`` apply it in compact form."""
+        return "hist_z" in ls and ls["hist_z"].shape[2] > 2 * self.history_size
+
     @staticmethod
-    def _history(ls: dict[str, Any]) -> History:
-        z = ls["hist_z"]
-        return History(z, ls["hist_gram"], ls["hist_head"], ls["hist_count"],
-                       torch.zeros(1, dtype=torch.long, device=z.device))
+    def _history(stack: LayerStack) -> History:
+        t = stack.tensors  # each layer's [1, ...] ring as one block of the stack's [L, ...]
+        z = t["hist_z"].squeeze(1)
+        return History(z, t["hist_gram"].squeeze(1), t["hist_head"].squeeze(1),
+                       t["hist_count"].squeeze(1), torch.arange(len(stack), device=z.device))
 
-    def _compact(self, ls: dict[str, Any], x: Tensor) -> Tensor:
-        """``H_g X`` for ``X [d_out, r]`` by the compact form of the history."""
-        one = torch.ones(1, dtype=x.dtype, device=x.device)
-        return compact_apply(self._history(ls), x.T.unsqueeze(0), one)[0].T
-
-    def _hg_matrix(self, ls: dict[str, Any]) -> Tensor | None:
-        """The L-BFGS matrix ``H_g`` (:func:`secant.linalg.lbfgs.dense_inverse`) where
-        ``d_out ≤ 2·history_size``; ``None`` (compact applies) above. The layer's own matrix
-        where it keeps a dense one (``dense_hg``)."""
-        if "H_g" in ls:
-            return ls["H_g"]
-        z = ls["hist_z"]
-        if z.shape[2] > 2 * self.history_size:
+    def _hg_matrix(self, stack: LayerStack) -> Tensor | None:
+        """The L-BFGS matrices ``H_g`` (:func:`secant.linalg.lbfgs.dense_inverse`) of a stack
+        of layers with ``d_out ≤ 2·history_size``; ``None`` (compact applies) above. The
+        layers' own matrices where they keep dense ones (``dense_hg``)."""
+        t = stack.tensors
+        if "H_g" in t:
+            return t["H_g"]
+        if self._stack_kind(self._layer_states(stack)[0]):
             return None
-        return dense_inverse(self._history(ls), torch.ones(1, dtype=z.dtype, device=z.device))[0]
+        z = t["hist_z"]
+        return dense_inverse(self._history(stack), z.new_ones(len(stack)))
 
-    def _apply_hg(self, ls: dict[str, Any], hg: Tensor | None, x: Tensor) -> Tensor:
-        return self._compact(ls, x) if hg is None else hg @ x
-
-    def _apply_hg_split(self, ls: dict[str, Any], hg: Tensor | None, x: Tensor
-                        ) -> tuple[Tensor, Tensor]:
+    def _apply_hg(self, stack: LayerStack, hg: Tensor | None, x: Tensor) -> Tensor:
         if hg is not None:
-            return super()._apply_hg_split(ls, hg, x)
-        y = self._compact(ls, x)
-        return y[:, :-1], y[:, -1]
+            return torch.bmm(hg, x)
+        ones = x.new_ones(len(stack))  # H_g X by the compact form of the history
+        return compact_apply(self._history(stack), x.mT, ones).mT
 
-    def _update_hg(self, ls: dict[str, Any], s: Tensor, y: Tensor, accept: Tensor) -> Tensor:
-        if "H_g" in ls:
-            return KBFGS._update_hg(self, ls, s, y, accept)
-        push(self._history(ls), s.unsqueeze(0), y.unsqueeze(0), accept.view(1))
+    def _update_hg(self, stack: LayerStack, s: Tensor, y: Tensor, accept: Tensor) -> Tensor:
+        if "H_g" in stack.tensors:
+            return KBFGS._update_hg(self, stack, s, y, accept)
+        push(self._history(stack), s, y, accept)
         return accept
 
     def diagnostics(self) -> dict[str, Any]:

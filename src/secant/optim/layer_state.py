@@ -27,6 +27,7 @@ from __future__ import annotations
 
 from typing import Any
 
+import torch
 from torch import Tensor
 
 from secant.distributed import local, sharded_like
@@ -44,6 +45,15 @@ def _prefixes(opt: Any) -> tuple[str, str]:
     return opt.state_key + "_optimizer_", opt.state_key + "_"
 
 
+def own_storage(v: Any) -> Any:
+    """A layer's tensor with a storage of its own: a view of a stack (K-BFGS keeps its layers'
+    state in padded stacks, :mod:`secant.optim.layer_stacks`) is copied out, so a checkpoint
+    holds the layer's entries alone."""
+    if isinstance(v, Tensor) and v.untyped_storage().nbytes() != v.numel() * v.element_size():
+        return v.clone(memory_format=torch.contiguous_format)
+    return v
+
+
 def param_entries(opt: Any, st: dict[str, Any]) -> dict[Tensor, dict[str, Any]]:
     """The per-parameter entries (see the module docstring) of the flat state ``st``."""
     glob, layer = _prefixes(opt)
@@ -51,7 +61,7 @@ def param_entries(opt: Any, st: dict[str, Any]) -> dict[Tensor, dict[str, Any]]:
     for i, (m, ls) in enumerate(zip(opt.layers, st["layers"])):
         for p in layer_params(m):
             entries[p] = {glob + "layer": i}
-        entries[m.weight].update({layer + k: v for k, v in ls.items()})
+        entries[m.weight].update({layer + k: own_storage(v) for k, v in ls.items()})
     for p, buf in zip(_fallback_params(opt), st["fallback"]):
         entries[p] = {FALLBACK: sharded_like(p, buf)}
     entries.setdefault(opt._params()[0], {}).update(
