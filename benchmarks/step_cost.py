@@ -25,6 +25,10 @@ median CPU ms per step over all timed steps, its ratio to SGD's median ("ratio")
 rounds of the per-round ratio of medians ("paired"), and the mean ms per step (K-FAC's factor
 steps, every 10th, and inverse steps are in the mean, not the median).
 
+Compiled contenders (``… compiled``): K-BFGS, K-BFGS(L) and Neumann with ``compile=True``
+(inductor), at their eager version's settings; compiled during the warm-up steps; their ops are
+not counted (a dispatch mode does not see inside a compiled graph).
+
 Op counts: a ``TorchDispatchMode`` counts every aten op dispatched during ``--count-steps``
 further steps of each contender (ops after composite decomposition: what actually runs,
 including views and the ops of forward and backward). "ops/step" is the median over those steps;
@@ -62,11 +66,14 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 from secant.bench import tuned_table
 from secant.bench.problems import Problem, get_problem, seeded_model
-from secant.bench.registry import get_optimizer
+from secant.bench.registry import get_optimizer, register_variant
 
-CONTENDERS = ("sgd", "adam", "kfac", "kbfgs", "kbfgsl", "mlbfgs", "neumann")
+EAGER = ("sgd", "adam", "kfac", "kbfgs", "kbfgsl", "mlbfgs", "neumann")
+COMPILED = ("kbfgs", "kbfgsl", "neumann")  # with compile=True (inductor), as "<name>-compiled"
+CONTENDERS = EAGER + tuple(f"{name}-compiled" for name in COMPILED)
 NAMES = {"sgd": "SGD-momentum", "adam": "Adam", "kfac": "K-FAC", "kbfgs": "K-BFGS",
          "kbfgsl": "K-BFGS(L)", "mlbfgs": "MomentumLBFGS", "neumann": "Neumann"}
+NAMES.update({f"{name}-compiled": f"{NAMES[name]} compiled" for name in COMPILED})
 LAYER_OPTIMIZERS = ("kfac", "kbfgs", "kbfgsl")
 # (rounds, steps per round, warm-up steps) of the full and of the quick run
 PLANS = {"digits": ((9, 20, 10), (2, 4, 3)), "mnist1d": ((9, 20, 10), (2, 4, 3)),
@@ -75,7 +82,7 @@ BATCHES = 8  # distinct batches, cycled
 # the targets of issue 20 (CPU-time ratio to SGD-momentum, median), and ops per layer
 TARGETS = {("digits", "kbfgs"): 5.0, ("digits", "kbfgsl"): 6.0, ("digits", "kfac"): 2.0,
            ("mnist1d", "kbfgs"): 4.0, ("curves", "kbfgs"): 2.5, ("curves", "kbfgsl"): 2.5,
-           ("curves", "kfac"): 1.55}
+           ("curves", "kfac"): 1.55, ("digits", "neumann-compiled"): 1.3}
 OPS_PER_LAYER_TARGET = 60
 ROOT = Path(__file__).resolve().parent
 
@@ -167,6 +174,8 @@ def run_problem(pname: str, quick: bool, synthetic: bool, count_steps: int) -> d
     problem = get_problem(pname)
     rounds, steps, warmup = PLANS[pname][quick]
     batches = make_batches(problem, synthetic or (quick and pname == "curves"))
+    for name in COMPILED:
+        register_variant(name, f"{name}-compiled", pname, compile=True)
     cs = [build(problem, name, batches) for name in CONTENDERS]
     for _ in range(warmup):
         for c in cs:
@@ -188,7 +197,8 @@ def run_problem(pname: str, quick: bool, synthetic: bool, count_steps: int) -> d
                                      "ratio": med / sgd_med, "paired": paired,
                                      "last_loss": loss}
     for c in cs:
-        out["contenders"][c.name].update(count_ops(c, count_steps))
+        if c.name in EAGER:  # a dispatch mode would not see inside compiled graphs
+            out["contenders"][c.name].update(count_ops(c, count_steps))
     base = out["contenders"]["sgd"]["ops_per_step"]
     for c in cs:
         if c.name in LAYER_OPTIMIZERS:
@@ -220,9 +230,9 @@ def table(run: dict) -> list[str]:
         for name, c in pr["contenders"].items():
             per_layer = (f"{c['extra_ops_per_layer']:.0f} (L = {c['layers']})"
                          if "extra_ops_per_layer" in c else "")
+            ops = f"{c['ops_per_step']:.0f}" if "ops_per_step" in c else "(compiled)"
             lines.append(f"| {NAMES[name]} | {c['ms']:.3g} | {c['ratio']:.2f} / "
-                         f"{c['paired']:.2f} | {c['mean_ms']:.3g} | {c['ops_per_step']:.0f} | "
-                         f"{per_layer} |")
+                         f"{c['paired']:.2f} | {c['mean_ms']:.3g} | {ops} | {per_layer} |")
         lines.append("")
     return lines
 

@@ -5,8 +5,10 @@ reimplementation, the second pass and the zero-started A against it, K-BFGS(L) =
 below capacity, Conv2d pairs against an explicit computation, no host sync, exact resume,
 errors."""
 
+import copy
 import io
 import math
+import pickle
 
 import pytest
 import torch
@@ -721,3 +723,60 @@ def test_channels_last_conv_trains_as_contiguous(cls):
     assert last[0].weight.is_contiguous(memory_format=torch.channels_last)
     for p, q in zip(last.parameters(), plain.parameters()):
         torch.testing.assert_close(p, q, rtol=1e-10, atol=1e-12)
+
+
+GRAPHS = []  # graphs handed to the counting backend
+
+
+@torch._dynamo.register_backend(name="secant_test_kbfgs_graphs")
+def _counting_backend(gm, example_inputs):
+    GRAPHS.append(gm)
+    return gm.forward
+
+
+@pytest.mark.parametrize("cls, kw", [(KBFGS, {}), (KBFGSL, dict(history_size=2))])
+def test_compiled_pair_updates_equal_eager_and_compile_once(cls, kw):
+    """``compile=backend``: steps 4–6 of each layer stack are one graph (``fullgraph``: a graph
+    break would raise), built in the first step and never again over 10 steps with an LR
+    schedule; iterates and counters equal the eager ones. K-BFGS(L) with a ring of 2 has a
+    stack with the compact form and one with the dense matrix (two graphs); a compiled
+    optimizer deep-copies and pickles, and the copy steps alike."""
+    data = batches(10)
+    runs = []
+    for backend in (False, "secant_test_kbfgs_graphs"):
+        GRAPHS.clear()
+        model = mlp(6, (5, 6, 4, 3))
+        opt = cls(model, lr=0.3, damping=0.1, compile=backend, **kw)
+        sched = torch.optim.lr_scheduler.StepLR(opt, step_size=3, gamma=0.5)
+        built_at = []
+        for k, (x, y) in enumerate(data):
+            before = len(GRAPHS)
+            opt.step(make_closure(opt, model, x, y))
+            sched.step()
+            if len(GRAPHS) > before:
+                built_at.append(k)
+        runs.append((model, opt, built_at))
+    (m0, o0, _), (m1, o1, built_at) = runs
+    assert built_at == [0] and len(GRAPHS) == len(o1._stacks) == (2 if cls is KBFGSL else 1)
+    for p, q in zip(m0.parameters(), m1.parameters()):
+        torch.testing.assert_close(q, p, rtol=1e-12, atol=1e-14)
+    d0, d1 = o0.diagnostics(), o1.diagnostics()
+    for key in ("g_pairs_accepted_per_layer", "dd_step1_active_per_layer",
+                "a_updates_accepted_per_layer"):
+        assert d0[key] == d1[key], key
+    x, y = data[0]
+    for copied in (copy.deepcopy(o1), pickle.loads(pickle.dumps(o1))):
+        twin = copied.model
+        assert copied.compile == "secant_test_kbfgs_graphs" and not hasattr(copied,
+                                                                             "_compiled_fns")
+        copied.step(make_closure(copied, twin, x, y))
+        with torch.no_grad():
+            ref = copy.deepcopy(o0)
+            ref.step(make_closure(ref, ref.model, x, y))
+        for p, q in zip(ref.model.parameters(), twin.parameters()):
+            torch.testing.assert_close(q, p, rtol=1e-12, atol=1e-14)
+
+
+def test_compile_option_is_checked():
+    with pytest.raises(ValueError, match="compile='no-such-backend'"):
+        KBFGS(mlp(), compile="no-such-backend")

@@ -70,6 +70,7 @@ def assert_close_params(m1, m2):
 def test_a_copy_continues_exactly_as_the_original(name, how):
     m = model()
     opt = build(name, m)
+    torch.optim.lr_scheduler.StepLR(opt, step_size=100)  # wraps opt.step in the instance
     train(opt, m, 5)  # curvature in use by now
     m2, opt2 = (copy.deepcopy((m, opt)) if how == "deepcopy"
                 else pickle.loads(pickle.dumps((m, opt))))

@@ -4,9 +4,10 @@ than ``defaults``, ``state`` and ``param_groups``, shared by every secant optimi
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Hashable
 from typing import Any
 
+import torch
 from torch import Tensor
 from torch.optim import Optimizer
 
@@ -34,7 +35,24 @@ class OptimizerContract(Optimizer):
                             "cannot be copied or pickled: save state_dict() on each rank (each "
                             "holds its own shard), or a torch.distributed.checkpoint, and load "
                             "it into a new optimizer")
-        return {k: v for k, v in self.__dict__.items() if k not in _TORCH_HOOKS}
+        # compiled code is not copied either (a copy compiles its own, :meth:`_compiled`), nor
+        # the wrapper an LR scheduler puts on this instance's ``step`` (torch.optim's own
+        # copies drop it too: the scheduler tracks the original only)
+        return {k: v for k, v in self.__dict__.items()
+                if k not in _TORCH_HOOKS and k not in ("_compiled_fns", "step")}
+
+    def _compiled(self, key: Hashable, fn: Callable) -> Callable:
+        """``fn`` compiled with the optimizer's ``compile`` option (``True``: inductor, or a
+        backend name; checked by :func:`check_compile`) as one ``fullgraph`` graph with static
+        shapes, once per ``key`` (a graph break raises); ``fn`` itself without it."""
+        backend = getattr(self, "compile", False)
+        if not backend:
+            return fn
+        cache = self.__dict__.setdefault("_compiled_fns", {})
+        if key not in cache:
+            cache[key] = torch.compile(fn, fullgraph=True, dynamic=False,
+                                       backend="inductor" if backend is True else backend)
+        return cache[key]
 
     def _load_hooked(self, state_dict: dict[str, Any],
                      check: Callable[[dict[str, Any]], None]) -> dict[str, Any]:
@@ -53,6 +71,14 @@ class OptimizerContract(Optimizer):
         finally:
             handle.remove()
         return final[0]
+
+
+def check_compile(value: Any) -> None:
+    """Raise ``ValueError`` unless ``value`` is ``True``, ``False`` or a ``torch.compile``
+    backend name (the ``compile`` option of the optimizers)."""
+    backends = torch._dynamo.list_backends(exclude_tags=())
+    check(isinstance(value, (bool, str)) and (not isinstance(value, str) or value in backends),
+          "compile", value, f"True, False or a torch.compile backend ({', '.join(backends)})")
 
 
 def check_lr(lr: Any) -> None:

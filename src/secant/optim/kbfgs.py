@@ -35,6 +35,7 @@ from secant.linalg.bfgs import rows_finite
 from secant.linalg.kron import damped_inverse, gram
 from secant.linalg.lbfgs import dense_inverse
 from secant.optim import layer_state
+from secant.optim.contract import check_compile
 from secant.optim.layer_optimizer import (
     LayerOptimizer,
     check,
@@ -50,6 +51,66 @@ _EYE = frozenset({"H_a", "H_g"})  # padded by the identity in a stack
 def _masked(flags: Tensor, mask: Tensor | None) -> Tensor:
     """``flags & mask``; ``flags`` where there is no mask (see :meth:`_KroneckerBFGS._flags`)."""
     return flags if mask is None else flags & mask
+
+
+def _history(t: dict[str, Tensor]) -> History:
+    """The L-BFGS rings of a K-BFGS(L) stack ``t``: each layer's ``[1, ...]`` ring as one block
+    of the stack's ``[L, ...]``."""
+    z = t["hist_z"].squeeze(1)
+    return History(z, t["hist_gram"].squeeze(1), t["hist_head"].squeeze(1),
+                   t["hist_count"].squeeze(1), torch.arange(z.shape[0], device=z.device))
+
+
+def _apply_hg(t: dict[str, Tensor], hg: Tensor | None, x: Tensor) -> Tensor:
+    """``H_g X`` for ``X [L, O, r]`` of the stack ``t``: the dense ``hg [L, O, O]`` times
+    ``X``, or (``hg`` ``None``) the compact form of the stack's rings."""
+    if hg is not None:
+        return torch.bmm(hg, x)
+    return compact_apply(_history(t), x.mT, x.new_ones(x.shape[0])).mT
+
+
+def _update_hg(t: dict[str, Tensor], s: Tensor, y: Tensor, accept: Tensor) -> Tensor:
+    """The pairs ``[L, O]`` where ``accept [L]``: a BFGS update of the dense ``H_g`` (K-BFGS,
+    ``dense_hg``) or a push onto the rings; returns the final acceptance."""
+    if "H_g" in t:
+        return bfgs_inverse_update_(t["H_g"], s, y, accept)
+    push(_history(t), s, y, accept)
+    return accept
+
+
+def _pair_updates(t: dict[str, Tensor], h1: Tensor, g1: Tensor, v: Tensor, ok: Tensor,
+                  h2: Tensor, g2: Tensor, hg: Tensor | None, alive: Tensor | None,
+                  pair_decay: float, mu1: float, root: float, eps: float) -> None:
+    """Steps 4–6 of a K-BFGS step for the stack ``t`` (its tensors, updated in place), one
+    batched op each: ``s = h̄⁺ − h̄``, ``y = ḡ⁺ − ḡ`` and their averages where finite, double
+    damping against ``H_g`` (``hg``, or its compact form), the cautious tests, the ``H_g``
+    update, the Hessian-action update of ``H_a``, and the counters. ``ok [L]``: the pass-1
+    statistic sets that are finite; ``alive [L]`` (or ``None``: all): the layers in this
+    step. A pure function of tensors and numbers, so ``compile=`` can make it one graph."""
+    s, y = h2 - h1, g2 - g1
+    finite = _masked(ok & rows_finite(s, y), alive)  # pass 1's set, then pass 2's h̄⁺, ḡ⁺
+    sb, yb = t["s_bar"], t["y_bar"]
+    keep = finite.unsqueeze(1)
+    torch.where(keep, torch.lerp(sb, s, 1 - pair_decay), sb, out=sb)
+    torch.where(keep, torch.lerp(yb, y, 1 - pair_decay), yb, out=yb)
+    hy = _apply_hg(t, hg, yb.unsqueeze(2)).squeeze(2)
+    st_, yt, step1, step2 = double_damping(sb, yb, hy, mu1, root)
+    t["dd_step1_active"] += _masked(step1, alive)
+    t["dd_step2_active"] += _masked(step2, alive)
+    accept = finite & cautious_accept(st_, yt, torch.linalg.vector_norm(g1, dim=1), eps)
+    accept = _update_hg(t, st_, yt, accept)
+    t["g_pairs_accepted"] += accept
+    t["g_pairs_rejected"] += _masked(~accept, alive)
+    # Hessian-action BFGS of H_a with the (already EMA-updated) A
+    h_a = t["H_a"]
+    s_a = torch.bmm(h_a, v.unsqueeze(2))
+    y_a = torch.baddbmm(s_a, t["A"], s_a, beta=root).squeeze(2)
+    s_a = s_a.squeeze(2)
+    acc_a = _masked(ok, alive) & cautious_accept(s_a, y_a, torch.linalg.vector_norm(v, dim=1),
+                                                 eps)
+    acc_a = bfgs_inverse_update_(h_a, s_a, y_a, acc_a)
+    t["a_updates_accepted"] += acc_a
+    t["a_updates_rejected"] += _masked(~acc_a, alive)
 
 
 def input_statistics(module: nn.Module, x: Tensor) -> tuple[Tensor, Tensor]:
@@ -206,6 +267,7 @@ class _KroneckerBFGS(LayerOptimizer):
         distributed_mode: str = "memory",
         a_init: str = "statistic",
         curvature_update_period: int = 1,
+        compile: bool | str = False,  # noqa: A002 (torch.optim's flag style)
         **layer_options: Any,
     ) -> None:
         scaler = layer_options.get("grad_scaler")
@@ -225,6 +287,8 @@ class _KroneckerBFGS(LayerOptimizer):
         check(isinstance(curvature_update_period, int)
               and not isinstance(curvature_update_period, bool) and curvature_update_period >= 1,
               "curvature_update_period", curvature_update_period, "an integer >= 1")
+        check_compile(compile)
+        self.compile = compile
         self.a_init = a_init
         self.curvature_update_period = curvature_update_period
         self.stat_decay = stat_decay
@@ -263,14 +327,6 @@ class _KroneckerBFGS(LayerOptimizer):
         updates it), or ``None`` where it is applied in another form; the ``hg`` argument of
         the methods below."""
         raise NotImplementedError
-
-    def _update_hg(self, stack: LayerStack, s: Tensor, y: Tensor, accept: Tensor) -> Tensor:
-        """Apply the pairs ``[L, O]`` where ``accept [L]``; return the final acceptance."""
-        raise NotImplementedError
-
-    def _apply_hg(self, stack: LayerStack, hg: Tensor | None, x: Tensor) -> Tensor:
-        """``H_g X`` for ``X [L, O, r]``."""
-        return torch.bmm(hg, x)
 
     def _stack_kind(self, ls: dict[str, Tensor]) -> Hashable:
         """What layers must share to share a stack, beyond their state's names and their
@@ -613,7 +669,7 @@ class _KroneckerBFGS(LayerOptimizer):
             saved = [h_mean, g_sum, v, ok, with_data]
         self._update_grad_ema(stack, whole, 1.0 - group["momentum"])
         hg = self._hg_matrix(stack)
-        hx = self._apply_hg(stack, hg, t["grad_ema"]) if hg is None else None
+        hx = _apply_hg(t, None, t["grad_ema"]) if hg is None else None
         for j, (i, ls, views) in enumerate(zip(stack.index, self._layer_states(stack),
                                                self._views(stack))):
             if not live[j]:
@@ -708,9 +764,9 @@ class _KroneckerBFGS(LayerOptimizer):
     def _second_half(self, pass1: list[tuple | None], recs: list[list[Tensor] | None]) -> None:
         """Steps 4–6 for every stack, in batched ops: the pairs and their EMAs, double damping,
         the cautious tests, the ``H_g`` update and the Hessian-action update of ``H_a``."""
-        c = self.pair_decay
         shapes = [[(o,), (o,)] for o, _ in map(matrix_shape, self.layers)]
         stats = self._all_reduce(self._stats_or_nan(recs, shapes), average=True)
+        update = self._compiled("pairs", _pair_updates)
         for stack, saved in zip(self._stacks, pass1):
             if saved is None:
                 continue
@@ -718,37 +774,12 @@ class _KroneckerBFGS(LayerOptimizer):
             live = [lv and recs[i] is not None for lv, i in zip(live, stack.index)]
             if not any(live):
                 continue
-            t = stack.tensors
-            o = t["s_bar"].shape[1]
+            o = stack.tensors["s_bar"].shape[1]
             h2, g2 = stack.pack([stats[2 * i: 2 * i + 2] for i in stack.index], [(o,), (o,)])
             alive = self._flags(live)
             root = math.sqrt(self.layer_group(stack.index[0])["damping"])
-            s, y = h2 - h1, g2 - g1
-            # pass 1's set, then pass 2's h̄⁺, ḡ⁺
-            finite = _masked(ok & rows_finite(s, y), alive)
-            sb, yb = t["s_bar"], t["y_bar"]
-            keep = finite.unsqueeze(1)
-            torch.where(keep, torch.lerp(sb, s, 1 - c), sb, out=sb)
-            torch.where(keep, torch.lerp(yb, y, 1 - c), yb, out=yb)
-            hy = self._apply_hg(stack, hg, yb.unsqueeze(2)).squeeze(2)
-            st_, yt, step1, step2 = double_damping(sb, yb, hy, self.mu1, root)
-            t["dd_step1_active"] += _masked(step1, alive)
-            t["dd_step2_active"] += _masked(step2, alive)
-            accept = finite & cautious_accept(st_, yt, torch.linalg.vector_norm(g1, dim=1),
-                                              self.cautious_eps)
-            accept = self._update_hg(stack, st_, yt, accept)
-            t["g_pairs_accepted"] += accept
-            t["g_pairs_rejected"] += _masked(~accept, alive)
-            # Hessian-action BFGS of H_a with the (already EMA-updated) A
-            h_a = t["H_a"]
-            s_a = torch.bmm(h_a, v.unsqueeze(2))
-            y_a = torch.baddbmm(s_a, t["A"], s_a, beta=root).squeeze(2)
-            s_a = s_a.squeeze(2)
-            acc_a = _masked(ok, alive) & cautious_accept(
-                s_a, y_a, torch.linalg.vector_norm(v, dim=1), self.cautious_eps)
-            acc_a = bfgs_inverse_update_(h_a, s_a, y_a, acc_a)
-            t["a_updates_accepted"] += acc_a
-            t["a_updates_rejected"] += _masked(~acc_a, alive)
+            update(stack.tensors, h1, g1, v, ok, h2, g2, hg, alive, self.pair_decay, self.mu1,
+                   root, self.cautious_eps)
 
     # ------------------------------------------------------------------ reporting
     def diagnostics(self) -> dict[str, Any]:
@@ -819,6 +850,13 @@ class KBFGS(_KroneckerBFGS):
             gradient EMA and step with the last ``H_g`` and ``H_a`` (an extension beyond the
             paper, opt-in; measured in ``benchmarks/kbfgs_period.md``: T = 5 helped K-BFGS on
             the CURVES autoencoder, while K-BFGS(L) with T = 5 or 10 diverged on every seed).
+        compile: ``True`` (inductor) or a ``torch.compile`` backend name: steps 4–6 of each
+            layer stack (pair averages, double damping, cautious tests, ``H_g`` and ``H_a``
+            updates, counters) run as one compiled graph per stack, built in the first step
+            (seconds on a CPU) and never rebuilt across steps or learning rates (a change of
+            ``damping`` rebuilds it); equal to eager up to rounding (``False``, the default).
+            The capture, statistics and directions stay eager. More stacks than
+            ``torch._dynamo.config.recompile_limit`` (8) run the rest eagerly.
     """
 
     __doc__ = (__doc__ or "") + "\n" + (_KroneckerBFGS.__doc__ or "")
@@ -830,10 +868,11 @@ class KBFGS(_KroneckerBFGS):
                  param_groups: list[dict[str, Any]] | None = None,
                  factor_dtype: torch.dtype | None = None, grad_scaler: Any = None,
                  process_group: Any = None, distributed_mode: str = "memory",
-                 a_init: str = "statistic", curvature_update_period: int = 1) -> None:
+                 a_init: str = "statistic", curvature_update_period: int = 1,
+                 compile: bool | str = False) -> None:  # noqa: A002
         super().__init__(model, lr, damping, momentum, weight_decay, stat_decay, pair_decay,
                          mu1, cautious_eps, exclude, fallback_lr, process_group,
-                         distributed_mode, a_init, curvature_update_period,
+                         distributed_mode, a_init, curvature_update_period, compile,
                          param_groups=param_groups, factor_dtype=factor_dtype,
                          grad_scaler=grad_scaler)
 
@@ -842,9 +881,6 @@ class KBFGS(_KroneckerBFGS):
 
     def _hg_matrix(self, stack: LayerStack) -> Tensor:
         return stack.tensors["H_g"]
-
-    def _update_hg(self, stack: LayerStack, s: Tensor, y: Tensor, accept: Tensor) -> Tensor:
-        return bfgs_inverse_update_(stack.tensors["H_g"], s, y, accept)
 
 
 class KBFGSL(_KroneckerBFGS):
@@ -880,7 +916,8 @@ class KBFGSL(_KroneckerBFGS):
     be, and one rank-2 update per step instead of a rebuild): the same iterates as the paper's
     until the ring would wrap, K-BFGS's afterwards. Wider layers keep the ring.
 
-    Args: as :class:`KBFGS` (including ``process_group``, ``distributed_mode``, ``a_init``), plus
+    Args: as :class:`KBFGS` (including ``process_group``, ``distributed_mode``, ``a_init``,
+    ``compile``), plus
     ``history_size`` (100, the paper's code) and ``dense_hg`` (``False``: the paper's L-BFGS
     ``H_g`` in every layer; ``True``: the dense ``H_g`` above where ``d_out ≤ 2·history_size``).
     """
@@ -896,7 +933,7 @@ class KBFGSL(_KroneckerBFGS):
                  factor_dtype: torch.dtype | None = None, grad_scaler: Any = None,
                  process_group: Any = None, distributed_mode: str = "memory",
                  a_init: str = "statistic", curvature_update_period: int = 1,
-                 dense_hg: bool = False) -> None:
+                 dense_hg: bool = False, compile: bool | str = False) -> None:  # noqa: A002
         check(isinstance(history_size, int) and not isinstance(history_size, bool)
               and history_size >= 1, "history_size", history_size, "an integer >= 1")
         check(isinstance(dense_hg, bool), "dense_hg", dense_hg, "True or False")
@@ -904,7 +941,7 @@ class KBFGSL(_KroneckerBFGS):
         self.dense_hg = dense_hg
         super().__init__(model, lr, damping, momentum, weight_decay, stat_decay, pair_decay,
                          mu1, cautious_eps, exclude, fallback_lr, process_group,
-                         distributed_mode, a_init, curvature_update_period,
+                         distributed_mode, a_init, curvature_update_period, compile,
                          param_groups=param_groups, factor_dtype=factor_dtype,
                          grad_scaler=grad_scaler)
 
@@ -924,13 +961,6 @@ class KBFGSL(_KroneckerBFGS):
         """Layers of a ring wider than ``2·history_size`` apply it in compact form."""
         return "hist_z" in ls and ls["hist_z"].shape[2] > 2 * self.history_size
 
-    @staticmethod
-    def _history(stack: LayerStack) -> History:
-        t = stack.tensors  # each layer's [1, ...] ring as one block of the stack's [L, ...]
-        z = t["hist_z"].squeeze(1)
-        return History(z, t["hist_gram"].squeeze(1), t["hist_head"].squeeze(1),
-                       t["hist_count"].squeeze(1), torch.arange(len(stack), device=z.device))
-
     def _hg_matrix(self, stack: LayerStack) -> Tensor | None:
         """The L-BFGS matrices ``H_g`` (:func:`secant.linalg.lbfgs.dense_inverse`) of a stack
         of layers with ``d_out ≤ 2·history_size``; ``None`` (compact applies) above. The
@@ -940,20 +970,7 @@ class KBFGSL(_KroneckerBFGS):
             return t["H_g"]
         if self._stack_kind(self._layer_states(stack)[0]):
             return None
-        z = t["hist_z"]
-        return dense_inverse(self._history(stack), z.new_ones(len(stack)))
-
-    def _apply_hg(self, stack: LayerStack, hg: Tensor | None, x: Tensor) -> Tensor:
-        if hg is not None:
-            return torch.bmm(hg, x)
-        ones = x.new_ones(len(stack))  # H_g X by the compact form of the history
-        return compact_apply(self._history(stack), x.mT, ones).mT
-
-    def _update_hg(self, stack: LayerStack, s: Tensor, y: Tensor, accept: Tensor) -> Tensor:
-        if "H_g" in stack.tensors:
-            return KBFGS._update_hg(self, stack, s, y, accept)
-        push(self._history(stack), s, y, accept)
-        return accept
+        return dense_inverse(_history(t), t["hist_z"].new_ones(len(stack)))
 
     def diagnostics(self) -> dict[str, Any]:
         """As :meth:`KBFGS.diagnostics`, plus ``history_length`` per layer (``None`` for a layer

@@ -20,7 +20,7 @@ from secant.linalg.neumann_series import (
     mu_schedule,
     regulariser_coefficient,
 )
-from secant.optim.contract import OptimizerContract, check_lr, scalar_lr
+from secant.optim.contract import OptimizerContract, check_compile, check_lr, scalar_lr
 from secant.optim.validation import check, is_int
 
 _STATE = "neumann"
@@ -282,10 +282,7 @@ class Neumann(OptimizerContract):
                "grad_growth", grad_growth, "None or a finite value >= 1")
         check_lr(lr)
         check(isinstance(maximize, bool), "maximize", maximize, "True or False")
-        backends = torch._dynamo.list_backends(exclude_tags=())
-        check(isinstance(compile, (bool, str)) and (not isinstance(compile, str)
-                                                    or compile in backends),
-              "compile", compile, f"True, False or a torch.compile backend ({', '.join(backends)})")
+        check_compile(compile)
         self.maximize = maximize
         self.compile = compile
         self.grad_growth = None if grad_growth is None else float(grad_growth)
@@ -455,22 +452,10 @@ class Neumann(OptimizerContract):
                 _write_back(lps, ws)
         return loss
 
-    def __getstate__(self) -> dict[str, Any]:
-        state = super().__getstate__()
-        state.pop("_compiled", None)  # compiled code is not copied: a copy compiles its own
-        return state
-
     def _update(self, mode: str) -> Callable[..., None]:
         """The update of a step of kind ``mode``, compiled once with ``compile``."""
-        fn = functools.partial(_UPDATES[mode], self.maximize, self.grad_growth is not None,
-                               self.gamma)
-        if not self.compile:
-            return fn
-        cache = self.__dict__.setdefault("_compiled", {})
-        if mode not in cache:
-            backend = "inductor" if self.compile is True else self.compile
-            cache[mode] = torch.compile(fn, fullgraph=True, dynamic=False, backend=backend)
-        return cache[mode]
+        return self._compiled(mode, functools.partial(
+            _UPDATES[mode], self.maximize, self.grad_growth is not None, self.gamma))
 
     def _local_params(self) -> list[Tensor]:
         return [local(p) for p in self._params]
