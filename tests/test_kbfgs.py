@@ -777,6 +777,24 @@ def test_compiled_pair_updates_equal_eager_and_compile_once(cls, kw):
             torch.testing.assert_close(q, p, rtol=1e-12, atol=1e-14)
 
 
+def test_compiled_graphs_are_per_stack_however_many_stacks_and_optimizers():
+    """Twelve stacks (one layer per parameter group), in two optimizers of one process: each
+    stack compiles its own graph once (dynamo's limit of 8 graphs per code object, which
+    ``fullgraph`` turns into an error, never applies)."""
+    widths = (5, 6, 7, 6, 5, 4, 3)
+    data = batches(3)
+    GRAPHS.clear()
+    for seed in (0, 1):
+        model = mlp(seed, widths)
+        layers = [m for m in model if isinstance(m, nn.Linear)]
+        groups = [{"modules": [m], "lr": 0.1 + 0.01 * k} for k, m in enumerate(layers)]
+        opt = KBFGS(model, lr=0.1, param_groups=groups, compile="secant_test_kbfgs_graphs")
+        assert len(opt._stacks) == 6
+        for x, y in data:
+            opt.step(make_closure(opt, model, x, y))
+    assert len(GRAPHS) == 12
+
+
 def test_compile_option_is_checked():
     with pytest.raises(ValueError, match="compile='no-such-backend'"):
         KBFGS(mlp(), compile="no-such-backend")

@@ -3,7 +3,9 @@ than ``defaults``, ``state`` and ``param_groups``, shared by every secant optimi
 
 from __future__ import annotations
 
+import functools
 import math
+import types
 from collections.abc import Callable, Hashable
 from typing import Any
 
@@ -44,13 +46,16 @@ class OptimizerContract(Optimizer):
     def _compiled(self, key: Hashable, fn: Callable) -> Callable:
         """``fn`` compiled with the optimizer's ``compile`` option (``True``: inductor, or a
         backend name; checked by :func:`check_compile`) as one ``fullgraph`` graph with static
-        shapes, once per ``key`` (a graph break raises); ``fn`` itself without it."""
+        shapes, once per ``key`` (a graph break raises); ``fn`` itself without it. Each key
+        compiles its own copy of ``fn``'s code: dynamo keeps graphs, and its limit of 8
+        recompilations, per code object, so optimizers and calls with other shapes never
+        share (or exhaust) one cache."""
         backend = getattr(self, "compile", False)
         if not backend:
             return fn
         cache = self.__dict__.setdefault("_compiled_fns", {})
         if key not in cache:
-            cache[key] = torch.compile(fn, fullgraph=True, dynamic=False,
+            cache[key] = torch.compile(_own_code(fn), fullgraph=True, dynamic=False,
                                        backend="inductor" if backend is True else backend)
         return cache[key]
 
@@ -71,6 +76,16 @@ class OptimizerContract(Optimizer):
         finally:
             handle.remove()
         return final[0]
+
+
+def _own_code(fn: Callable) -> Callable:
+    """``fn`` (a function or a ``functools.partial`` of one) with a copy of its code object."""
+    if isinstance(fn, functools.partial):
+        return functools.partial(_own_code(fn.func), *fn.args, **fn.keywords)
+    copy = types.FunctionType(fn.__code__.replace(), fn.__globals__, fn.__name__,
+                              fn.__defaults__, fn.__closure__)
+    copy.__kwdefaults__ = fn.__kwdefaults__
+    return copy
 
 
 def check_compile(value: Any) -> None:

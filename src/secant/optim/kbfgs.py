@@ -349,6 +349,7 @@ class _KroneckerBFGS(LayerOptimizer):
                 LayerStack([work[j] for j in idx], [layers[work[j]] for j in idx], _EYE)
                 for idx in plan(shapes, kinds)]
             self._stacked = (layers, len(layers))
+            self.__dict__.pop("_compiled_fns", None)  # graphs of the old stacks
         return self._stack_list
 
     def _add_direction(self, views: dict[str, Any], hg_x: list[Tensor],
@@ -707,9 +708,8 @@ class _KroneckerBFGS(LayerOptimizer):
                 inverse = damped_inverse(a, math.sqrt(damping))
                 ls["H_a"].copy_(torch.where(ok[j], inverse, ls["H_a"]))
         elif not skip_a:
-            a = stack.tensors["A"]
-            # a_new is this step's own buffer: mask it in place (no temporary)
-            a.lerp_(torch.where(ok.view(-1, 1, 1), a_new, a, out=a_new), 1.0 - self.stat_decay)
+            a = stack.tensors["A"]  # (not in place into a_new: v may be a view of it)
+            a.lerp_(torch.where(ok.view(-1, 1, 1), a_new, a), 1.0 - self.stat_decay)
 
     def _views(self, stack: LayerStack) -> list[dict[str, Any]]:
         """Per layer of ``stack``, views of its state that every step reads, built once: the
@@ -766,8 +766,7 @@ class _KroneckerBFGS(LayerOptimizer):
         the cautious tests, the ``H_g`` update and the Hessian-action update of ``H_a``."""
         shapes = [[(o,), (o,)] for o, _ in map(matrix_shape, self.layers)]
         stats = self._all_reduce(self._stats_or_nan(recs, shapes), average=True)
-        update = self._compiled("pairs", _pair_updates)
-        for stack, saved in zip(self._stacks, pass1):
+        for j, (stack, saved) in enumerate(zip(self._stacks, pass1)):
             if saved is None:
                 continue
             h1, g1, v, ok, hg, live = saved
@@ -778,6 +777,7 @@ class _KroneckerBFGS(LayerOptimizer):
             h2, g2 = stack.pack([stats[2 * i: 2 * i + 2] for i in stack.index], [(o,), (o,)])
             alive = self._flags(live)
             root = math.sqrt(self.layer_group(stack.index[0])["damping"])
+            update = self._compiled(("pairs", j), _pair_updates)  # one graph per stack
             update(stack.tensors, h1, g1, v, ok, h2, g2, hg, alive, self.pair_decay, self.mu1,
                    root, self.cautious_eps)
 
@@ -855,8 +855,7 @@ class KBFGS(_KroneckerBFGS):
             updates, counters) run as one compiled graph per stack, built in the first step
             (seconds on a CPU) and never rebuilt across steps or learning rates (a change of
             ``damping`` rebuilds it); equal to eager up to rounding (``False``, the default).
-            The capture, statistics and directions stay eager. More stacks than
-            ``torch._dynamo.config.recompile_limit`` (8) run the rest eagerly.
+            The capture, statistics and directions stay eager.
     """
 
     __doc__ = (__doc__ or "") + "\n" + (_KroneckerBFGS.__doc__ or "")
