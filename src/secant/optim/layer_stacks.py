@@ -27,7 +27,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-PAD_RATIO = 1.5
+PAD_RATIO = 1.2
 PAD_FREE = 1 << 17
 
 
