@@ -12,10 +12,11 @@ zeros added). The optimizer's per-layer dicts hold these corners as views, so pe
 (checkpoints, diagnostics, warm starts, first steps) reads and writes the stacks in place.
 
 Which layers share a stack (:func:`plan`): layers of the same kind (same state names, same
-hyperparameter group) are sorted by size and grouped greedily while the padded stack is no
-more than ``PAD_RATIO`` times their own state, or no more than ``PAD_FREE`` entries in all (on
-small layers a step costs per dispatched op, not per entry: one batched op over a padded stack
-is cheaper than one op per layer). Equal shapes always share a stack.
+hyperparameter group) are sorted by size and grouped greedily while the padding adds at most
+``PAD_RATIO − 1`` of their own state, or at most ``PAD_FREE`` entries (on small layers a step
+costs per dispatched op, not per entry: one batched op over a padded stack is cheaper than one
+op per layer; on large ones padded entries cost more than the ops they save). Equal shapes
+always share a stack.
 """
 
 from __future__ import annotations
@@ -52,7 +53,7 @@ def plan(shapes: Sequence[dict[str, tuple[int, ...]]], kinds: Sequence[Hashable]
             trial = [shapes[j] for j in current + [i]]
             own = sum(math.prod(s) for t in trial for s in t.values())
             padded = _padded_size(trial)
-            if current and padded > max(PAD_RATIO * own, PAD_FREE):
+            if current and padded - own > max((PAD_RATIO - 1) * own, PAD_FREE):
                 stacks.append(current)
                 current = []
             current.append(i)
