@@ -325,7 +325,7 @@ class _KroneckerBFGS(LayerOptimizer):
         """``H_g`` of the stack's layers as dense ``[L, O, O]`` matrices for this step's two
         products with it (the direction, then ``H_g ȳ`` in the double damping, before the pair
         updates it), or ``None`` where it is applied in another form; the ``hg`` argument of
-        the methods below."""
+        :func:`_apply_hg` and :func:`_pair_updates`."""
         raise NotImplementedError
 
     def _stack_kind(self, ls: dict[str, Tensor]) -> Hashable:
@@ -336,8 +336,9 @@ class _KroneckerBFGS(LayerOptimizer):
     @property
     def _stacks(self) -> list[LayerStack]:
         """The stacks (:mod:`secant.optim.layer_stacks`) of the layers this rank works on,
-        by parameter group and kind; built at construction, after :meth:`load_state_dict` and
-        after ``add_param_group``, which replace the per-layer tensors."""
+        by parameter group and kind; built at construction, and again after
+        :meth:`load_state_dict`, ``add_param_group`` or a copy, which replace the per-layer
+        tensors."""
         layers = self._st["layers"]
         if self._stacked is None or self._stacked[0] is not layers \
                 or self._stacked[1] != len(layers):

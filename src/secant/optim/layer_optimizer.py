@@ -51,7 +51,8 @@ contribute the mean of their statistics.
 State
 -----
 All state lives under one string key of ``self.state`` (``self.state[self.state_key]``): an
-integer step counter, a list with one dict of tensors per layer, and the fallback buffers. Per-
+integer step counter, a list with one dict of tensors per layer (K-BFGS: views of its padded
+layer stacks, :mod:`secant.optim.layer_stacks`), and the fallback buffers. Per-
 layer tensors are kept in ``factor_dtype``; decompositions run in at least float32
 (:mod:`secant.linalg.kron`). ``state_dict()`` lays it out per parameter, in ``torch.optim``'s
 format (a layer's state in its weight's entry, :mod:`secant.optim.layer_state`), so
