@@ -664,9 +664,7 @@ class _KroneckerBFGS(LayerOptimizer):
             with_data = [lv and recs[i] is not None for lv, i in zip(live, stack.index)]
             counted = self._flags(with_data)
             t["stats_rejected"] += _masked(~ok, counted)
-            alive = self._flags(live)
-            if alive is not None:
-                ok = ok & alive
+            ok = _masked(ok, self._flags(live))
             self._update_a(stack, a_new, ok, group["damping"], skip_a)
             saved = [h_mean, g_sum, v, ok, with_data]
         self._update_grad_ema(stack, whole, 1.0 - group["momentum"])
