@@ -66,6 +66,9 @@ def neumann(params):
 
 OPTIMIZERS = {  # a pair every 2 steps from step 4: 5 pairs in 12 steps, the ring of 3 wraps
     "neumann": neumann,
+    # compiled (dynamo only): the local squares and the update as graphs, the reduce between
+    "neumann-compiled": lambda ps: secant.Neumann(ps, lr=0.05, burn_in_steps=2, reset_period=3,
+                                                  compile="eager"),
     "mlbfgs": lambda ps: secant.MomentumLBFGS(ps, lr=0.05, weight_decay=0.01, beta=0.9,
                                               history_size=3, update_period=2),
     "mlbfgs-tensor-kl": lambda ps: secant.MomentumLBFGS(
@@ -164,11 +167,14 @@ def check_equal(tmp_path, world, name, keys, kind="mlp"):
     return want
 
 
-@pytest.mark.parametrize("world,mesh_shape", [(2, (2,)), (3, (3,)), (4, (2, 2))])
-def test_neumann_equals_one_process(tmp_path, world, mesh_shape):
-    """FSDP2 on 2 and 3 ranks (3: uneven shards and an empty one), HSDP on a 2 × 2 mesh."""
-    spawn(world, _worker_equal, str(tmp_path), mesh_shape, "neumann", pinned_by_torch=True)
-    want = check_equal(tmp_path, world, "neumann", ("displacement_norm", "distance_to_average"))
+@pytest.mark.parametrize("world,mesh_shape,name", [
+    (2, (2,), "neumann"), (3, (3,), "neumann"), (4, (2, 2), "neumann"),
+    (3, (3,), "neumann-compiled")])
+def test_neumann_equals_one_process(tmp_path, world, mesh_shape, name):
+    """FSDP2 on 2 and 3 ranks (3: uneven shards and an empty one), HSDP on a 2 × 2 mesh;
+    compiled, its step split around the reduction of the squares."""
+    spawn(world, _worker_equal, str(tmp_path), mesh_shape, name, pinned_by_torch=True)
+    want = check_equal(tmp_path, world, name, ("displacement_norm", "distance_to_average"))
     assert want["resets"] >= 2  # burn-in, resets and regular Neumann steps all ran
 
 

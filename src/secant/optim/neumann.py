@@ -20,7 +20,7 @@ from secant.linalg.neumann_series import (
     mu_schedule,
     regulariser_coefficient,
 )
-from secant.optim.contract import OptimizerContract, check_compile, check_lr, scalar_lr
+from secant.optim.contract import OptimizerContract, check_compile, check_lr
 from secant.optim.validation import check, is_int
 
 _STATE = "neumann"
@@ -62,8 +62,8 @@ def _gradients(maximize: bool, guarded: bool, ws: list[Tensor], grads: list[Tens
 
 # One group's update, in place (Algorithm 2), per kind of step; ``η = lr`` is 0 on a skipped
 # step. Every per-step number is a tensor and every flag fixed at construction (bound with
-# functools.partial), so a compiled version never recompiles across steps, learning rates or
-# ``zero_grad`` choices; one function per kind of step, so each is its own compiled code.
+# functools.partial), so a compiled step never recompiles across steps, learning rates or
+# ``zero_grad`` choices; each kind of step is its own compiled code.
 
 
 def _burn_in_update(maximize: bool, guarded: bool, keep: float, ws: list[Tensor],
@@ -103,6 +103,89 @@ def _regular_update(maximize: bool, guarded: bool, keep: float, ws: list[Tensor]
 
 
 _UPDATES = {"burn_in": _burn_in_update, "reset": _reset_update, "regular": _regular_update}
+
+
+def _coefficient(paper: bool, alpha: float, eps: float, ratio: float, beta: Tensor | float,
+                 r_norm: Tensor, g_norm: Tensor) -> Tensor:
+    """The regulariser coefficient ``c``: the paper's form, or (default) bounded by ``ratio``."""
+    if paper:
+        return regulariser_coefficient(r_norm, alpha, beta, eps)
+    return bounded_regulariser_coefficient(r_norm, g_norm, alpha, beta, eps, ratio)
+
+
+def _sum_squares(dtype: torch.dtype, sharded: tuple[bool, ...], ts: list[Tensor]) -> Tensor:
+    """``[Σ‖t‖² over the FSDP2-sharded tensors of ts, Σ‖t‖² over the others]`` in ``dtype``
+    (under FSDP2 the first is summed over the shard group, the second counted once)."""
+    def total(kind: bool) -> Tensor:
+        kept = [t for t, s in zip(ts, sharded) if s == kind]
+        if not kept:
+            return torch.zeros((), dtype=dtype, device=ts[0].device)
+        if torch.compiler.is_compiling():  # inductor fuses these, not _foreach_norm(dtype=)
+            return sum(t.to(dtype).square().sum() for t in kept)
+        return torch.stack(torch._foreach_norm(kept, 2, dtype=dtype)).square().sum()
+    return torch.stack([total(True), total(False)])
+
+
+def _local_squares(regular: bool, dtype: torch.dtype, sharded: tuple[bool, ...],
+                   ps: list[Tensor], vs: list[Tensor],
+                   grads: list[Tensor | None]) -> tuple[Tensor, list[Tensor]]:
+    """A step's first half, on this rank's tensors: the sums of squares (:func:`_sum_squares`,
+    one row per part) of ``g`` (the parameters with a gradient) and, in a regular step, of
+    ``r = w − v`` (every parameter); and ``r``."""
+    active = [i for i, g in enumerate(grads) if g is not None]
+    squares = [_sum_squares(dtype, tuple(sharded[i] for i in active), [grads[i] for i in active])]
+    rs: list[Tensor] = []
+    if regular:
+        rs = torch._foreach_sub(_work(ps), vs)
+        squares.append(_sum_squares(dtype, sharded, rs))
+    return torch.stack(squares), rs
+
+
+def _apply(mode: str, maximize: bool, growth: float | None, keep: float,
+           coefficient: Callable[..., Tensor], sizes: tuple[int, ...], ps: list[Tensor],
+           grads: list[Tensor | None], ms: list[Tensor], vs: list[Tensor], rs: list[Tensor],
+           scalars: Tensor, skipped: Tensor, avg: Tensor, squares: Tensor) -> None:
+    """A step's second half, from the global sums of squares: ``‖g‖`` (non-finite: the step is
+    skipped and counted in ``skipped``), the growth guard (``avg`` updated), ``c``, then each
+    group's update (``sizes``: its number of parameters; ``scalars = [μ, lr of each group,
+    β_eff]``). In place; no host sync."""
+    norms = squares.sum(-1).sqrt()
+    g_norm = norms[0]
+    ok = torch.isfinite(g_norm)  # no branch on it: a skipped step multiplies by 0 / 1
+    skipped.add_(~ok)
+    okf = ok.to(norms.dtype)
+    g_scale = coef = okf  # placeholders where unused (a tensor keeps one signature)
+    if growth is not None:
+        g_scale, new_avg = growth_guard(g_norm, avg, growth, _GROWTH_DECAY)
+        avg.copy_(new_avg)
+        g_norm = g_norm * g_scale
+    if mode == "regular":
+        coef = torch.where(ok, coefficient(scalars[-1], norms[1], g_norm), 0.0)
+    start = 0
+    for k, size in enumerate(sizes):
+        idx = [i for i in range(start, start + size) if grads[i] is not None]
+        start += size
+        if not idx:
+            continue
+        lps = [ps[i] for i in idx]
+        ws = _work(lps)
+        _UPDATES[mode](maximize, growth is not None, keep, ws, [grads[i] for i in idx],
+                       [ms[i] for i in idx], [vs[i] for i in idx],
+                       [rs[i] for i in idx] if rs else [], ok, okf * scalars[k + 1],
+                       scalars[0], coef, g_scale)
+        if mode != "reset":
+            _write_back(lps, ws)
+
+
+def _whole_step(mode: str, maximize: bool, growth: float | None, keep: float,
+                coefficient: Callable[..., Tensor], dtype: torch.dtype,
+                sharded: tuple[bool, ...], sizes: tuple[int, ...], ps: list[Tensor],
+                grads: list[Tensor | None], ms: list[Tensor], vs: list[Tensor],
+                scalars: Tensor, skipped: Tensor, avg: Tensor) -> None:
+    """Both halves, on one process (no reduction between them): one compiled graph."""
+    squares, rs = _local_squares(mode == "regular", dtype, sharded, ps, vs, grads)
+    _apply(mode, maximize, growth, keep, coefficient, sizes, ps, grads, ms, vs, rs, scalars,
+           skipped, avg, squares)
 
 
 class Neumann(OptimizerContract):
@@ -221,11 +304,13 @@ class Neumann(OptimizerContract):
             it is scaled down to that length; ``None`` turns the guard off (the paper's
             literal algorithm is ``regularizer="paper", grad_growth=None``).
         maximize: ascend the objective (the gradient is negated), as in :mod:`torch.optim`.
-        compile: ``True`` (inductor) or a ``torch.compile`` backend name: each kind of step's
-            element-wise update (burn-in, reset, regular) runs as one compiled graph, built at
-            its first use (seconds on a CPU) and never rebuilt across steps, learning rates or
+        compile: ``True`` (inductor) or a ``torch.compile`` backend name: each kind of step
+            (burn-in, reset, regular) runs its math — the norms, the finiteness flag, the
+            growth guard, the coefficient and every group's update — as one compiled graph
+            (under FSDP2 two, around the reduction of the norms), built at its first use
+            (seconds on a CPU) and never rebuilt across steps, learning rates or
             ``zero_grad`` choices; equal to eager up to rounding (``False``, the default).
-            The norms and the step's bookkeeping stay eager.
+            Only the host-side schedule (step count, μ, resets) stays eager.
 
     Parameters whose ``.grad`` is ``None`` are left unchanged in a step (their ``m`` and ``v``
     too), as :class:`torch.optim.SGD` does; they still count in ``n`` and in ``‖w − v‖``.
@@ -332,6 +417,8 @@ class Neumann(OptimizerContract):
             self.state[p]["v"] = p.detach().to(sdt, copy=True, memory_format=torch.preserve_format)
             self._params.append(p)
             self.num_params += p.numel()  # a DTensor's numel is the global one
+        self._sharded = tuple(isinstance(p, DTensor) for p in self._params)
+        self.__dict__.pop("_compiled_fns", None)  # compiled for the groups before
         self._norm_dtype = (torch.float64 if any(p.dtype == torch.float64 for p in self._params)
                             else torch.float32)
 
@@ -420,42 +507,38 @@ class Neumann(OptimizerContract):
             gst["resets"] += 1
         regular = s > 0 and not is_reset
         mode = "regular" if regular else "reset" if is_reset else "burn_in"
-        parts = [([local(p.grad) for p in with_grad], with_grad)]
-        if regular:  # r = w − v of every parameter, once: its norm sets c, each group uses it
-            r_list = torch._foreach_sub(_work(self._local_params()), self._local_state("v"))
-            rs = dict(zip(map(id, self._params), r_list))
-            parts.append((r_list, self._params))
-        g_norm, *r_norm = self._global_norms(*parts)
-        ok = torch.isfinite(g_norm)  # no branch on it: a skipped step multiplies by 0 / 1
-        gst["skipped_steps"].add_(~ok.to(gst["skipped_steps"].device))
-        okf = ok.to(self._norm_dtype)
-        g_scale = coef = okf  # placeholders where unused (a tensor keeps one signature)
-        if self.grad_growth is not None:
-            g_scale, gst["grad_norm_avg"] = growth_guard(g_norm, gst["grad_norm_avg"],
-                                                         self.grad_growth, _GROWTH_DECAY)
-            g_norm = g_norm * g_scale
-        if regular:
-            coef = torch.where(ok, self._regulariser_coefficient(r_norm[0], g_norm), 0.0)
-        mu_t = torch.full((), mu, dtype=self._norm_dtype, device=okf.device)
-        update = self._update(mode)
-        for group, params in zip(self.param_groups, active):
-            if not params:
-                continue
-            lps = [local(p) for p in params]
-            ws = _work(lps)
-            update(ws, [local(p.grad) for p in params],
-                   [local(self.state[p]["m"]) for p in params],
-                   [local(self.state[p]["v"]) for p in params],
-                   [rs[id(p)] for p in params] if regular else [],
-                   ok, okf * scalar_lr(group["lr"]), mu_t, coef, g_scale)
-            if mode != "reset":
-                _write_back(lps, ws)
+        ps, vs, ms = self._local_params(), self._local_state("v"), self._local_state("m")
+        grads = [None if p.grad is None else local(p.grad) for p in self._params]
+        sizes = tuple(len(g["params"]) for g in self.param_groups)
+        scalars = self._scalars([mu, *(g["lr"] for g in self.param_groups),
+                                 self.beta_effective])
+        bound = (mode, self.maximize, self.grad_growth, self.gamma, functools.partial(
+            _coefficient, self.regularizer == "paper", self.alpha, self.reg_eps, self.reg_ratio))
+        counters = (gst["skipped_steps"], gst["grad_norm_avg"])
+        if self._shard_group is None:  # one graph with compile
+            self._compiled(mode, functools.partial(_whole_step, *bound, self._norm_dtype))(
+                self._sharded, sizes, ps, grads, ms, vs, scalars, *counters)
+            return loss
+        squares, rs = self._compiled(("squares", regular), functools.partial(
+            _local_squares, regular, self._norm_dtype))(self._sharded, ps, vs, grads)
+        squares = self._reduce_sharded(squares)
+        self._compiled(("apply", mode), functools.partial(_apply, *bound))(
+            sizes, ps, grads, ms, vs, rs, scalars, *counters, squares)
         return loss
 
-    def _update(self, mode: str) -> Callable[..., None]:
-        """The update of a step of kind ``mode``, compiled once with ``compile``."""
-        return self._compiled(mode, functools.partial(
-            _UPDATES[mode], self.maximize, self.grad_growth is not None, self.gamma))
+    def _scalars(self, values: list[float | Tensor]) -> Tensor:
+        """``values`` (numbers or one-element tensors) as one tensor of the norms' dtype on the
+        parameters' device: what changes from step to step enters a compiled step as data."""
+        device = self._params[0].device
+        if not any(isinstance(v, Tensor) for v in values):
+            return torch.tensor(values, dtype=self._norm_dtype, device=device)
+        return torch.stack([torch.as_tensor(v, dtype=self._norm_dtype, device=device).reshape(())
+                            for v in values])
+
+    def _reduce_sharded(self, squares: Tensor) -> Tensor:
+        """Rows of :func:`_sum_squares` with their sharded column summed over the shard group."""
+        return torch.stack([all_reduce_flat([squares[:, 0]], self._shard_group)[0],
+                            squares[:, 1]], dim=1)
 
     def _local_params(self) -> list[Tensor]:
         return [local(p) for p in self._params]
@@ -463,34 +546,12 @@ class Neumann(OptimizerContract):
     def _local_state(self, key: str) -> list[Tensor]:
         return [local(self.state[p][key]) for p in self._params]
 
-    def _global_norms(self, *parts: tuple[list[Tensor], list[Tensor]]) -> list[Tensor]:
-        """``‖·‖`` over each part's tensors (local shards, with the parameters they belong to),
-        accumulated in float32 (float64 where a parameter is). Under FSDP2 the squares of the
-        sharded tensors are summed over the shard group (one all-reduce for all parts) and a
-        replicated parameter's are counted once."""
-        device = self._params[0].device
-        norms = [[n.to(device) for n in torch._foreach_norm(ts, 2, dtype=self._norm_dtype)]
-                 for ts, _ in parts]
-        if self._shard_group is None:
-            return [torch.linalg.vector_norm(torch.stack(n)) for n in norms]
-        zero = torch.zeros((), dtype=self._norm_dtype, device=device)
-
-        def squares(ns: list[Tensor], ps: list[Tensor], sharded: bool) -> Tensor:
-            kept = [n for n, p in zip(ns, ps) if isinstance(p, DTensor) == sharded]
-            return torch.stack(kept).square().sum() if kept else zero
-
-        sums = torch.stack([squares(n, ps, True) for n, (_, ps) in zip(norms, parts)])
-        total = all_reduce_flat([sums], self._shard_group)[0]
-        return [(tot + squares(n, ps, False)).sqrt()
-                for tot, n, (_, ps) in zip(total, norms, parts)]
-
-    def _regulariser_coefficient(self, r_norm: Tensor, g_norm: Tensor) -> Tensor:
-        """``c`` with regulariser gradient ``c · r``, ``r = w − v`` over all parameters: the
-        paper's ``α‖r‖ − β_eff/‖r‖³``, bounded to ``‖c r‖ ≤ reg_ratio·‖g‖`` by default."""
-        if self.regularizer == "paper":
-            return regulariser_coefficient(r_norm, self.alpha, self.beta_effective, self.reg_eps)
-        return bounded_regulariser_coefficient(r_norm, g_norm, self.alpha, self.beta_effective,
-                                               self.reg_eps, self.reg_ratio)
+    def _norms(self, *parts: list[Tensor]) -> list[float]:
+        """The global ``‖·‖`` of each part (this rank's tensors, one per parameter)."""
+        squares = torch.stack([_sum_squares(self._norm_dtype, self._sharded, ts) for ts in parts])
+        if self._shard_group is not None:
+            squares = self._reduce_sharded(squares)
+        return squares.sum(-1).sqrt().tolist()
 
     # ------------------------------------------------------------------ evaluation
     @contextmanager
@@ -536,8 +597,7 @@ class Neumann(OptimizerContract):
         """
         gst = self.state[_STATE]
         r = torch._foreach_sub(_work(self._local_params()), self._local_state("v"))
-        m_norm, r_norm = map(float, self._global_norms((self._local_state("m"), self._params),
-                                                       (r, self._params)))
+        m_norm, r_norm = self._norms(self._local_state("m"), r)
         return {
             "step": gst["step"],
             "neumann_step": max(0, gst["step"] - self.burn_in_steps),
