@@ -258,7 +258,7 @@ def test_load_rejects_mismatched_state():
     ({"momentum": 1.0}, "momentum"), ({"weight_decay": -1e-3}, "weight_decay"),
     ({"damping": 1.0}, "damping"), ({"step_rule": "clip"}, "step_rule"),
     ({"blocks": "layer"}, "blocks"), ({"kl_clip": 0.0}, "kl_clip"),
-    ({"pair_momentum": 1.0}, "pair_momentum"),
+    ({"pair_momentum": 1.0}, "pair_momentum"), ({"compile": "no-such-backend"}, "compile"),
 ])
 def test_bad_arguments_raise(kw, name):
     with pytest.raises(ValueError, match=name):
@@ -511,3 +511,65 @@ def test_add_param_group_gives_new_blocks_and_keeps_old_state():
     for key, v in opt.state["mlbfgs"].items():
         if torch.is_tensor(v):
             assert torch.equal(other.state["mlbfgs"][key], v), key
+
+
+COMPILED = []  # graphs handed to the counting backend
+
+
+@torch._dynamo.register_backend(name="secant_test_mlbfgs_graphs")
+def _counting_backend(gm, example_inputs):
+    COMPILED.append(gm)
+    return gm.forward
+
+
+def _two_group_run(compile, kw, steps=30):
+    """A float64 MLP in two groups (update period 3, ring of 2), an LR scheduler, gradients
+    alternately replaced and overwritten, a non-finite gradient at step 10; returns the final
+    parameters and the steps at which a graph was compiled."""
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Linear(5, 7), nn.Tanh(), nn.Linear(7, 3)).double()
+    opt = MomentumLBFGS([{"params": net[0].parameters()},
+                         {"params": net[2].parameters(), "lr": 0.05, "weight_decay": 1e-3}],
+                        lr=0.1, update_period=3, history_size=2, compile=compile, **kw)
+    sched = torch.optim.lr_scheduler.StepLR(opt, step_size=4, gamma=0.7)
+    x, y = torch.randn(32, 5, dtype=torch.double), torch.randn(32, 3, dtype=torch.double)
+    compiled_at = []
+    for k in range(1, steps + 1):
+        opt.zero_grad(set_to_none=k % 2 == 0)
+        nn.functional.mse_loss(net(x), y).backward()
+        if k == 10:
+            net[0].weight.grad[0, 0] = float("nan")
+        before = len(COMPILED)
+        opt.step()
+        sched.step()
+        if len(COMPILED) > before:
+            compiled_at.append(k)
+    assert opt.diagnostics()["skipped_steps"] == 1
+    return torch.cat([p.detach().flatten() for p in net.parameters()]), compiled_at
+
+
+@pytest.mark.parametrize("kw", [{}, {"step_rule": "kl_clip", "blocks": "tensor",
+                                     "pair_momentum": 0.5}])
+def test_compiled_step_equals_eager_and_compiles_each_kind_of_step_once(kw):
+    """``compile=backend``: the step's math is one graph (``fullgraph``: a graph break would
+    raise) per kind of step — before any curvature (step 1), a snapshot (3), a pair with the
+    first curvature step (6), a curvature step (7) — never rebuilt across 30 steps with a
+    decaying learning rate, a skipped step and ``zero_grad`` both ways; the iterates equal
+    eager's."""
+    eager, _ = _two_group_run(False, kw)
+    compiled, compiled_at = _two_group_run("secant_test_mlbfgs_graphs", kw)
+    assert compiled_at == [1, 3, 6, 7]
+    torch.testing.assert_close(compiled, eager, rtol=1e-12, atol=1e-14)
+
+
+def test_compile_is_refused_with_a_process_group():
+    """Block sharding over a process group puts collectives inside the step: refused at
+    construction, naming ``compile``."""
+    import torch.distributed as dist
+    dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
+    try:
+        with pytest.raises(ValueError, match="compile"):
+            MomentumLBFGS(make_run().parameters(), compile="eager",
+                          process_group=dist.group.WORLD)
+    finally:
+        dist.destroy_process_group()

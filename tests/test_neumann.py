@@ -762,3 +762,14 @@ def test_compiled_update_equals_eager_and_compiles_each_kind_of_step_once():
 def test_compile_flag_is_checked():
     with pytest.raises(ValueError, match="compile='no-such-backend'"):
         Neumann(make_params(), compile="no-such-backend")
+
+
+def test_compiled_optimizers_each_keep_their_own_graphs():
+    """Every kind of step of every optimizer compiles its own code: 4 optimizers × 3 kinds are
+    12 graphs, past dynamo's 8 per code object, which ``fullgraph`` turns into an error."""
+    kw = dict(lr=0.04, alpha=0.05, beta=2e-6, gamma=0.8, burn_in_steps=3, reset_period=3)
+    COMPILED.clear()
+    for _ in range(4):
+        params = make_params()
+        run(Neumann(params, compile="secant_test_counting", **kw), params, 6)
+    assert len(COMPILED) == 12

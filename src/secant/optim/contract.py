@@ -32,7 +32,7 @@ class OptimizerContract(Optimizer):
     needs_closure: bool = False
 
     def __getstate__(self) -> dict[str, Any]:
-        if any(getattr(self, g, None) is not None for g in ("_group", "_shard_group")):
+        if any(getattr(self, g, None) is not None for g in ("_process_group", "_shard_group")):
             raise TypeError(f"a {type(self).__name__} running under a process group or FSDP2 "
                             "cannot be copied or pickled: save state_dict() on each rank (each "
                             "holds its own shard), or a torch.distributed.checkpoint, and load "
@@ -79,9 +79,15 @@ class OptimizerContract(Optimizer):
 
 
 def _own_code(fn: Callable) -> Callable:
-    """``fn`` (a function or a ``functools.partial`` of one) with a copy of its code object."""
+    """``fn`` (a function or a ``functools.partial`` of one) as a function with its own copy of
+    its code. A partial becomes a closure over its arguments: dynamo would otherwise compile
+    the one wrapper frame it puts around every partial, so all would share one cache."""
     if isinstance(fn, functools.partial):
-        return functools.partial(_own_code(fn.func), *fn.args, **fn.keywords)
+        func, args, keywords = _own_code(fn.func), fn.args, fn.keywords
+
+        def bound(*more: Any, **more_keywords: Any) -> Any:
+            return func(*args, *more, **keywords, **more_keywords)
+        fn = bound
     copy = types.FunctionType(fn.__code__.replace(), fn.__globals__, fn.__name__,
                               fn.__defaults__, fn.__closure__)
     copy.__kwdefaults__ = fn.__kwdefaults__
@@ -107,6 +113,11 @@ def check_lr(lr: Any) -> None:
           "a finite value >= 0 (a number or a one-element tensor)")
 
 
-def scalar_lr(lr: float | Tensor) -> float | Tensor:
-    """The learning rate as a number or a 0-d tensor (what the foreach ops take)."""
-    return lr.reshape(()) if isinstance(lr, Tensor) else lr
+def scalars(values: list[float | Tensor], dtype: torch.dtype, device: torch.device) -> Tensor:
+    """``values`` (numbers or one-element tensors, e.g. the groups' learning rates) as one
+    tensor: what may change from step to step enters a compiled step as data, not as a
+    constant it would be recompiled for. No host sync."""
+    if not any(isinstance(v, Tensor) for v in values):
+        return torch.tensor(values, dtype=dtype, device=device)
+    return torch.stack([torch.as_tensor(v, dtype=dtype, device=device).reshape(())
+                        for v in values])

@@ -285,10 +285,10 @@ class LayerOptimizer(OptimizerContract):
                                              else kron_params[0].dtype)
         self.grad_scaler = grad_scaler
         self._device = trainable[0].device
-        self._group, self._rank, self._world = resolve_group(process_group)
+        self._process_group, self._rank, self._world = resolve_group(process_group)
         shapes = [matrix_shape(m) for m in self.layers]
         self.layer_owners = [0] * len(shapes)
-        if self._group is not None:
+        if self._process_group is not None:
             for r, shard in enumerate(assign_blocks([self._layer_cost(*s) for s in shapes],
                                                     self._world)):
                 for i in shard:
@@ -301,7 +301,7 @@ class LayerOptimizer(OptimizerContract):
                      f"factor_dtype={self.factor_dtype} "
                      f"groups={[sorted((k, v) for k, v in g.items() if k != 'params') for g in self.param_groups]} "  # noqa: E501
                      f"{self._setup_description()}")
-            check_consistent(setup, self._group, self._device,
+            check_consistent(setup, self._process_group, self._device,
                              f"the layers, parameter shapes or {type(self).__name__} options")
         self._owned = [o == self._rank for o in self.layer_owners]
         self._index_groups()
@@ -562,13 +562,13 @@ class LayerOptimizer(OptimizerContract):
     @property
     def distributed(self) -> bool:
         """Whether this optimizer communicates (a process group with more than one rank)."""
-        return self._group is not None
+        return self._process_group is not None
 
     def _all_reduce(self, tensors: list[Tensor], average: bool = False) -> list[Tensor]:
         """Sum / mean of ``tensors`` over the ranks, one flat all-reduce (identity if single)."""
-        if self._group is None:
+        if self._process_group is None:
             return tensors
-        return all_reduce_flat(tensors, self._group, average=average)
+        return all_reduce_flat(tensors, self._process_group, average=average)
 
     # ------------------------------------------------------------------ state
     def _fresh_layer_state(self, module: nn.Module, owned: bool) -> dict[str, Any]:

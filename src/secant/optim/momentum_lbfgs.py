@@ -4,6 +4,7 @@ described in ``docs/momentum_lbfgs.md``."""
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Callable, Iterable, Sequence
 from typing import Any
@@ -34,7 +35,7 @@ from secant.linalg import (
 )
 from secant.optim import momentum_lbfgs_state as saved_state
 from secant.optim.block_layout import BlockLayout
-from secant.optim.contract import OptimizerContract, check_lr, scalar_lr
+from secant.optim.contract import OptimizerContract, check_compile, check_lr, scalars
 from secant.optim.validation import check
 
 STEP_RULES = ("grad_norm", "unit", "kl_clip", "none")
@@ -165,6 +166,13 @@ class MomentumLBFGS(OptimizerContract):
             code: 1e-12).
         maximize: ascend the objective (the gradient is negated before everything else, the
             curvature pairs included), as in :mod:`torch.optim`.
+        compile: ``True`` (inductor) or a ``torch.compile`` backend name: the step's math
+            (everything after the host-side step count) runs as one compiled graph per kind
+            of step (before the curvature, snapshot, pair, curvature step), built at its first
+            use and never rebuilt across steps, learning rates or ``zero_grad`` choices; equal
+            to eager up to rounding. Refused (``ValueError``) with a ``process_group`` or
+            FSDP2 parameters, whose steps have collectives between their parts; plain DDP
+            compiles.
 
     Parameters whose ``.grad`` is ``None`` are not updated in that step (their gradient counts
     as zero in the averages). A step whose gradients are not all finite changes neither the
@@ -201,6 +209,7 @@ class MomentumLBFGS(OptimizerContract):
         grad_ema_weight_decay: bool = False,
         curvature_eps: float = 0.0,
         maximize: bool = False,
+        compile: bool | str = False,  # noqa: A002 (torch.optim's flag style)
     ) -> None:
         check(isinstance(history_size, int) and history_size >= 1, "history_size",
               history_size, "an integer >= 1")
@@ -217,10 +226,15 @@ class MomentumLBFGS(OptimizerContract):
         check(0.0 <= curvature_eps < math.inf, "curvature_eps", curvature_eps,
               "a finite value >= 0")
         check(isinstance(maximize, bool), "maximize", maximize, "True or False")
+        check_compile(compile)
         self.maximize = maximize
+        self.compile = compile
         defaults = dict(lr=lr, momentum=momentum, weight_decay=weight_decay)
         super().__init__(params, defaults)
         self._shard_group = self._fsdp_group(process_group)
+        check(not compile or (process_group is None and self._shard_group is None), "compile",
+              compile, "False with a process_group or FSDP2 parameters (their step has "
+              "collectives between its parts; DDP without a process_group compiles)")
         self.history_size = history_size
         self.update_period = update_period
         self.beta = beta
@@ -237,9 +251,9 @@ class MomentumLBFGS(OptimizerContract):
         self._chunk_size = chunk_size
         self._new_group_blocks = "tensor" if blocks == "tensor" else "group"
         if self._shard_group is None:
-            self._group, self._rank, self._world = resolve_group(process_group)
+            self._process_group, self._rank, self._world = resolve_group(process_group)
         else:  # FSDP2: every rank holds its rows of every block (see _fsdp_group)
-            self._group, self._rank, self._world = None, 0, 1
+            self._process_group, self._rank, self._world = None, 0, 1
         self._build(*self._resolve_blocks(blocks))
         self.state[_STATE] = self._fresh_state()
 
@@ -374,7 +388,7 @@ class MomentumLBFGS(OptimizerContract):
         self._blocks, self._free = blocks, free
         self._block_group = self._group_of_blocks(blocks) + list(free)
         sizes = [sum(p.numel() for p in b) for b in blocks]
-        shards = (assign_blocks(sizes, self._world) if self._group
+        shards = (assign_blocks(sizes, self._world) if self._process_group
                   else [list(range(len(blocks)))])
         dtype = next(p.dtype for g in self.param_groups for p in g["params"])
         if dtype in _LOW_PRECISION:
@@ -382,12 +396,12 @@ class MomentumLBFGS(OptimizerContract):
         lay = self._layout = BlockLayout(blocks + list(free.values()), self._chunk_size,
                                          shards, dtype)
         dev = lay.chunk_block.device
-        if self._group is not None:
+        if self._process_group is not None:
             free_sizes = [sum(p.numel() for p in ps) for ps in free.values()]
             setup = (f"{[tuple(p.shape) for p in lay.params]} {sizes} {free_sizes} "
                      f"m={self.history_size} T={self.update_period} c={lay.chunk_size} "
                      f"{lay.dtype}")
-            check_consistent(setup, self._group, dev,
+            check_consistent(setup, self._process_group, dev,
                              "the parameters, blocks or MomentumLBFGS settings")
         # This rank's curvature state: its own blocks' chunks only.
         self._own = lay.shard_chunks(self._rank)
@@ -405,7 +419,6 @@ class MomentumLBFGS(OptimizerContract):
         self._beta = torch.tensor(self.beta, dtype=lay.dtype, device=dev)
         self._view_cache: dict[str, list[Tensor]] = {}
         self._turn: Tensor | None = None  # per own block gᵀd, gᵀg, dᵀd of the last direction
-        self._chunk_cache: dict[str, tuple[tuple[float, ...], Tensor]] = {}
 
     def _fresh_state(self) -> dict[str, Any]:
         lay = self._layout
@@ -437,7 +450,7 @@ class MomentumLBFGS(OptimizerContract):
 
     def _grow(self, group: dict[str, Any]) -> None:
         """Rebuild the layout with new blocks for ``group``, carrying the old state over."""
-        if self._group is not None or self._shard_group is not None:
+        if self._process_group is not None or self._shard_group is not None:
             raise ValueError("add_param_group is not supported with a process group or FSDP2: "
                              "blocks are laid out at construction; pass every group then")
         params = list(group["params"])
@@ -505,19 +518,9 @@ class MomentumLBFGS(OptimizerContract):
             self._view_cache[name] = self._layout.views(buf, params, first_chunk)
         return self._view_cache[name]
 
-    def _per_chunk(self, key: str) -> Tensor:
-        """Group setting ``key`` of each chunk's group, rebuilt only when a group's value changes
-        (a host-to-device copy, e.g. once per LR-scheduler step)."""
-        values = tuple(float(g[key]) for g in self.param_groups)
-        cached = self._chunk_cache.get(key)
-        if cached is None or cached[0] != values:
-            lay = self._layout
-            per_group = torch.tensor(values, dtype=lay.dtype, device=lay.chunk_block.device)
-            cached = self._chunk_cache[key] = (values, per_group[self._chunk_group])
-        return cached[1]
-
-    def _history(self) -> History:
-        st = self.state[_STATE]
+    def _history(self, st: dict[str, Any] | None = None) -> History:
+        """The history ring of ``st`` (default: the optimizer's state)."""
+        st = self.state[_STATE] if st is None else st
         return History(st["history"], st["gram"], st["head"], st["count"],
                        self._own_chunk_block,
                        None if self._shard_group is None else self._reduce)
@@ -530,32 +533,32 @@ class MomentumLBFGS(OptimizerContract):
             ema.mul_(torch.where(ok, torch.where(started, self._beta, 0.0), 1.0))
             ema.addcmul_(x, ok.to(ema.dtype))
 
-    def _update_curvature(self, t: int, g_own: Tensor, ok: Tensor) -> None:
-        """EMAs every step; every T steps a new pair (from step 2T) and new snapshots.
+    def _update_curvature(self, st: dict[str, Any], snapshot: bool, pair: bool, g_own: Tensor,
+                          ok: Tensor, wd_own: Tensor) -> None:
+        """EMAs every step; every T steps (``snapshot``) new snapshots, and from step 2T
+        (``pair``) a new pair before them. ``wd_own``: each own chunk's weight decay.
 
         Every update is masked on the device by ``ok`` (all gradients finite)."""
-        st = self.state[_STATE]
         theta = self._theta
         torch._foreach_copy_(self._views("theta", theta, self._own_params, self._own.start),
                              [local(p) for p in self._own_params])
         if self.grad_ema_weight_decay:
-            g_own = torch.addcmul(g_own, g_own, self._per_chunk("weight_decay")[self._own, None])
+            g_own = torch.addcmul(g_own, g_own, wd_own.unsqueeze(1))
         started = st["ema_started"][self._own_chunk_block].unsqueeze(1)
         self._ema(st["param_ema"], theta, started, ok)
         self._ema(st["grad_ema"], g_own, started, ok)
         st["ema_started"] |= ok
-        if t % self.update_period == 0:
-            if t >= 2 * self.update_period:
-                self._form_pair(ok)
+        if snapshot:
+            if pair:
+                self._form_pair(st, ok)
             for ema, snap in (("param_ema", "param_snapshot"), ("grad_ema", "grad_snapshot")):
                 torch.where(ok, st[ema], st[snap], out=st[snap])
             st["has_snapshot"] |= ok
             if self.grad_ema_reset:
                 torch.where(ok, g_own, st["grad_ema"], out=st["grad_ema"])
 
-    def _form_pair(self, ok: Tensor) -> None:
-        st = self.state[_STATE]
-        h = self._history()
+    def _form_pair(self, st: dict[str, Any], ok: Tensor) -> None:
+        h = self._history(st)
         attempt = st["has_snapshot"] & ok
         s = st["param_ema"] - st["param_snapshot"]
         y = st["grad_ema"] - st["grad_snapshot"]
@@ -575,29 +578,30 @@ class MomentumLBFGS(OptimizerContract):
         st["pairs_rejected"] += attempt & ~accept
         st["damping_activations"] += accept & active
 
-    def _precondition(self, d: Tensor) -> None:
+    def _precondition(self, st: dict[str, Any], d: Tensor, lr_chunks: Tensor) -> Tensor | None:
         """Replace the blocked rows of ``d`` by their directions, then apply the step rule's
-        factor (computed over the blocked rows) to all of ``d``."""
+        factor (computed over the blocked rows; ``lr_chunks``: each chunk's learning rate) to
+        all of ``d``. Returns the per own block ``gᵀd, gᵀg, dᵀd`` (``None`` without a block)."""
         lay = self._layout
         blocked = d[: lay.curvature_rows]
         rule = self.step_rule
         raw = blocked.clone() if rule == "kl_clip" else None
         g_norm = self._norm(blocked) if rule == "grad_norm" else None
         own_dir = d[self._own]
+        turn = None
         if self._own_params:  # a rank may own no block
-            h = self._history()
+            h = self._history(st)
             grad = own_dir
             own_dir = compact_apply(h, grad.unsqueeze(1),
                                     newest_gamma(h, self.curvature_eps)).squeeze(1)
-            self._turn = torch.stack([block_dot(a, b, h.chunk_block, h.num_blocks)
-                                      for a, b in ((grad, own_dir), (grad, grad),
-                                                   (own_dir, own_dir))])
-        if self._group is None:
+            turn = torch.stack([block_dot(a, b, h.chunk_block, h.num_blocks)
+                                for a, b in ((grad, own_dir), (grad, grad), (own_dir, own_dir))])
+        if self._process_group is None:
             d[self._own] = own_dir
         else:
-            all_gather_rows(own_dir, lay.shard_size, self._group, out=blocked)
+            all_gather_rows(own_dir, lay.shard_size, self._process_group, out=blocked)
         if rule == "none":
-            return
+            return turn
         d_norm = self._norm(blocked).clamp(min=torch.finfo(d.dtype).tiny)
         if rule == "unit":
             d.div_(d_norm)
@@ -606,10 +610,11 @@ class MomentumLBFGS(OptimizerContract):
             d.mul_(g_norm / d_norm)
         else:
             assert raw is not None
-            lrs = self._per_chunk("lr")[: lay.curvature_rows]
+            lrs = lr_chunks[: lay.curvature_rows]
             gd = self._reduce((lrs**2 * (raw * blocked).sum(-1)).sum())
             nu = torch.where(gd > 0, (self.kl_clip / gd.clamp(min=1e-300)).sqrt(), 1.0)
             d.mul_(nu.clamp(max=1))
+        return turn
 
     # ------------------------------------------------------------------ step
     @torch.no_grad()
@@ -621,14 +626,51 @@ class MomentumLBFGS(OptimizerContract):
                 loss = closure()
         st = self.state[_STATE]
         lay = self._layout
-        d = self._scratch  # full layout: gradient, then direction, then masked update
-        d_views = self._views("scratch", d)
-        with_grad = [p.grad is not None for p in lay.params]
+        with_grad = tuple(p.grad is not None for p in lay.params)
         if not any(with_grad):
             return loss
         grads = [local(p.grad) for p in lay.params if p.grad is not None]
         if any(g.is_sparse for g in grads):
             raise RuntimeError("MomentumLBFGS does not support sparse gradients")
+        t = st["step"] = st["step"] + 1
+        period = self.update_period
+        kind = (t >= period * 2 and lay.curvature_rows > 0, t % period == 0,
+                t % period == 0 and t >= 2 * period)  # curvature, snapshot, pair
+        groups = self.param_groups
+        per_group = scalars([g[k] for k in ("lr", "weight_decay") for g in groups],
+                            lay.dtype, lay.chunk_block.device)
+        active = [[p for p in g["params"] if p.grad is not None] for g in groups]
+        decayed = [[p for p in ps if not (kind[0] and p in self._free_params)]
+                   if g["weight_decay"] != 0 else [] for g, ps in zip(groups, active)]
+        constants = (*kind, with_grad, tuple(g["momentum"] for g in groups),
+                     tuple(g["weight_decay"] for g in groups))
+        self._views("scratch", self._scratch)  # the cached views exist before any compiled step
+        self._views("theta", self._theta, self._own_params, self._own.start)
+        turn = self._compiled(("step", constants), functools.partial(
+            type(self)._apply, self, *constants))(
+            {k: v for k, v in st.items() if isinstance(v, Tensor)}, grads, active, decayed,
+            per_group)
+        if turn is not None:
+            self._turn = turn
+        for i, group in enumerate(groups):
+            if any(p.grad is not None for p in group["params"]):
+                lr = group["lr"]
+                st["last_lrs"][i] = lr.clone() if isinstance(lr, Tensor) else lr
+        return loss
+
+    def _apply(self, curvature: bool, snapshot: bool, pair: bool, with_grad: tuple[bool, ...],
+               momenta: tuple[float, ...], weight_decays: tuple[float, ...],
+               st: dict[str, Tensor], grads: list[Tensor], active: list[list[Tensor]],
+               decayed: list[list[Tensor]], per_group: Tensor) -> Tensor | None:
+        """The step's math after its host-side bookkeeping, in place (one compiled graph with
+        ``compile``): ``st`` the state's tensors, ``grads`` of the layout's parameters flagged
+        in ``with_grad``; per group its parameters with a gradient (``active``), those to
+        decay (``decayed``), its momentum and weight decay; ``per_group`` the groups' learning
+        rates, then their weight decays. Returns :meth:`_precondition`'s block inner products
+        on a curvature step."""
+        lay = self._layout
+        d = self._scratch  # full layout: gradient, then direction, then masked update
+        d_views = self._views("scratch", d)
         torch._foreach_copy_([v for v, w in zip(d_views, with_grad) if w], grads)
         if not all(with_grad):
             torch._foreach_zero_([v for v, w in zip(d_views, with_grad) if not w])
@@ -638,36 +680,36 @@ class MomentumLBFGS(OptimizerContract):
         ok = self._reduce((~torch.isfinite(d)).sum()) == 0
         d.masked_fill_(~ok, 0.0)
         st["skipped_steps"] += ~ok
-
-        t = st["step"] = st["step"] + 1
-        curvature = t >= 2 * self.update_period and lay.curvature_rows > 0
+        lr_chunks, wd_chunks = per_group.view(2, -1)[:, self._chunk_group]
         if self._own_params:
-            self._update_curvature(t, d[self._own], ok)
+            self._update_curvature(st, snapshot, pair, d[self._own], ok, wd_chunks[self._own])
 
-        active = [[p for p in g["params"] if p.grad is not None] for g in self.param_groups]
-        for group, params in zip(self.param_groups, active):
-            decayed = [p for p in params if not (curvature and p in self._free_params)]
-            if group["weight_decay"] != 0 and decayed:
-                torch._foreach_add_(lay.views(d, decayed), [local(p) for p in decayed],
-                                    alpha=group["weight_decay"])
-        if curvature:
-            self._precondition(d)
+        for params, weight_decay in zip(decayed, weight_decays):
+            if params:
+                torch._foreach_add_(lay.views(d, params), [local(p) for p in params],
+                                    alpha=weight_decay)
+        turn = self._precondition(st, d, lr_chunks) if curvature else None
         d.mul_(ok)
         u = st["momentum_buffer"]
-        for group, params in zip(self.param_groups, active):
+        for params, momentum in zip(active, momenta):
             if params:
                 u_views = lay.views(u, params)
-                mu = torch.full((), group["momentum"], dtype=u.dtype, device=u.device)
+                mu = torch.full((), momentum, dtype=u.dtype, device=u.device)
                 torch._foreach_mul_(u_views, torch.where(ok, mu, 1.0))
                 torch._foreach_add_(u_views, lay.views(d, params))
         torch.mul(u, ok, out=d)
-        for i, (group, params) in enumerate(zip(self.param_groups, active)):
+        if torch.compiler.is_compiling() or any(isinstance(g["lr"], Tensor)
+                                                for g in self.param_groups):
+            # the learning rates as data: no recompilation, no host sync
+            d.mul_(lr_chunks.unsqueeze(1))
+            stepped = [p for params in active for p in params]
+            torch._foreach_sub_([local(p) for p in stepped], lay.views(d, stepped))
+            return turn
+        for group, params in zip(self.param_groups, active):  # as torch.optim.SGD, bit for bit
             if params:
-                lr = scalar_lr(group["lr"])
                 torch._foreach_add_([local(p) for p in params], lay.views(d, params),
-                                    alpha=-lr)
-                st["last_lrs"][i] = lr.clone() if isinstance(lr, Tensor) else lr
-        return loss
+                                    alpha=-group["lr"])
+        return turn
 
     # ------------------------------------------------------------------ reporting
     @torch.no_grad()
@@ -721,13 +763,13 @@ class MomentumLBFGS(OptimizerContract):
         per_block = torch.stack([st[k] for k in keys])
         measures = ("gd", "gg", "dd", "gamma", "curvature_min", "curvature_max", "pair_span")
         curv = self._curvature_measures()
-        if self._group is not None:
+        if self._process_group is not None:
             own = self._layout.shards[self._rank]
             full = per_block.new_zeros(len(keys), len(self._blocks))
             full[:, own] = per_block
             full_curv = curv.new_zeros(len(measures), len(self._blocks))
             full_curv[:, own] = curv
-            per_block, curv = all_reduce_flat([full, full_curv], self._group)
+            per_block, curv = all_reduce_flat([full, full_curv], self._process_group)
         skipped = int(st["skipped_steps"])
         out: dict[str, Any] = {"step": st["step"] - skipped, "skipped_steps": skipped,
                                "last_step_norm": math.sqrt(sq),

@@ -20,7 +20,7 @@ from secant.linalg.neumann_series import (
     mu_schedule,
     regulariser_coefficient,
 )
-from secant.optim.contract import OptimizerContract, check_compile, check_lr
+from secant.optim.contract import OptimizerContract, check_compile, check_lr, scalars
 from secant.optim.validation import check, is_int
 
 _STATE = "neumann"
@@ -510,30 +510,21 @@ class Neumann(OptimizerContract):
         ps, vs, ms = self._local_params(), self._local_state("v"), self._local_state("m")
         grads = [None if p.grad is None else local(p.grad) for p in self._params]
         sizes = tuple(len(g["params"]) for g in self.param_groups)
-        scalars = self._scalars([mu, *(g["lr"] for g in self.param_groups),
-                                 self.beta_effective])
+        values = scalars([mu, *(g["lr"] for g in self.param_groups), self.beta_effective],
+                         self._norm_dtype, self._params[0].device)
         bound = (mode, self.maximize, self.grad_growth, self.gamma, functools.partial(
             _coefficient, self.regularizer == "paper", self.alpha, self.reg_eps, self.reg_ratio))
         counters = (gst["skipped_steps"], gst["grad_norm_avg"])
         if self._shard_group is None:  # one graph with compile
             self._compiled(mode, functools.partial(_whole_step, *bound, self._norm_dtype))(
-                self._sharded, sizes, ps, grads, ms, vs, scalars, *counters)
+                self._sharded, sizes, ps, grads, ms, vs, values, *counters)
             return loss
         squares, rs = self._compiled(("squares", regular), functools.partial(
             _local_squares, regular, self._norm_dtype))(self._sharded, ps, vs, grads)
         squares = self._reduce_sharded(squares)
         self._compiled(("apply", mode), functools.partial(_apply, *bound))(
-            sizes, ps, grads, ms, vs, rs, scalars, *counters, squares)
+            sizes, ps, grads, ms, vs, rs, values, *counters, squares)
         return loss
-
-    def _scalars(self, values: list[float | Tensor]) -> Tensor:
-        """``values`` (numbers or one-element tensors) as one tensor of the norms' dtype on the
-        parameters' device: what changes from step to step enters a compiled step as data."""
-        device = self._params[0].device
-        if not any(isinstance(v, Tensor) for v in values):
-            return torch.tensor(values, dtype=self._norm_dtype, device=device)
-        return torch.stack([torch.as_tensor(v, dtype=self._norm_dtype, device=device).reshape(())
-                            for v in values])
 
     def _reduce_sharded(self, squares: Tensor) -> Tensor:
         """Rows of :func:`_sum_squares` with their sharded column summed over the shard group."""
