@@ -458,8 +458,11 @@ class LayerCapture:
         return torch.is_grad_enabled() and isinstance(out, Tensor) and out.requires_grad
 
     def _cast(self, t: Tensor) -> Tensor:
-        t = t.detach()
-        return t if self.dtype is None else t.to(self.dtype)  # no copy when dtypes match
+        """``t`` out of the autograd graph, in the capture's dtype: no op at all where it is
+        in neither (a gradient, or an input that needs none, in the capture's dtype)."""
+        if t.requires_grad:
+            t = t.detach()
+        return t if self.dtype is None or t.dtype == self.dtype else t.to(self.dtype)
 
     def _add(self, name: str, rec: LayerRecord) -> None:
         """Reduce one completed call and add its statistics to the layer's (see :class:`_Sums`:
