@@ -25,7 +25,7 @@ median CPU ms per step over all timed steps, its ratio to SGD's median ("ratio")
 rounds of the per-round ratio of medians ("paired"), and the mean ms per step (K-FAC's factor
 steps, every 10th, and inverse steps are in the mean, not the median).
 
-Compiled contenders (``… compiled``): K-BFGS, K-BFGS(L), MomentumLBFGS and Neumann with
+Compiled contenders (``… compiled``): K-FAC, K-BFGS, K-BFGS(L), MomentumLBFGS and Neumann with
 ``compile=True`` (inductor), at their eager version's settings; compiled during the warm-up
 steps; their ops are not counted (a dispatch mode does not see inside a compiled graph).
 
@@ -70,7 +70,7 @@ from secant.bench.registry import get_optimizer, register_variant
 
 EAGER = ("sgd", "adam", "kfac", "kbfgs", "kbfgsl", "mlbfgs", "neumann")
 # with compile=True (inductor), as "<name>-compiled"
-COMPILED = ("kbfgs", "kbfgsl", "mlbfgs", "neumann")
+COMPILED = ("kfac", "kbfgs", "kbfgsl", "mlbfgs", "neumann")
 CONTENDERS = EAGER + tuple(f"{name}-compiled" for name in COMPILED)
 NAMES = {"sgd": "SGD-momentum", "adam": "Adam", "kfac": "K-FAC", "kbfgs": "K-BFGS",
          "kbfgsl": "K-BFGS(L)", "mlbfgs": "MomentumLBFGS", "neumann": "Neumann"}

@@ -344,7 +344,51 @@ def test_step_without_forward_changes_nothing():
     (dict(kl_clip=-1.0), "kl_clip=-1.0"), (dict(inverse_method="svd"), "inverse_method='svd'"),
     (dict(damping_mode="exact", inverse_method="cholesky"), "damping_mode='exact'"),
     (dict(fisher="sampled"), "fisher_loss=None"), (dict(weight_decay=-1), "weight_decay=-1"),
+    (dict(compile="no-such-backend"), "compile='no-such-backend'"),
 ])
 def test_bad_arguments(kw, name):
     with pytest.raises(ValueError, match=name.replace("(", r"\(").replace(".", r"\.")):
         KFAC(mlp(), **kw)
+
+
+COMPILED = []  # graphs handed to the counting backend
+
+
+@torch._dynamo.register_backend(name="secant_test_kfac_graphs")
+def _counting_backend(gm, example_inputs):
+    COMPILED.append(gm)
+    return gm.forward
+
+
+def _compiled_run(compile, kw, steps=14):
+    """Two layer groups (their own lr and damping), factors every 2 steps, inverses every 5,
+    an LR scheduler, ``zero_grad`` alternately setting ``None`` and zeroing; returns the final
+    parameters and the steps at which a graph was compiled."""
+    model = mlp()
+    opt = KFAC(model, lr=0.05, damping=0.1, factor_update_period=2, inverse_update_period=5,
+               param_groups=[{"modules": [model[2]], "lr": 0.02, "damping": 0.2}],
+               compile=compile, **kw)
+    sched = torch.optim.lr_scheduler.StepLR(opt, step_size=3, gamma=0.6)
+    compiled_at = []
+    for k, (x, y) in enumerate(batches(steps), start=1):
+        before = len(COMPILED)
+        opt.zero_grad(set_to_none=k % 2 == 0)
+        F.cross_entropy(model(x), y).backward()
+        opt.step()
+        sched.step()
+        if len(COMPILED) > before:
+            compiled_at.append(k)
+    return torch.cat([p.detach().flatten() for p in model.parameters()]), compiled_at
+
+
+@pytest.mark.parametrize("kw", [{}, {"damping_mode": "exact", "kl_clip": None},
+                                {"inverse_method": "cholesky", "weight_decay": 1e-2}])
+def test_compiled_step_equals_eager_and_compiles_once(kw):
+    """``compile=backend``: the per-step math of all the layers (directions, KL clip,
+    momentum, update) is one graph (``fullgraph``), compiled in the first step and never
+    again across factor and inverse updates, a decaying learning rate and ``zero_grad`` both
+    ways; the iterates equal eager's."""
+    eager, _ = _compiled_run(False, kw)
+    compiled, compiled_at = _compiled_run("secant_test_kfac_graphs", kw)
+    assert compiled_at == [1]
+    torch.testing.assert_close(compiled, eager, rtol=1e-12, atol=1e-14)

@@ -206,11 +206,13 @@ def param_matrix(module: nn.Module, dtype: torch.dtype | None = None) -> Tensor:
     return torch.cat((wm, full(b.detach()).to(dtype).unsqueeze(1)), dim=1)
 
 
-def add_to_params(module: nn.Module, update: Tensor, alpha: float) -> None:
+def add_to_params(module: nn.Module, update: Tensor, alpha: float | Tensor) -> None:
     """``W̃ ← W̃ + α·update`` for ``update [d_out, d_in+1]`` (any float dtype: the sum is
     rounded to the parameters' dtype); an FSDP2 (``DTensor``) parameter takes the rows of its
-    local shard."""
+    local shard. ``α`` a 0-d tensor (a compiled step's learning rate) multiplies first."""
     params = layer_params(module)
+    if isinstance(alpha, Tensor):
+        update, alpha = update * alpha, 1.0
     parts = [update] if len(params) == 1 else [update[:, :-1], update[:, -1]]
     with torch.no_grad():
         for p, part in zip(params, parts):

@@ -21,6 +21,7 @@ from secant.linalg.kron import (
     kl_clip_scale,
     sym_eigh,
 )
+from secant.optim.contract import check_compile, scalars
 from secant.optim.layer_optimizer import (
     LayerOptimizer,
     check,
@@ -31,6 +32,56 @@ from secant.optim.layer_optimizer import (
 INVERSE_METHODS = ("eigen", "cholesky")
 DAMPING_MODES = ("factored", "exact")
 FISHER_TYPES = ("empirical", "sampled")
+
+
+def _directions(xs: list[Tensor], inverses: list[list[Tensor]],
+                dampings: list[float] | Tensor) -> list[Tensor]:
+    """``P = G⁻¹ X A⁻¹`` of each layer: ``inverses`` ``[A⁻¹, G⁻¹]`` (factored damping),
+    ``[d_A, Q_A, d_G, Q_G]`` (exact damping, with the layer's ``λ``), or empty where this rank
+    keeps none (zeros)."""
+    out = []
+    for x, inv, damping in zip(xs, inverses, dampings):
+        if not inv:
+            out.append(torch.zeros_like(x))
+        elif len(inv) == 2:
+            out.append(inv[1] @ x @ inv[0])
+        else:
+            d_a, q_a, d_g, q_g = inv
+            out.append(eigen_apply(q_g, d_g, x, q_a, d_a, damping))
+    return out
+
+
+def _apply_directions(kl_clip: float | None, layers: tuple[nn.Module, ...],
+                      momenta: tuple[float, ...], xs: list[Tensor], ps: list[Tensor],
+                      moms: list[Tensor], clipped: list[Tensor],
+                      lrs: list[float] | Tensor) -> None:
+    """KL-clip ``ν`` over all the layers (:func:`~secant.linalg.kron.kl_clip_scale` with
+    per-layer ``η²``), ``u ← μ u + ν P`` and ``W̃ ← W̃ − η u`` per layer; ``clipped`` counts
+    the steps with ``ν < 1``."""
+    nu = None
+    if kl_clip is not None:
+        same = not isinstance(lrs, Tensor) and len(set(lrs)) == 1
+        if same:
+            nu = kl_clip_scale(xs, ps, lrs[0], kl_clip)
+        else:  # Σ_l η_l² ⟨X_l, P_l⟩ with per-layer learning rates
+            nu = kl_clip_scale([x * (lr * lr) for x, lr in zip(xs, lrs)], ps, 1.0, kl_clip)
+    for module, momentum, p, u, count, lr in zip(layers, momenta, ps, moms, clipped, lrs):
+        u.mul_(momentum)
+        if nu is None:
+            u.add_(p)
+        else:
+            u.addcmul_(p, nu)
+            count += nu < 1
+        add_to_params(module, u, -lr)
+
+
+def _layer_updates(kl_clip: float | None, layers: tuple[nn.Module, ...],
+                   momenta: tuple[float, ...], xs: list[Tensor], inverses: list[list[Tensor]],
+                   dampings: list[float] | Tensor, moms: list[Tensor], clipped: list[Tensor],
+                   lrs: list[float] | Tensor) -> None:
+    """:func:`_directions` then :func:`_apply_directions`, on one process."""
+    _apply_directions(kl_clip, layers, momenta, xs, _directions(xs, inverses, dampings), moms,
+                      clipped, lrs)
 
 
 def factor_statistics(module: nn.Module, x: Tensor, g: Tensor) -> tuple[Tensor, Tensor]:
@@ -159,6 +210,11 @@ class KFAC(LayerOptimizer):
         process_group: the ranks that share curvature work (default: the default group when
             ``torch.distributed`` is initialised with more than one rank, else none).
         distributed_mode: ``"memory"`` (default) or ``"communication"`` (see above).
+        compile: ``True`` (inductor) or a ``torch.compile`` backend name: every step's math
+            over all the layers (directions, KL clip, momentum, update) runs as one compiled
+            graph, built in the first step and never rebuilt across steps, learning-rate or
+            damping changes, factor / inverse updates or ``zero_grad`` choices; equal to eager
+            up to rounding. Refused (``ValueError``) with a process group or FSDP2.
     """
 
     state_key = "kfac"
@@ -186,7 +242,9 @@ class KFAC(LayerOptimizer):
         grad_scaler: Any = None,
         process_group: Any = None,
         distributed_mode: str = "memory",
+        compile: bool | str = False,  # noqa: A002 (torch.optim's flag style)
     ) -> None:
+        check_compile(compile)
         check(isinstance(damping, (int, float)) and damping > 0 and damping < float("inf"),
               "damping", damping, "a finite value > 0")
         check(isinstance(momentum, (int, float)) and 0.0 <= momentum < 1.0, "momentum",
@@ -216,11 +274,15 @@ class KFAC(LayerOptimizer):
         self.inverse_update_period = inverse_update_period
         self.kl_clip = kl_clip
         self.fisher_loss = fisher_loss
+        self.compile = compile
         defaults = dict(lr=lr, damping=damping, momentum=momentum, weight_decay=weight_decay)
         super().__init__(model, defaults, exclude=exclude, fallback_lr=fallback_lr,
                          param_groups=param_groups, factor_dtype=factor_dtype,
                          grad_scaler=grad_scaler, process_group=process_group,
                          distributed_mode=distributed_mode)
+        check(not compile or not (self.distributed or self.sharded), "compile", compile,
+              "False with a process group or FSDP2 (their step has collectives between its "
+              "parts)")
         self._arm()
 
     def _setup_description(self) -> str:
@@ -378,48 +440,34 @@ class KFAC(LayerOptimizer):
                 for key in keys:
                     ls[key].copy_(next(shared))
 
-    def _direction(self, ls: dict[str, Any], x: Tensor, damping: float) -> Tensor:
-        if self.damping_mode == "factored":
-            return ls["G_inv"] @ x @ ls["A_inv"]
-        return eigen_apply(ls["Q_G"], ls["d_G"], x, ls["Q_A"], ls["d_A"], damping)
-
     def _layer_step(self) -> None:
         """Direction, KL-clip, momentum and update of every layer that has a gradient (each
-        with its own group's lr / momentum / damping / weight decay)."""
+        with its own group's lr / momentum / damping / weight decay): :func:`_directions` and
+        :func:`_apply_directions`, one compiled graph with ``compile``."""
         st = self._st
-        live, xs, ps = [], [], []
-        for i, (own, ls) in enumerate(zip(self._owned, st["layers"])):
-            x = self._layer_grad(i)
-            if x is None:  # no gradient: no update (distributed: all ranks agree, DDP)
-                continue
-            live.append(i)
-            xs.append(x)
-            if self._keeps_inverses(own):
-                ps.append(self._direction(ls, x, self.layer_group(i)["damping"]))
-            else:
-                ps.append(torch.zeros_like(x))
+        live = [i for i in range(len(self.layers)) if self._has_grad(i)]
+        if not live:
+            return
+        keys = self._inverse_keys()
+        xs = [self._layer_grad(i) for i in live]
+        inverses = [[st["layers"][i][key] for key in keys]
+                    if self._keeps_inverses(self._owned[i]) else [] for i in live]
+        groups = [self.layer_group(i) for i in live]
+        hyper = [g[key] for key in ("lr", "damping") for g in groups]
+        if self.compile:  # every per-step number as data: no recompilation
+            hyper = scalars(hyper, self.factor_dtype, xs[0].device)
+        lrs, dampings = hyper[: len(live)], hyper[len(live):]
+        layers = tuple(self.layers[i] for i in live)
+        momenta = tuple(g["momentum"] for g in groups)
+        moms = [st["layers"][i]["momentum"] for i in live]
+        clipped = [st["layers"][i]["kl_clip_active"] for i in live]
         if self.distributed and self.distributed_mode == "memory":
+            ps = _directions(xs, inverses, dampings)
             ps = self._all_reduce(ps)  # owners' directions, zeros elsewhere: summed = shared
-        lrs = [self.layer_group(i)["lr"] for i in live]
-        nu, active = None, None
-        if self.kl_clip is not None and live:
-            if len(set(lrs)) == 1:
-                nu = kl_clip_scale(xs, ps, lrs[0], self.kl_clip)
-            else:  # Σ_l η_l² ⟨X_l, P_l⟩ with per-layer learning rates
-                nu = kl_clip_scale([x * (lr * lr) for x, lr in zip(xs, lrs)], ps, 1.0,
-                                   self.kl_clip)
-            active = nu < 1
-        for i, p, lr in zip(live, ps, lrs):
-            ls = st["layers"][i]
-            u = ls["momentum"]
-            u.mul_(self.layer_group(i)["momentum"])
-            if nu is None:
-                u.add_(p)
-            else:
-                u.addcmul_(p, nu)
-            add_to_params(self.layers[i], u, -lr)
-            if active is not None:
-                ls["kl_clip_active"] += active
+            _apply_directions(self.kl_clip, layers, momenta, xs, ps, moms, clipped, lrs)
+            return
+        self._compiled(("layers", layers, momenta), _layer_updates)(
+            self.kl_clip, layers, momenta, xs, inverses, dampings, moms, clipped, lrs)
 
     # ------------------------------------------------------------------ reporting
     def diagnostics(self) -> dict[str, Any]:
