@@ -18,7 +18,9 @@ and Neumann. Every contender has its own copy of the model (same seed) and is dr
 loss, ``backward()``).
 
 Timing: one thread (``torch.set_num_threads(1)``); process CPU time (``time.process_time_ns``)
-of each ``opt.step(closure)``; after ``warmup`` untimed steps of each contender, ``rounds``
+of each ``opt.step(closure)``; after ``warmup`` untimed steps of each contender (MomentumLBFGS:
+up to its first curvature step, ``2T + 1``, its steady state; runs before the label
+``compiled`` timed it from step ``warmup`` on, half of its steps still SGD's), ``rounds``
 rounds in each of which every contender (in an order rotated round by round) runs ``steps``
 consecutive timed steps, so machine load drifting during the run hits all alike. Reported: the
 median CPU ms per step over all timed steps, its ratio to SGD's median ("ratio"), the median over
@@ -64,6 +66,7 @@ import torch
 from torch import Tensor, nn
 from torch.utils._python_dispatch import TorchDispatchMode
 
+from secant import MomentumLBFGS
 from secant.bench import tuned_table
 from secant.bench.problems import Problem, get_problem, seeded_model
 from secant.bench.registry import get_optimizer, register_variant
@@ -161,6 +164,12 @@ def build(problem: Problem, name: str, batches: list) -> Contender:
     return Contender(name, model, opt, problem, batches)
 
 
+def steady_start(opt: object) -> int:
+    """Steps before an optimizer's steady-state step: MomentumLBFGS runs SGD until its first
+    pair at step ``2T`` (and compiles one graph per kind of step up to ``2T + 1``)."""
+    return 2 * opt.update_period + 1 if isinstance(opt, MomentumLBFGS) else 0
+
+
 def count_ops(c: Contender, steps: int) -> dict:
     per_step, names = [], Counter()
     for _ in range(steps):
@@ -181,6 +190,9 @@ def run_problem(pname: str, quick: bool, synthetic: bool, count_steps: int) -> d
     cs = [build(problem, name, batches) for name in CONTENDERS]
     for _ in range(warmup):
         for c in cs:
+            c.step()
+    for c in cs:  # then each on to its steady state
+        for _ in range(steady_start(c.opt) - warmup):
             c.step()
     for r in range(rounds):
         for c in cs[r % len(cs):] + cs[: r % len(cs)]:
