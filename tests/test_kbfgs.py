@@ -13,6 +13,8 @@ import pickle
 import pytest
 import torch
 import torch.nn.functional as F
+from counting_backend import GRAPHS
+from counting_backend import NAME as COUNTING
 from layer_helpers import make_closure, no_host_sync, wtilde
 from torch import nn
 
@@ -725,14 +727,6 @@ def test_channels_last_conv_trains_as_contiguous(cls):
         torch.testing.assert_close(p, q, rtol=1e-10, atol=1e-12)
 
 
-GRAPHS = []  # graphs handed to the counting backend
-
-
-@torch._dynamo.register_backend(name="secant_test_kbfgs_graphs")
-def _counting_backend(gm, example_inputs):
-    GRAPHS.append(gm)
-    return gm.forward
-
 
 @pytest.mark.parametrize("cls, kw", [(KBFGS, {}), (KBFGSL, dict(history_size=2))])
 def test_compiled_pair_updates_equal_eager_and_compile_once(cls, kw):
@@ -743,7 +737,7 @@ def test_compiled_pair_updates_equal_eager_and_compile_once(cls, kw):
     optimizer deep-copies and pickles, and the copy steps alike."""
     data = batches(10)
     runs = []
-    for backend in (False, "secant_test_kbfgs_graphs"):
+    for backend in (False, COUNTING):
         GRAPHS.clear()
         model = mlp(6, (5, 6, 4, 3))
         opt = cls(model, lr=0.3, damping=0.1, compile=backend, **kw)
@@ -767,7 +761,7 @@ def test_compiled_pair_updates_equal_eager_and_compile_once(cls, kw):
     x, y = data[0]
     for copied in (copy.deepcopy(o1), pickle.loads(pickle.dumps(o1))):
         twin = copied.model
-        assert copied.compile == "secant_test_kbfgs_graphs" and not hasattr(copied,
+        assert copied.compile == COUNTING and not hasattr(copied,
                                                                              "_compiled_fns")
         copied.step(make_closure(copied, twin, x, y))
         with torch.no_grad():
@@ -788,7 +782,7 @@ def test_compiled_graphs_are_per_stack_however_many_stacks_and_optimizers():
         model = mlp(seed, widths)
         layers = [m for m in model if isinstance(m, nn.Linear)]
         groups = [{"modules": [m], "lr": 0.1 + 0.01 * k} for k, m in enumerate(layers)]
-        opt = KBFGS(model, lr=0.1, param_groups=groups, compile="secant_test_kbfgs_graphs")
+        opt = KBFGS(model, lr=0.1, param_groups=groups, compile=COUNTING)
         assert len(opt._stacks) == 6
         for x, y in data:
             opt.step(make_closure(opt, model, x, y))

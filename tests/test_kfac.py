@@ -8,6 +8,8 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
+from counting_backend import GRAPHS
+from counting_backend import NAME as COUNTING
 from layer_helpers import make_closure, no_host_sync, wtilde
 from torch import nn
 from torch.func import functional_call, grad
@@ -351,14 +353,6 @@ def test_bad_arguments(kw, name):
         KFAC(mlp(), **kw)
 
 
-COMPILED = []  # graphs handed to the counting backend
-
-
-@torch._dynamo.register_backend(name="secant_test_kfac_graphs")
-def _counting_backend(gm, example_inputs):
-    COMPILED.append(gm)
-    return gm.forward
-
 
 def _compiled_run(compile, kw, steps=14):
     """Two layer groups (their own lr and damping), factors every 2 steps, inverses every 5,
@@ -371,12 +365,12 @@ def _compiled_run(compile, kw, steps=14):
     sched = torch.optim.lr_scheduler.StepLR(opt, step_size=3, gamma=0.6)
     compiled_at = []
     for k, (x, y) in enumerate(batches(steps), start=1):
-        before = len(COMPILED)
+        before = len(GRAPHS)
         opt.zero_grad(set_to_none=k % 2 == 0)
         F.cross_entropy(model(x), y).backward()
         opt.step()
         sched.step()
-        if len(COMPILED) > before:
+        if len(GRAPHS) > before:
             compiled_at.append(k)
     return torch.cat([p.detach().flatten() for p in model.parameters()]), compiled_at
 
@@ -389,6 +383,6 @@ def test_compiled_step_equals_eager_and_compiles_once(kw):
     again across factor and inverse updates, a decaying learning rate and ``zero_grad`` both
     ways; the iterates equal eager's."""
     eager, _ = _compiled_run(False, kw)
-    compiled, compiled_at = _compiled_run("secant_test_kfac_graphs", kw)
+    compiled, compiled_at = _compiled_run(COUNTING, kw)
     assert compiled_at == [1]
     torch.testing.assert_close(compiled, eager, rtol=1e-12, atol=1e-14)

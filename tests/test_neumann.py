@@ -11,6 +11,8 @@ import pickle
 
 import pytest
 import torch
+from counting_backend import GRAPHS
+from counting_backend import NAME as COUNTING
 
 from secant import Neumann
 from secant.bench.problems import get_problem
@@ -703,14 +705,6 @@ def test_growth_guard_keeps_lr_1_autoencoder_from_blowing_up():
         assert end < start
 
 
-COMPILED = []  # graphs handed to the counting backend
-
-
-@torch._dynamo.register_backend(name="secant_test_counting")
-def _counting_backend(gm, example_inputs):
-    COMPILED.append(gm)
-    return gm.forward
-
 
 def test_compiled_update_equals_eager_and_compiles_each_kind_of_step_once():
     """``compile=backend``: each kind of step's update (burn-in, reset, regular) is one graph
@@ -721,13 +715,13 @@ def test_compiled_update_equals_eager_and_compiles_each_kind_of_step_once():
     kw = dict(lr=0.04, alpha=0.05, beta=2e-6, gamma=0.8, burn_in_steps=3, reset_period=3,
               mu_period=4)
     finals, compiled_at = [], []
-    for backend in (False, "secant_test_counting"):
-        COMPILED.clear()
+    for backend in (False, COUNTING):
+        GRAPHS.clear()
         params = make_params()
         opt = Neumann(params, compile=backend, **kw)
         sched = torch.optim.lr_scheduler.StepLR(opt, step_size=5, gamma=0.7)
         for k in range(1, 33):
-            before = len(COMPILED)
+            before = len(GRAPHS)
             if k % 2 or k < 3:
                 set_grads(params, k)  # fresh .grad tensors
             else:  # the same .grad tensors, overwritten
@@ -739,7 +733,7 @@ def test_compiled_update_equals_eager_and_compiles_each_kind_of_step_once():
                 params[1].grad[0] = float("nan")
             opt.step()
             sched.step()
-            if len(COMPILED) > before:
+            if len(GRAPHS) > before:
                 compiled_at.append(k)
         finals.append(flat(params))
     assert compiled_at == [1, 4, 5]  # burn-in, the first reset, the first regular step
@@ -747,7 +741,7 @@ def test_compiled_update_equals_eager_and_compiles_each_kind_of_step_once():
     torch.testing.assert_close(finals[1], finals[0], rtol=1e-12, atol=1e-14)
     # a compiled optimizer pickles (its compiled code is left out) and the copy steps alike
     params = make_params()
-    opt = Neumann(params, compile="secant_test_counting", **kw)
+    opt = Neumann(params, compile=COUNTING, **kw)
     run(opt, params, 6)
     copied = pickle.loads(pickle.dumps(opt))
     twins = [q for g in copied.param_groups for q in g["params"]]
@@ -768,8 +762,8 @@ def test_compiled_optimizers_each_keep_their_own_graphs():
     """Every kind of step of every optimizer compiles its own code: 4 optimizers × 3 kinds are
     12 graphs, past dynamo's 8 per code object, which ``fullgraph`` turns into an error."""
     kw = dict(lr=0.04, alpha=0.05, beta=2e-6, gamma=0.8, burn_in_steps=3, reset_period=3)
-    COMPILED.clear()
+    GRAPHS.clear()
     for _ in range(4):
         params = make_params()
-        run(Neumann(params, compile="secant_test_counting", **kw), params, 6)
-    assert len(COMPILED) == 12
+        run(Neumann(params, compile=COUNTING, **kw), params, 6)
+    assert len(GRAPHS) == 12
