@@ -116,8 +116,12 @@ def check_lr(lr: Any) -> None:
 def scalars(values: list[float | Tensor], dtype: torch.dtype, device: torch.device) -> Tensor:
     """``values`` (numbers or one-element tensors, e.g. the groups' learning rates) as one
     tensor: what may change from step to step enters a compiled step as data, not as a
-    constant it would be recompiled for. No host sync."""
-    if not any(isinstance(v, Tensor) for v in values):
+    constant it would be recompiled for. No host sync: on a CUDA device the numbers go through
+    pinned memory with a non-blocking copy (a copy from pageable memory waits for the
+    stream)."""
+    if any(isinstance(v, Tensor) for v in values):
+        return torch.stack([torch.as_tensor(v, dtype=dtype, device=device).reshape(())
+                            for v in values])
+    if torch.device(device).type != "cuda":
         return torch.tensor(values, dtype=dtype, device=device)
-    return torch.stack([torch.as_tensor(v, dtype=dtype, device=device).reshape(())
-                        for v in values])
+    return torch.tensor(values, dtype=dtype, pin_memory=True).to(device, non_blocking=True)
