@@ -41,6 +41,12 @@ model pass (K-BFGS's second pass, cheaper than the first, included).
 
     python benchmarks/step_cost.py --label after      # full run, ≈ 3–4 min on 2 CPU cores
     python benchmarks/step_cost.py --quick            # smoke run, < 1 min, writes nothing
+    python benchmarks/step_cost.py --device cuda --label cuda-h100   # on a GPU, ≈ 3 min
+
+``--device cuda``: models and batches on the GPU; each step timed by wall clock between two
+``torch.cuda.synchronize()`` calls (the step's whole device work), kernel launches per step
+counted with ``torch.profiler`` (median over ``--count-steps`` steps), and
+``torch.optim.Adam(fused=True)`` added as a contender. Not yet run on a GPU.
 
 With ``--label NAME`` the run is stored under that name in ``--json`` (default
 benchmarks/results/step_cost.json, other labels kept) and ``--md`` (default
@@ -59,6 +65,7 @@ import statistics
 import sys
 import time
 from collections import Counter
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -78,6 +85,7 @@ CONTENDERS = EAGER + tuple(f"{name}-compiled" for name in COMPILED)
 NAMES = {"sgd": "SGD-momentum", "adam": "Adam", "kfac": "K-FAC", "kbfgs": "K-BFGS",
          "kbfgsl": "K-BFGS(L)", "mlbfgs": "MomentumLBFGS", "neumann": "Neumann"}
 NAMES.update({f"{name}-compiled": f"{NAMES[name]} compiled" for name in COMPILED})
+NAMES["adam-fused"] = "Adam (fused)"  # CUDA runs only
 LAYER_OPTIMIZERS = ("kfac", "kbfgs", "kbfgsl")
 # (rounds, steps per round, warm-up steps) of the full and of the quick run
 PLANS = {"digits": ((9, 20, 10), (2, 4, 3)), "mnist1d": ((9, 20, 10), (2, 4, 3)),
@@ -104,7 +112,13 @@ class OpCounter(TorchDispatchMode):
         return func(*args, **(kwargs or {}))
 
 
-def make_batches(problem: Problem, synthetic: bool) -> list[tuple[Tensor, Tensor | None]]:
+def make_batches(problem: Problem, synthetic: bool, device: str = "cpu"
+                 ) -> list[tuple[Tensor, Tensor | None]]:
+    return [(x.to(device), None if y is None else y.to(device))
+            for x, y in _host_batches(problem, synthetic)]
+
+
+def _host_batches(problem: Problem, synthetic: bool) -> list[tuple[Tensor, Tensor | None]]:
     n = problem.batch_size
     if synthetic:
         g = torch.Generator().manual_seed(0)
@@ -129,6 +143,7 @@ class Contender:
     problem: Problem
     batches: list
     k: int = 0
+    clock: Callable[[], int] = time.process_time_ns
     times: list[list[int]] = field(default_factory=list)  # ns per step, per round
     last_loss: float = math.nan
 
@@ -148,20 +163,27 @@ class Contender:
     def timed_steps(self, n: int) -> None:
         ts = []
         for _ in range(n):
-            t0 = time.process_time_ns()
+            t0 = self.clock()
             self.step()
-            ts.append(time.process_time_ns() - t0)
+            ts.append(self.clock() - t0)
         self.times.append(ts)
 
 
-def build(problem: Problem, name: str, batches: list) -> Contender:
+def cuda_clock() -> int:
+    """Wall-clock ns after the device finished everything queued (a step's whole cost)."""
+    torch.cuda.synchronize()
+    return time.perf_counter_ns()
+
+
+def build(problem: Problem, name: str, batches: list, device: str = "cpu") -> Contender:
     entry = get_optimizer(name)
-    model = seeded_model(problem, 0)
+    model = seeded_model(problem, 0).to(device)
     lr, knob, _ = tuned_table.package().settings(entry, problem.name)
     opt = entry.make(model, lr, knob)
     if entry.warm_start:
         opt.warm_start([(x,) for x, _ in batches])
-    return Contender(name, model, opt, problem, batches)
+    clock = cuda_clock if device.startswith("cuda") else time.process_time_ns
+    return Contender(name, model, opt, problem, batches, clock=clock)
 
 
 def steady_start(opt: object) -> int:
@@ -181,13 +203,32 @@ def count_ops(c: Contender, steps: int) -> dict:
             "top_ops": {k: round(v / steps, 1) for k, v in names.most_common(14)}}
 
 
-def run_problem(pname: str, quick: bool, synthetic: bool, count_steps: int) -> dict:
+def count_launches(c: Contender, steps: int) -> float:
+    """Median number of CUDA kernels a step launches (``torch.profiler``)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    counts = []
+    for _ in range(steps):
+        with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+            c.step()
+            torch.cuda.synchronize()
+        counts.append(sum(e.count for e in prof.key_averages()
+                          if e.device_type == torch.autograd.DeviceType.CUDA))
+    return statistics.median(counts)
+
+
+def run_problem(pname: str, quick: bool, synthetic: bool, count_steps: int,
+                device: str = "cpu") -> dict:
     problem = get_problem(pname)
     rounds, steps, warmup = PLANS[pname][quick]
-    batches = make_batches(problem, synthetic or (quick and pname == "curves"))
+    batches = make_batches(problem, synthetic or (quick and pname == "curves"), device)
     for name in COMPILED:
         register_variant(name, f"{name}-compiled", pname, compile=True)
-    cs = [build(problem, name, batches) for name in CONTENDERS]
+    cuda = device.startswith("cuda")
+    if cuda:
+        register_variant("adam", "adam-fused", pname, fused=True)
+    cs = [build(problem, name, batches, device)
+          for name in CONTENDERS + (("adam-fused",) if cuda else ())]
     for _ in range(warmup):
         for c in cs:
             c.step()
@@ -213,6 +254,8 @@ def run_problem(pname: str, quick: bool, synthetic: bool, count_steps: int) -> d
     for c in cs:
         if c.name in EAGER:  # a dispatch mode would not see inside compiled graphs
             out["contenders"][c.name].update(count_ops(c, count_steps))
+        if cuda:
+            out["contenders"][c.name]["launches"] = count_launches(c, count_steps)
     base = out["contenders"]["sgd"]["ops_per_step"]
     for c in cs:
         if c.name in LAYER_OPTIMIZERS:
@@ -222,31 +265,39 @@ def run_problem(pname: str, quick: bool, synthetic: bool, count_steps: int) -> d
     return out
 
 
-def machine() -> dict:
+def machine(device: str = "cpu") -> dict:
     cpu = platform.processor()
     try:
         with open("/proc/cpuinfo") as f:
             cpu = next(ln.split(":", 1)[1].strip() for ln in f if ln.startswith("model name"))
     except (OSError, StopIteration):
         pass
-    return {"cpu": cpu, "cores": os.cpu_count(), "torch": torch.__version__,
-            "python": platform.python_version(), "platform": platform.platform()}
+    out = {"cpu": cpu, "cores": os.cpu_count(), "torch": torch.__version__,
+           "python": platform.python_version(), "platform": platform.platform()}
+    if device.startswith("cuda"):
+        out["gpu"] = torch.cuda.get_device_name(device)
+    return out
 
 
 # ------------------------------------------------------------------------------------ report
 def table(run: dict) -> list[str]:
+    cuda = run.get("device", "cpu").startswith("cuda")
+    clock = "synchronised ms/step" if cuda else "CPU ms/step"
     lines = []
     for pname, pr in run["problems"].items():
         lines += [f"**{pname}** (batch {pr['batch']}; {pr['rounds']} rounds × {pr['steps']} "
                   f"steps, warm-up {pr['warmup']})", "",
-                  "| optimizer | CPU ms/step (median) | ratio / paired | mean ms | ops/step "
-                  "| extra ops / layer |", "|---|---|---|---|---|---|"]
+                  f"| optimizer | {clock} (median) | ratio / paired | mean ms | ops/step "
+                  "| extra ops / layer |" + (" kernel launches / step |" if cuda else ""),
+                  "|---|---|---|---|---|---|" + ("---|" if cuda else "")]
         for name, c in pr["contenders"].items():
             per_layer = (f"{c['extra_ops_per_layer']:.0f} (L = {c['layers']})"
                          if "extra_ops_per_layer" in c else "")
             ops = f"{c['ops_per_step']:.0f}" if "ops_per_step" in c else "(compiled)"
+            launches = f" {c['launches']:.0f} |" if cuda else ""
             lines.append(f"| {NAMES[name]} | {c['ms']:.3g} | {c['ratio']:.2f} / "
-                         f"{c['paired']:.2f} | {c['mean_ms']:.3g} | {ops} | {per_layer} |")
+                         f"{c['paired']:.2f} | {c['mean_ms']:.3g} | {ops} | {per_layer} |"
+                         + launches)
         lines.append("")
     return lines
 
@@ -291,7 +342,8 @@ def render(runs: dict) -> str:
     for lab in labels:
         run = runs[lab]
         m = run["machine"]
-        lines += [f"## {lab}", "", f"`{run['command']}` — {run['date']}; {m['cpu']}, "
+        gpu = f"{m['gpu']} (synchronised wall-clock per step); " if "gpu" in m else ""
+        lines += [f"## {lab}", "", f"`{run['command']}` — {run['date']}; {gpu}{m['cpu']}, "
                   f"{m['cores']} cores (shared; load average {run['load'][0]:.1f} at the start, "
                   f"{run['load'][1]:.1f} at the end), torch {m['torch']}, Python {m['python']}, "
                   f"one thread; data: {run['data']}.", ""]
@@ -314,22 +366,28 @@ def main() -> None:
     ap.add_argument("--synthetic", action="store_true", help="random data of the problems' "
                     "shapes instead of their datasets")
     ap.add_argument("--count-steps", type=int, default=None)
+    ap.add_argument("--device", default="cpu", help="cpu (process CPU time) or cuda "
+                    "(synchronised wall-clock, kernel launches per step, fused Adam added)")
     ap.add_argument("--label", default=None, help="store the run under this name and rewrite "
                     "the markdown report")
     ap.add_argument("--note", default="", help="a sentence stored with the run")
     ap.add_argument("--json", default=str(ROOT / "results" / "step_cost.json"))
     ap.add_argument("--md", default=str(ROOT / "step_cost.md"))
     args = ap.parse_args()
+    if args.device.startswith("cuda") and not torch.cuda.is_available():
+        ap.error(f"--device {args.device}: no CUDA device here")
     torch.set_num_threads(1)
     count_steps = args.count_steps or (2 if args.quick else 10)
     load0 = os.getloadavg()[0]
     problems = {}
     for pname in args.problems.split(","):
         t0 = time.perf_counter()
-        problems[pname] = run_problem(pname, args.quick, args.synthetic, count_steps)
+        problems[pname] = run_problem(pname, args.quick, args.synthetic, count_steps,
+                                      args.device)
         print(f"{pname}: {time.perf_counter() - t0:.0f} s", file=sys.stderr)
     run = {"command": "python benchmarks/step_cost.py " + shlex.join(sys.argv[1:]),
-           "date": time.strftime("%Y-%m-%d %H:%M"), "machine": machine(),
+           "date": time.strftime("%Y-%m-%d %H:%M"), "machine": machine(args.device),
+           "device": args.device,
            "load": [load0, os.getloadavg()[0]], "note": args.note,
            "data": "random data of the problems' shapes" if args.synthetic else
            ("the problems' datasets (CURVES: random)" if args.quick else
