@@ -634,7 +634,7 @@ class MomentumLBFGS(OptimizerContract):
             raise RuntimeError("MomentumLBFGS does not support sparse gradients")
         t = st["step"] = st["step"] + 1
         period = self.update_period
-        kind = (t >= period * 2 and lay.curvature_rows > 0, t % period == 0,
+        kind = (t >= 2 * period and lay.curvature_rows > 0, t % period == 0,
                 t % period == 0 and t >= 2 * period)  # curvature, snapshot, pair
         groups = self.param_groups
         per_group = scalars([g[k] for k in ("lr", "weight_decay") for g in groups],
