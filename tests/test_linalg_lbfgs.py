@@ -184,3 +184,25 @@ def test_scale_invariance():
     for apply in (compact_apply, two_loop):
         torch.testing.assert_close(apply(scaled, v, newest_gamma(scaled)),
                                    apply(hist, v, newest_gamma(hist)), rtol=1e-10, atol=1e-12)
+
+
+def test_layout_runs_cover_exactly_the_views_and_merge_back_to_back_parameters():
+    """``BlockLayout.runs``: each run is the union of its parameters' views in the flat buffer
+    (checked by storage offsets), parameters of one block merge into one run, a block's chunk
+    padding or a skipped parameter splits runs; a buffer starting at a later chunk shifts
+    them."""
+    ps = [torch.zeros(3, 4), torch.zeros(5), torch.zeros(7), torch.zeros(2, 2)]
+    lay = BlockLayout([[ps[0], ps[1]], [ps[2]], [ps[3]]], chunk_size=64)
+    buf = lay.new_buffer()
+    offset = {id(p): v.storage_offset() for p, v in zip(lay.params, lay.views(buf))}
+    for chosen in (ps, [ps[0], ps[2], ps[3]], [ps[1], ps[3]]):
+        runs = lay.runs(chosen)
+        assert [q for _, run in runs for q in run] == chosen
+        for sl, run in runs:
+            starts = [offset[id(q)] for q in run]
+            assert sl.start == starts[0] and sl.stop == starts[-1] + run[-1].numel()
+            assert sl.stop - sl.start == sum(q.numel() for q in run)  # back to back
+    assert [len(run) for _, run in lay.runs(ps)] == [2, 1, 1]  # one run per block here
+    chunk = lay.chunk_size
+    shifted = lay.runs([ps[2]], first_chunk=1)
+    assert shifted[0][0] == slice(offset[id(ps[2])] - chunk, offset[id(ps[2])] - chunk + 7)

@@ -43,6 +43,20 @@ _STATE = "mlbfgs"
 _LOW_PRECISION = (torch.float16, torch.bfloat16)
 
 
+def _flat(ts: list[Tensor]) -> Tensor:
+    """The tensors flattened and concatenated (a view, no copy, for one tensor)."""
+    return ts[0].reshape(-1) if len(ts) == 1 else torch.cat([t.reshape(-1) for t in ts])
+
+
+def _write_runs(flat: Tensor, runs: tuple[tuple[int, int, int], ...],
+                tensors: list[Tensor]) -> None:
+    """Copy ``tensors`` (in order; any float dtype) into their runs ``(start, stop, count)``
+    of ``flat``, one concatenation per run."""
+    it = iter(tensors)
+    for start, stop, count in runs:
+        torch.cat([next(it).reshape(-1) for _ in range(count)], out=flat[start:stop])
+
+
 class MomentumLBFGS(OptimizerContract):
     r"""Momentum-based block-wise L-BFGS (mL-BFGS).
 
@@ -417,7 +431,7 @@ class MomentumLBFGS(OptimizerContract):
         self._theta = lay.new_buffer(self._own.stop - self._own.start)
         self._one_minus_beta = torch.tensor(1.0 - self.beta, dtype=lay.dtype, device=dev)
         self._beta = torch.tensor(self.beta, dtype=lay.dtype, device=dev)
-        self._view_cache: dict[str, list[Tensor]] = {}
+        self._run_cache: dict[tuple, tuple[tuple[int, int, int], ...]] = {}
         self._turn: Tensor | None = None  # per own block gᵀd, gᵀg, dᵀd of the last direction
 
     def _fresh_state(self) -> dict[str, Any]:
@@ -478,7 +492,7 @@ class MomentumLBFGS(OptimizerContract):
 
     def __getstate__(self) -> dict[str, Any]:
         # cached views into the flat buffers: pickle would store them as separate copies
-        return super().__getstate__() | {"_view_cache": {}}
+        return super().__getstate__() | {"_run_cache": {}}
 
     def state_dict(self) -> dict[str, Any]:
         """``torch.optim`` format, every entry keyed by a parameter (what
@@ -508,15 +522,18 @@ class MomentumLBFGS(OptimizerContract):
         saved_state.load_entries(self, entries(sd), fresh)
         self.state.clear()
         self.state[_STATE] = fresh
-        self._view_cache.clear()
+        self._run_cache.clear()
 
     # ------------------------------------------------------------------ helpers
-    def _views(self, name: str, buf: Tensor, params: list[Tensor] | None = None,
-               first_chunk: int = 0) -> list[Tensor]:
-        """Cached per-parameter views of a buffer that lives as long as the layout."""
-        if name not in self._view_cache:
-            self._view_cache[name] = self._layout.views(buf, params, first_chunk)
-        return self._view_cache[name]
+    def _runs(self, params: list[Tensor], first_chunk: int = 0
+              ) -> tuple[tuple[int, int, int], ...]:
+        """:meth:`BlockLayout.runs` of ``params`` as ``(start, stop, count)``, cached for the
+        layout's lifetime (by the parameters' identities)."""
+        key = (first_chunk, *map(id, params))
+        if key not in self._run_cache:
+            self._run_cache[key] = tuple((sl.start, sl.stop, len(ps)) for sl, ps in
+                                         self._layout.runs(params, first_chunk))
+        return self._run_cache[key]
 
     def _history(self, st: dict[str, Any] | None = None) -> History:
         """The history ring of ``st`` (default: the optimizer's state)."""
@@ -533,15 +550,15 @@ class MomentumLBFGS(OptimizerContract):
             ema.mul_(torch.where(ok, torch.where(started, self._beta, 0.0), 1.0))
             ema.addcmul_(x, ok.to(ema.dtype))
 
-    def _update_curvature(self, st: dict[str, Any], snapshot: bool, pair: bool, g_own: Tensor,
-                          ok: Tensor, wd_own: Tensor) -> None:
+    def _update_curvature(self, st: dict[str, Any], snapshot: bool, pair: bool,
+                          theta_runs: tuple, g_own: Tensor, ok: Tensor, wd_own: Tensor) -> None:
         """EMAs every step; every T steps (``snapshot``) new snapshots, and from step 2T
-        (``pair``) a new pair before them. ``wd_own``: each own chunk's weight decay.
+        (``pair``) a new pair before them. ``wd_own``: each own chunk's weight decay;
+        ``theta_runs``: the own parameters' runs in ``θ``'s buffer.
 
         Every update is masked on the device by ``ok`` (all gradients finite)."""
         theta = self._theta
-        torch._foreach_copy_(self._views("theta", theta, self._own_params, self._own.start),
-                             [local(p) for p in self._own_params])
+        _write_runs(theta.view(-1), theta_runs, [local(p) for p in self._own_params])
         if self.grad_ema_weight_decay:
             g_own = torch.addcmul(g_own, g_own, wd_own.unsqueeze(1))
         started = st["ema_started"][self._own_chunk_block].unsqueeze(1)
@@ -642,10 +659,12 @@ class MomentumLBFGS(OptimizerContract):
         active = [[p for p in g["params"] if p.grad is not None] for g in groups]
         decayed = [[p for p in ps if not (kind[0] and p in self._free_params)]
                    if g["weight_decay"] != 0 else [] for g, ps in zip(groups, active)]
-        constants = (*kind, with_grad, tuple(g["momentum"] for g in groups),
+        runs = (self._runs([p for p, w in zip(lay.params, with_grad) if w]),
+                self._runs([p for p, w in zip(lay.params, with_grad) if not w]),
+                self._runs(self._own_params, self._own.start),
+                tuple(map(self._runs, active)), tuple(map(self._runs, decayed)))
+        constants = (*kind, runs, tuple(g["momentum"] for g in groups),
                      tuple(g["weight_decay"] for g in groups))
-        self._views("scratch", self._scratch)  # the cached views exist before any compiled step
-        self._views("theta", self._theta, self._own_params, self._own.start)
         turn = self._compiled(("step", constants), functools.partial(
             type(self)._apply, self, *constants))(
             {k: v for k, v in st.items() if isinstance(v, Tensor)}, grads, active, decayed,
@@ -658,22 +677,25 @@ class MomentumLBFGS(OptimizerContract):
                 st["last_lrs"][i] = lr.clone() if isinstance(lr, Tensor) else lr
         return loss
 
-    def _apply(self, curvature: bool, snapshot: bool, pair: bool, with_grad: tuple[bool, ...],
+    def _apply(self, curvature: bool, snapshot: bool, pair: bool, runs: tuple,
                momenta: tuple[float, ...], weight_decays: tuple[float, ...],
                st: dict[str, Tensor], grads: list[Tensor], active: list[list[Tensor]],
                decayed: list[list[Tensor]], per_group: Tensor) -> Tensor | None:
         """The step's math after its host-side bookkeeping, in place (one compiled graph with
-        ``compile``): ``st`` the state's tensors, ``grads`` of the layout's parameters flagged
-        in ``with_grad``; per group its parameters with a gradient (``active``), those to
-        decay (``decayed``), its momentum and weight decay; ``per_group`` the groups' learning
-        rates, then their weight decays. Returns :meth:`_precondition`'s block inner products
-        on a curvature step."""
+        ``compile``): ``st`` the state's tensors, ``grads`` those of the layout's parameters
+        that have one; per group its parameters with a gradient (``active``), those to decay
+        (``decayed``), its momentum and weight decay; ``per_group`` the groups' learning rates,
+        then their weight decays; ``runs`` (:meth:`_runs`) where the gradients, the parameters
+        without one, the own parameters in ``θ`` and each group's active and decayed
+        parameters lie in the flat buffers: the buffers are written run by run, not view by
+        view. Returns :meth:`_precondition`'s block inner products on a curvature step."""
+        grad_runs, missing_runs, theta_runs, active_runs, decayed_runs = runs
         lay = self._layout
         d = self._scratch  # full layout: gradient, then direction, then masked update
-        d_views = self._views("scratch", d)
-        torch._foreach_copy_([v for v, w in zip(d_views, with_grad) if w], grads)
-        if not all(with_grad):
-            torch._foreach_zero_([v for v, w in zip(d_views, with_grad) if not w])
+        flat = d.view(-1)
+        _write_runs(flat, grad_runs, grads)
+        for start, stop, _ in missing_runs:
+            flat[start:stop].zero_()
         if self.maximize:
             d.neg_()
         # stays on the device: a bad step is masked, not branched; skipped on every rank together
@@ -682,21 +704,23 @@ class MomentumLBFGS(OptimizerContract):
         st["skipped_steps"] += ~ok
         lr_chunks, wd_chunks = per_group.view(2, -1)[:, self._chunk_group]
         if self._own_params:
-            self._update_curvature(st, snapshot, pair, d[self._own], ok, wd_chunks[self._own])
-
-        for params, weight_decay in zip(decayed, weight_decays):
-            if params:
-                torch._foreach_add_(lay.views(d, params), [local(p) for p in params],
-                                    alpha=weight_decay)
+            self._update_curvature(st, snapshot, pair, theta_runs, d[self._own], ok,
+                                   wd_chunks[self._own])
+        for params, group_runs, weight_decay in zip(decayed, decayed_runs, weight_decays):
+            it = iter(local(p) for p in params)
+            for start, stop, count in group_runs:
+                flat[start:stop].add_(_flat([next(it) for _ in range(count)]),
+                                      alpha=weight_decay)
         turn = self._precondition(st, d, lr_chunks) if curvature else None
         d.mul_(ok)
         u = st["momentum_buffer"]
-        for params, momentum in zip(active, momenta):
-            if params:
-                u_views = lay.views(u, params)
-                mu = torch.full((), momentum, dtype=u.dtype, device=u.device)
-                torch._foreach_mul_(u_views, torch.where(ok, mu, 1.0))
-                torch._foreach_add_(u_views, lay.views(d, params))
+        u_flat = u.view(-1)
+        for group_runs, momentum in zip(active_runs, momenta):
+            if group_runs:
+                mu = torch.where(ok, torch.full((), momentum, dtype=u.dtype, device=u.device),
+                                 1.0)
+                for start, stop, _ in group_runs:
+                    u_flat[start:stop].mul_(mu).add_(flat[start:stop])
         torch.mul(u, ok, out=d)
         if torch.compiler.is_compiling() or any(isinstance(g["lr"], Tensor)
                                                 for g in self.param_groups):
