@@ -491,7 +491,7 @@ class MomentumLBFGS(OptimizerContract):
         self.state[_STATE] = st
 
     def __getstate__(self) -> dict[str, Any]:
-        # cached views into the flat buffers: pickle would store them as separate copies
+        # the run bounds are cached by the parameters' ids: a copy's parameters are others
         return super().__getstate__() | {"_run_cache": {}}
 
     def state_dict(self) -> dict[str, Any]:

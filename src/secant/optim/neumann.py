@@ -144,10 +144,10 @@ def _local_squares(regular: bool, dtype: torch.dtype, sharded: tuple[bool, ...],
 def _apply(mode: str, maximize: bool, growth: float | None, keep: float,
            coefficient: Callable[..., Tensor], sizes: tuple[int, ...], ps: list[Tensor],
            grads: list[Tensor | None], ms: list[Tensor], vs: list[Tensor], rs: list[Tensor],
-           scalars: Tensor, skipped: Tensor, avg: Tensor, squares: Tensor) -> None:
+           values: Tensor, skipped: Tensor, avg: Tensor, squares: Tensor) -> None:
     """A step's second half, from the global sums of squares: ``‖g‖`` (non-finite: the step is
     skipped and counted in ``skipped``), the growth guard (``avg`` updated), ``c``, then each
-    group's update (``sizes``: its number of parameters; ``scalars = [μ, lr of each group,
+    group's update (``sizes``: its number of parameters; ``values = [μ, lr of each group,
     β_eff]``). In place; no host sync."""
     norms = squares.sum(-1).sqrt()
     g_norm = norms[0]
@@ -160,7 +160,7 @@ def _apply(mode: str, maximize: bool, growth: float | None, keep: float,
         avg.copy_(new_avg)
         g_norm = g_norm * g_scale
     if mode == "regular":
-        coef = torch.where(ok, coefficient(scalars[-1], norms[1], g_norm), 0.0)
+        coef = torch.where(ok, coefficient(values[-1], norms[1], g_norm), 0.0)
     start = 0
     for k, size in enumerate(sizes):
         idx = [i for i in range(start, start + size) if grads[i] is not None]
@@ -171,8 +171,8 @@ def _apply(mode: str, maximize: bool, growth: float | None, keep: float,
         ws = _work(lps)
         _UPDATES[mode](maximize, growth is not None, keep, ws, [grads[i] for i in idx],
                        [ms[i] for i in idx], [vs[i] for i in idx],
-                       [rs[i] for i in idx] if rs else [], ok, okf * scalars[k + 1],
-                       scalars[0], coef, g_scale)
+                       [rs[i] for i in idx] if rs else [], ok, okf * values[k + 1],
+                       values[0], coef, g_scale)
         if mode != "reset":
             _write_back(lps, ws)
 
@@ -181,10 +181,10 @@ def _whole_step(mode: str, maximize: bool, growth: float | None, keep: float,
                 coefficient: Callable[..., Tensor], dtype: torch.dtype,
                 sharded: tuple[bool, ...], sizes: tuple[int, ...], ps: list[Tensor],
                 grads: list[Tensor | None], ms: list[Tensor], vs: list[Tensor],
-                scalars: Tensor, skipped: Tensor, avg: Tensor) -> None:
+                values: Tensor, skipped: Tensor, avg: Tensor) -> None:
     """Both halves, on one process (no reduction between them): one compiled graph."""
     squares, rs = _local_squares(mode == "regular", dtype, sharded, ps, vs, grads)
-    _apply(mode, maximize, growth, keep, coefficient, sizes, ps, grads, ms, vs, rs, scalars,
+    _apply(mode, maximize, growth, keep, coefficient, sizes, ps, grads, ms, vs, rs, values,
            skipped, avg, squares)
 
 
