@@ -18,6 +18,8 @@ import math
 import torch
 from torch import Tensor
 
+from secant.linalg.products import matvec
+
 
 def all_finite(*tensors: Tensor) -> Tensor:
     """One 0-d bool tensor: every entry of every tensor is finite (no host sync).
@@ -67,7 +69,7 @@ def bfgs_inverse_update_(h: Tensor, s: Tensor, y: Tensor, accept: Tensor) -> Ten
     ``sᵀy`` or ``yᵀHy`` non-finite (a product with ±inf or NaN is never finite, nor a sum
     with such a term), and then ``c11`` is NaN or ±inf, or ``c12 = −1/sᵀy`` is (``sᵀy = 0``).
     """
-    hy = h @ y if h.dim() == 2 else torch.bmm(h, y.unsqueeze(2)).squeeze(2)
+    hy = matvec(h, y)
     sy = (s * y).sum(-1)
     c11 = (sy + (y * hy).sum(-1)) / (sy * sy)
     c12 = -1.0 / sy

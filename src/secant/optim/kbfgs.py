@@ -34,6 +34,7 @@ from secant.linalg import (
 from secant.linalg.bfgs import rows_finite
 from secant.linalg.kron import damped_inverse, gram
 from secant.linalg.lbfgs import dense_inverse
+from secant.linalg.products import matvec
 from secant.optim import layer_state
 from secant.optim.contract import check_compile
 from secant.optim.layer_optimizer import (
@@ -61,11 +62,8 @@ def _history(t: dict[str, Tensor]) -> History:
                    t["hist_count"].squeeze(1), torch.arange(z.shape[0], device=z.device))
 
 
-def _apply_hg(t: dict[str, Tensor], hg: Tensor | None, x: Tensor) -> Tensor:
-    """``H_g X`` for ``X [L, O, r]`` of the stack ``t``: the dense ``hg [L, O, O]`` times
-    ``X``, or (``hg`` ``None``) the compact form of the stack's rings."""
-    if hg is not None:
-        return torch.bmm(hg, x)
+def _compact_hg(t: dict[str, Tensor], x: Tensor) -> Tensor:
+    """``H_g X`` for ``X [L, O, r]`` by the compact form of the rings of the stack ``t``."""
     return compact_apply(_history(t), x.mT, x.new_ones(x.shape[0])).mT
 
 
@@ -93,7 +91,7 @@ def _pair_updates(t: dict[str, Tensor], h1: Tensor, g1: Tensor, v: Tensor, ok: T
     keep = finite.unsqueeze(1)
     torch.where(keep, torch.lerp(sb, s, 1 - pair_decay), sb, out=sb)
     torch.where(keep, torch.lerp(yb, y, 1 - pair_decay), yb, out=yb)
-    hy = _apply_hg(t, hg, yb.unsqueeze(2)).squeeze(2)
+    hy = matvec(hg, yb) if hg is not None else _compact_hg(t, yb.unsqueeze(2)).squeeze(2)
     st_, yt, step1, step2 = double_damping(sb, yb, hy, mu1, root)
     t["dd_step1_active"] += _masked(step1, alive)
     t["dd_step2_active"] += _masked(step2, alive)
@@ -103,9 +101,8 @@ def _pair_updates(t: dict[str, Tensor], h1: Tensor, g1: Tensor, v: Tensor, ok: T
     t["g_pairs_rejected"] += _masked(~accept, alive)
     # Hessian-action BFGS of H_a with the (already EMA-updated) A
     h_a = t["H_a"]
-    s_a = torch.bmm(h_a, v.unsqueeze(2))
-    y_a = torch.baddbmm(s_a, t["A"], s_a, beta=root).squeeze(2)
-    s_a = s_a.squeeze(2)
+    s_a = matvec(h_a, v)
+    y_a = root * s_a + matvec(t["A"], s_a)
     acc_a = _masked(ok, alive) & cautious_accept(s_a, y_a, torch.linalg.vector_norm(v, dim=1),
                                                  eps)
     acc_a = bfgs_inverse_update_(h_a, s_a, y_a, acc_a)
@@ -324,8 +321,8 @@ class _KroneckerBFGS(LayerOptimizer):
     def _hg_matrix(self, stack: LayerStack) -> Tensor | None:
         """``H_g`` of the stack's layers as dense ``[L, O, O]`` matrices for this step's two
         products with it (the direction, then ``H_g ȳ`` in the double damping, before the pair
-        updates it), or ``None`` where it is applied in another form; the ``hg`` argument of
-        :func:`_apply_hg` and :func:`_pair_updates`."""
+        updates it), or ``None`` where it is applied in the compact form
+        (:func:`_compact_hg`); the ``hg`` argument of :func:`_pair_updates`."""
         raise NotImplementedError
 
     def _stack_kind(self, ls: dict[str, Tensor]) -> Hashable:
@@ -669,7 +666,7 @@ class _KroneckerBFGS(LayerOptimizer):
             saved = [h_mean, g_sum, v, ok, with_data]
         self._update_grad_ema(stack, whole, 1.0 - group["momentum"])
         hg = self._hg_matrix(stack)
-        hx = _apply_hg(t, None, t["grad_ema"]) if hg is None else None
+        hx = _compact_hg(t, t["grad_ema"]) if hg is None else None
         for j, (i, ls, views) in enumerate(zip(stack.index, self._layer_states(stack),
                                                self._views(stack))):
             if not live[j]:
