@@ -29,7 +29,7 @@ import torch
 from torch import Tensor
 
 PAD_RATIO = 1.2
-PAD_FREE = 1 << 17
+PAD_FREE = 1 << 18
 
 
 def _padded_size(shapes: list[dict[str, tuple[int, ...]]]) -> int:
