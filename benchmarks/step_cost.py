@@ -31,6 +31,11 @@ Compiled contenders (``… compiled``): K-FAC, K-BFGS, K-BFGS(L), MomentumLBFGS 
 ``compile=True`` (inductor), at their eager version's settings; compiled during the warm-up
 steps; their ops are not counted (a dispatch mode does not see inside a compiled graph).
 
+"K-BFGS GEMM floor" (from the label ``floor`` on) is not an optimizer but a yardstick
+(:class:`GemmFloor`): only the matrix products a K-BFGS step cannot do without — pass 1, the
+input Grams, pass 2 without weight gradients, the direction ``H_g ∇ H_a`` — so that a K-BFGS
+ratio splits into what its arithmetic costs on this machine and what the rest costs.
+
 Op counts: a ``TorchDispatchMode`` counts every aten op dispatched during ``--count-steps``
 further steps of each contender (ops after composite decomposition: what actually runs,
 including views and the ops of forward and backward). "ops/step" is the median over those steps;
@@ -77,15 +82,17 @@ from secant import MomentumLBFGS
 from secant.bench import tuned_table
 from secant.bench.problems import Problem, get_problem, seeded_model
 from secant.bench.registry import get_optimizer, register_variant
+from secant.linalg.kron import gram
 
 EAGER = ("sgd", "adam", "kfac", "kbfgs", "kbfgsl", "mlbfgs", "neumann")
 # with compile=True (inductor), as "<name>-compiled"
 COMPILED = ("kfac", "kbfgs", "kbfgsl", "mlbfgs", "neumann")
-CONTENDERS = EAGER + tuple(f"{name}-compiled" for name in COMPILED)
+CONTENDERS = EAGER + tuple(f"{name}-compiled" for name in COMPILED) + ("kbfgs-floor",)
 NAMES = {"sgd": "SGD-momentum", "adam": "Adam", "kfac": "K-FAC", "kbfgs": "K-BFGS",
          "kbfgsl": "K-BFGS(L)", "mlbfgs": "MomentumLBFGS", "neumann": "Neumann"}
 NAMES.update({f"{name}-compiled": f"{NAMES[name]} compiled" for name in COMPILED})
 NAMES["adam-fused"] = "Adam (fused)"  # CUDA runs only
+NAMES["kbfgs-floor"] = "K-BFGS GEMM floor"  # a yardstick, not an optimizer (GemmFloor)
 LAYER_OPTIMIZERS = ("kfac", "kbfgs", "kbfgsl")
 # (rounds, steps per round, warm-up steps) of the full and of the quick run
 PLANS = {"digits": ((9, 20, 10), (2, 4, 3)), "mnist1d": ((9, 20, 10), (2, 4, 3)),
@@ -175,14 +182,69 @@ def cuda_clock() -> int:
     return time.perf_counter_ns()
 
 
+class GemmFloor:
+    """Not an optimizer: the matrix products of one K-BFGS step and nothing else, a yardstick
+    for what the step must cost on this machine. Pass 1 (forward and backward); every layer's
+    input Gram ``mean ā āᵀ`` (:func:`secant.linalg.kron.gram`, as K-BFGS computes it); pass 2
+    with the weights frozen (only the first layer's bias trainable, so backward reaches every
+    pre-activation and computes no weight gradient); the direction ``H_g [∇W, ∇b] H_a`` (two
+    GEMMs per layer, identity ``H_g``, ``H_a``) added to the parameters. No capture hooks,
+    statistics, curvature updates, averages or finiteness tests. ``nn.Linear`` layers with a
+    bias only (the problems' models)."""
+
+    def __init__(self, model: nn.Module, lr: float = 1e-3) -> None:
+        self.layers = [m for m in model.modules() if isinstance(m, nn.Linear)]
+        if not self.layers or any(m.bias is None for m in self.layers):
+            raise ValueError("GemmFloor: a model of biased nn.Linear layers")
+        self.params = list(model.parameters())
+        self.lr = lr
+        self.inputs: dict[nn.Module, Tensor] = {}
+        for m in self.layers:
+            m.register_forward_hook(self._keep)
+        kw = dict(dtype=self.params[0].dtype, device=self.params[0].device)
+        self.h_g = [torch.eye(m.out_features, **kw) for m in self.layers]
+        self.h_a = [torch.eye(m.in_features + 1, **kw) for m in self.layers]
+
+    def _keep(self, module: nn.Module, args: tuple, out: Tensor) -> None:
+        self.inputs[module] = args[0]
+
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        for p in self.params:
+            p.grad = None
+
+    def step(self, closure: Callable[[], Tensor]) -> Tensor:
+        loss = closure()
+        for m in self.layers:
+            x = self.inputs[m].detach()
+            rows = x.reshape(-1, x.shape[-1])
+            gram(rows, 1.0 / rows.shape[0], ones=True)
+        grads = [p.grad for p in self.params]
+        first_bias = self.layers[0].bias
+        for p in self.params:
+            p.requires_grad_(p is first_bias)
+        closure()
+        for p, g in zip(self.params, grads):
+            p.requires_grad_(True)
+            p.grad = g
+        with torch.no_grad():
+            for m, h_g, h_a in zip(self.layers, self.h_g, self.h_a):
+                grad = torch.cat((m.weight.grad, m.bias.grad.unsqueeze(1)), 1)
+                d = h_g @ grad @ h_a
+                m.weight.add_(d[:, :-1], alpha=-self.lr)
+                m.bias.add_(d[:, -1], alpha=-self.lr)
+        return loss.detach()
+
+
 def build(problem: Problem, name: str, batches: list, device: str = "cpu") -> Contender:
-    entry = get_optimizer(name)
+    clock = cuda_clock if device.startswith("cuda") else time.process_time_ns
     model = seeded_model(problem, 0).to(device)
+    if name == "kbfgs-floor":
+        return Contender(name, model, GemmFloor(model), problem, batches, clock=clock)
+    entry = get_optimizer(name)
     lr, knob, _ = tuned_table.package().settings(entry, problem.name)
     opt = entry.make(model, lr, knob)
     if entry.warm_start:
         opt.warm_start([(x,) for x, _ in batches])
-    clock = cuda_clock if device.startswith("cuda") else time.process_time_ns
     return Contender(name, model, opt, problem, batches, clock=clock)
 
 
@@ -252,7 +314,7 @@ def run_problem(pname: str, quick: bool, synthetic: bool, count_steps: int,
                                      "ratio": med / sgd_med, "paired": paired,
                                      "last_loss": loss}
     for c in cs:
-        if c.name in EAGER:  # a dispatch mode would not see inside compiled graphs
+        if not c.name.endswith("-compiled"):  # a dispatch mode does not see inside graphs
             out["contenders"][c.name].update(count_ops(c, count_steps))
         if cuda:
             out["contenders"][c.name]["launches"] = count_launches(c, count_steps)
