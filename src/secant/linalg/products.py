@@ -18,4 +18,3 @@ def matvec(m: Tensor, x: Tensor) -> Tensor:
     if m.dim() == 2:
         return m @ x
     return torch.bmm(x.unsqueeze(1), m.mT).squeeze(1)
-
