@@ -129,10 +129,12 @@ def push(h: History, s: Tensor, y: Tensor, accept: Tensor) -> None:
     k = torch.arange(K, device=h.z.device)
     rows = _slot_rows(h, h.head)
     take = accept[h.chunk_block].unsqueeze(-1)
-    h.z[k, rows] = torch.where(take, s, h.z[k, rows])
-    h.z[k, rows + m] = torch.where(take, y, h.z[k, rows + m])
+    new_s = torch.where(take, s, h.z[k, rows])
+    new_y = torch.where(take, y, h.z[k, rows + m])
+    h.z[k, rows] = new_s
+    h.z[k, rows + m] = new_y
     # Gram columns of the (possibly) rewritten slot, for every block.
-    new = torch.stack((h.z[k, rows], h.z[k, rows + m]), dim=1)  # [K, 2, c]
+    new = torch.stack((new_s, new_y), dim=1)  # [K, 2, c]
     # Z times the two columns, multiplied as rows (secant.linalg.products)
     cols = _block_total(h, torch.bmm(new, h.z.mT).mT)  # [B, 2m, 2]
     b = torch.arange(h.num_blocks, device=h.z.device)
