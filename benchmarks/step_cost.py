@@ -12,10 +12,12 @@ step does not depend on the values.
 Contenders (``secant.bench.registry``, with the committed tuned ``lr`` / knob of the problem,
 else the registry default): SGD-momentum (``torch.optim.SGD``, momentum 0.9), Adam, K-FAC (the
 harness configuration: Cholesky inverses, factors every 10 steps, inverses every 100),
-K-BFGS and K-BFGS(L) (``A`` warm-started on the 8 batches, as the harness does), MomentumLBFGS
-and Neumann. Every contender has its own copy of the model (same seed) and is driven as
-``loss = opt.step(closure)``, the closure being the harness's (``zero_grad(set_to_none=True)``,
-loss, ``backward()``).
+K-BFGS and K-BFGS(L) (``A`` warm-started on the 8 batches, as the harness does; from the label
+``final`` on also K-BFGS(L) with ``dense_hg=True``, which keeps K-BFGS's dense ``H_g`` in every
+layer with ``d_out ≤ 2·history_size`` instead of rebuilding the L-BFGS one from its ring each
+step), MomentumLBFGS and Neumann. Every contender has its own copy of the model (same seed)
+and is driven as ``loss = opt.step(closure)``, the closure being the harness's
+(``zero_grad(set_to_none=True)``, loss, ``backward()``).
 
 Timing: one thread (``torch.set_num_threads(1)``); process CPU time (``time.process_time_ns``)
 of each ``opt.step(closure)``; after ``warmup`` untimed steps of each contender (MomentumLBFGS:
@@ -84,16 +86,18 @@ from secant.bench.problems import Problem, get_problem, seeded_model
 from secant.bench.registry import get_optimizer, register_variant
 from secant.linalg.kron import gram
 
-EAGER = ("sgd", "adam", "kfac", "kbfgs", "kbfgsl", "mlbfgs", "neumann")
+# "kbfgsl-dense": K-BFGS(L) with dense_hg=True (K-BFGS's dense H_g where d_out <= 2m)
+EAGER = ("sgd", "adam", "kfac", "kbfgs", "kbfgsl", "kbfgsl-dense", "mlbfgs", "neumann")
 # with compile=True (inductor), as "<name>-compiled"
 COMPILED = ("kfac", "kbfgs", "kbfgsl", "mlbfgs", "neumann")
 CONTENDERS = EAGER + tuple(f"{name}-compiled" for name in COMPILED) + ("kbfgs-floor",)
 NAMES = {"sgd": "SGD-momentum", "adam": "Adam", "kfac": "K-FAC", "kbfgs": "K-BFGS",
-         "kbfgsl": "K-BFGS(L)", "mlbfgs": "MomentumLBFGS", "neumann": "Neumann"}
+         "kbfgsl": "K-BFGS(L)", "kbfgsl-dense": "K-BFGS(L) dense_hg",
+         "mlbfgs": "MomentumLBFGS", "neumann": "Neumann"}
 NAMES.update({f"{name}-compiled": f"{NAMES[name]} compiled" for name in COMPILED})
 NAMES["adam-fused"] = "Adam (fused)"  # CUDA runs only
 NAMES["kbfgs-floor"] = "K-BFGS GEMM floor"  # a yardstick, not an optimizer (GemmFloor)
-LAYER_OPTIMIZERS = ("kfac", "kbfgs", "kbfgsl")
+LAYER_OPTIMIZERS = ("kfac", "kbfgs", "kbfgsl", "kbfgsl-dense")
 # (rounds, steps per round, warm-up steps) of the full and of the quick run
 PLANS = {"digits": ((9, 20, 10), (2, 4, 3)), "mnist1d": ((9, 20, 10), (2, 4, 3)),
          "curves": ((7, 8, 4), (1, 2, 1))}
@@ -286,6 +290,7 @@ def run_problem(pname: str, quick: bool, synthetic: bool, count_steps: int,
     batches = make_batches(problem, synthetic or (quick and pname == "curves"), device)
     for name in COMPILED:
         register_variant(name, f"{name}-compiled", pname, compile=True)
+    register_variant("kbfgsl", "kbfgsl-dense", pname, dense_hg=True)
     cuda = device.startswith("cuda")
     if cuda:
         register_variant("adam", "adam-fused", pname, fused=True)
