@@ -52,12 +52,14 @@ def test_pack_pads_each_layer_into_its_corner():
     stack = LayerStack([0, 1], layers)
     a = [torch.arange(4.0).view(2, 2), torch.arange(9.0).view(3, 3)]
     b = [torch.tensor([1.0, 2.0]), torch.tensor([3.0, 4.0, 5.0, 6.0])]
-    for _ in range(2):  # the second call reuses the cached layout
+    for k in range(3):  # later calls write the same stacks: new values, padding still zero
+        a, b = [t * (k + 1) for t in a], [t + k for t in b]
         pa, pb = stack.pack([[a[0], b[0]], [a[1], b[1]]], [(3, 3), (4,)])
         want_a = torch.zeros(2, 3, 3)
         want_a[0, :2, :2], want_a[1] = a[0], a[1]
-        assert torch.equal(pa, want_a)
-        assert torch.equal(pb, torch.tensor([[1.0, 2.0, 0.0, 0.0], [3.0, 4.0, 5.0, 6.0]]))
+        want_b = torch.zeros(2, 4)
+        want_b[0, :2], want_b[1] = b[0], b[1]
+        assert torch.equal(pa, want_a) and torch.equal(pb, want_b)
 
 
 def test_batched_bfgs_update_equals_each_matrix_alone_and_keeps_the_padding():

@@ -14,6 +14,8 @@ from secant.layers import (
     grad_matrix,
     homogeneous_inputs,
     is_supported,
+    matrix_rows,
+    output_rows,
     param_matrix,
 )
 
@@ -68,6 +70,23 @@ def test_linear_homogeneous_and_extra_dims():
     assert homogeneous_inputs(lin, torch.randn(2, 6, 4, dtype=D)).shape == (2, 6, 5)
 
 
+def test_matrix_rows_are_the_flattened_rows():
+    """``matrix_rows`` equals the ``[N, T, d]`` helpers flattened (Linear on 2-D and 3-D
+    inputs, conv patches) and returns a 2-D Linear tensor itself."""
+    lin, conv = nn.Linear(4, 3).to(D), nn.Conv2d(2, 3, 3, padding=1).to(D)
+    for module, x in ((lin, torch.randn(5, 4, dtype=D)), (lin, torch.randn(2, 6, 4, dtype=D)),
+                      (conv, torch.randn(2, 2, 5, 5, dtype=D))):
+        out = module(x).detach()
+        a = homogeneous_inputs(module, x, ones=False)
+        torch.testing.assert_close(matrix_rows(module, x, inputs=True),
+                                   a.reshape(-1, a.shape[-1]), rtol=0, atol=0)
+        o = output_rows(module, out)
+        torch.testing.assert_close(matrix_rows(module, out, inputs=False),
+                                   o.reshape(-1, o.shape[-1]), rtol=0, atol=0)
+    x = torch.randn(5, 4, dtype=D)
+    assert matrix_rows(lin, x, inputs=True) is x
+
+
 @pytest.mark.parametrize("kind", ["linear", "conv"])
 def test_captured_grads_rebuild_weight_gradient(kind):
     """∇W̃ = Σ_{n,t} g ā ᵀ with the captured g and ā (an independent check of both)."""
@@ -91,6 +110,29 @@ def test_captured_grads_rebuild_weight_gradient(kind):
         h = layer(x)
     want = h.mean(0) if kind == "linear" else h.mean(dim=(0, 2, 3))
     torch.testing.assert_close(rec_h_mean, want)
+
+
+def test_carry_reaches_layers_of_a_frozen_model():
+    """With ``carry`` a frozen model's layers (no output needs grad) are captured, with the
+    autograd pre-activation gradients, and in-place ops after a replaced output stay legal;
+    without, nothing is."""
+    torch.manual_seed(2)
+    first, second = nn.Linear(3, 4).to(D), nn.Linear(4, 2).to(D)
+    model = nn.Sequential(first, nn.ReLU(inplace=True), second)
+    x = torch.randn(5, 3, dtype=D)
+    cap = LayerCapture(model, {"first": first, "second": second})
+    model.requires_grad_(False)  # as K-BFGS's second pass
+    cap.start(lambda m, rec: [rec.g])
+    assert not model(x).requires_grad
+    assert cap.collect() == {"first": None, "second": None}
+    cap.start(lambda m, rec: [rec.g], carry=True)
+    model(x).pow(2).sum().backward()
+    got = cap.collect()
+    h1 = first(x).requires_grad_()
+    h2 = second(torch.relu(h1))
+    want = torch.autograd.grad(h2.pow(2).sum(), [h1, h2])
+    torch.testing.assert_close(got["first"][0][:, 0], want[0])
+    torch.testing.assert_close(got["second"][0][:, 0], want[1])
 
 
 def test_no_capture_under_no_grad_and_when_not_started():

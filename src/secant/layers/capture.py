@@ -235,6 +235,20 @@ def output_rows(module: nn.Module, out: Tensor) -> Tensor:
     return layer_kind(module).outputs(module, out)
 
 
+def matrix_rows(module: nn.Module, t: Tensor, inputs: bool) -> Tensor:
+    """The rows ``[N·T, d]`` of a layer's input (``inputs``: what the weight multiplies, conv
+    patches; no 1 appended) or of its output / output gradient: :func:`homogeneous_inputs`
+    (``ones=False``) or :func:`output_rows` with examples and positions flattened into one
+    dimension. A 2-D tensor of a Linear-like kind is returned as it is (no view: the usual
+    ``[N, d]`` case costs nothing)."""
+    kind = layer_kind(module)
+    rows = kind.inputs if inputs else kind.outputs
+    if t.dim() == 2 and rows is _linear_rows:
+        return t
+    r = rows(module, t)
+    return r.reshape(-1, r.shape[-1])
+
+
 Reduce = Callable[[nn.Module, "LayerRecord"], list[Tensor]]
 
 # the capture that currently owns each layer (one optimizer at a time; see the module docstring).
@@ -341,6 +355,7 @@ class LayerCapture:
         self.need_h_mean = False
         self.need_grads = True
         self.fisher_loss: Callable[[Tensor], Tensor] | None = None
+        self.carry = False
         self.reduce: Reduce | None = None
         self.last_calls: dict[str, int] = {}  # completed calls per layer at the last collect
         self._calls: dict[str, int] = {}  # calls per layer in the current root forward
@@ -387,9 +402,13 @@ class LayerCapture:
 
     # ------------------------------------------------------------------ control
     def start(self, reduce: Reduce, *, inputs: bool = True, h_mean: bool = False,
-              grads: bool = True, fisher_loss: Callable[[Tensor], Tensor] | None = None) -> None:
+              grads: bool = True, fisher_loss: Callable[[Tensor], Tensor] | None = None,
+              carry: bool = False) -> None:
         """Clear the sums and capture the following calls (in grad mode): each completed call
-        is turned into statistics by ``reduce(module, record)``."""
+        is turned into statistics by ``reduce(module, record)``. With ``carry`` a layer output
+        that does not require grad (in grad mode: nothing upstream is trainable) is replaced by
+        a copy of a detached leaf that does, so that backward still reaches the layer's
+        pre-activations (a copy, not the leaf, so in-place ops downstream stay legal)."""
         if not self.attached:
             raise RuntimeError(
                 f"the capture hooks of this {self.owner} were removed (remove_hooks(), or a "
@@ -397,6 +416,7 @@ class LayerCapture:
         self.sums = {n: _Sums() for n in self.layers}
         self.need_inputs, self.need_h_mean, self.need_grads = inputs, h_mean, grads
         self.fisher_loss = fisher_loss
+        self.carry = carry
         self.reduce = reduce
         self._calls = {}
         self._pending_out = []
@@ -487,11 +507,22 @@ class LayerCapture:
             s.finite = s.finite + ok
         s.calls += 1
 
-    def _layer_hook(self, name: str, mod: nn.Module, inputs: tuple, out: Tensor) -> None:
-        """Forward hook of layer ``name`` (registered through :class:`_WeakHook`)."""
+    def _layer_hook(self, name: str, mod: nn.Module, inputs: tuple, out: Tensor
+                    ) -> Tensor | None:
+        """Forward hook of layer ``name`` (registered through :class:`_WeakHook`); returns the
+        output's replacement under ``carry`` (see :meth:`start`)."""
         module = self.layers[name]
-        if not self._capturing(out):
-            return
+        if (self.carry and self.active and isinstance(out, Tensor) and not out.requires_grad
+                and torch.is_grad_enabled()):
+            out = out.detach().requires_grad_().clone()
+            self._record(name, module, inputs, out)
+            return out
+        if self._capturing(out):
+            self._record(name, module, inputs, out)
+        return None
+
+    def _record(self, name: str, module: nn.Module, inputs: tuple, out: Tensor) -> None:
+        """Record a call of layer ``name`` whose output ``out`` is captured."""
         if self._calls.get(name, 0) >= 1 and not self.warming:
             raise RuntimeError(
                 f"layer {name!r} ({type(module).__name__}) was called more than once in one "
@@ -502,7 +533,7 @@ class LayerCapture:
         if self.need_inputs or self.warming:
             rec.x = self._cast(inputs[0])
         if self.need_h_mean and not self.warming:
-            rec.h_mean = output_rows(module, self._cast(out)).mean(dim=(0, 1))
+            rec.h_mean = matrix_rows(module, self._cast(out), inputs=False).mean(0)
         if self.warming or not self.need_grads:
             self._calls[name] -= 1
             self._add(name, rec)

@@ -41,9 +41,9 @@ def cautious_accept(s: Tensor, y: Tensor, scale: Tensor, eps: float = 1e-4) -> T
     """
     sy = (s * y).sum(-1)
     ss = (s * s).sum(-1)
-    # a comparison with NaN is false, and a non-finite ‖s‖² or scale makes the bound ∞ or NaN:
-    # with sᵀy < ∞ that is every non-finite case
-    return (sy > 0) & (sy > eps * ss * scale) & (sy < math.inf)
+    # sᵀy > max(bound, 0); a comparison with NaN is false, and a non-finite ‖s‖² or scale makes
+    # the bound ∞ or NaN (clamp keeps NaN): with sᵀy < ∞ that is every non-finite case
+    return (sy > (eps * ss * scale).clamp(min=0)) & (sy < math.inf)
 
 
 def rows_finite(*tensors: Tensor) -> Tensor:

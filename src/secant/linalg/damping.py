@@ -49,7 +49,8 @@ def _powell(u: Tensor, w: Tensor, mu_vec: Tensor, mu: float) -> tuple[Tensor, Te
     uw = (u * w).sum(-1, keepdim=True)
     umu = (u * mu_vec).sum(-1, keepdim=True)
     active = uw < mu * umu
-    theta = torch.where(active, (1.0 - mu) * umu / torch.where(active, umu - uw, 1.0), 1.0)
+    # (where it is not active, the quotient may be anything, ±inf or NaN included: not taken)
+    theta = torch.where(active, (1.0 - mu) * umu / (umu - uw), 1.0)
     return torch.lerp(mu_vec, w, theta), active.squeeze(-1)
 
 

