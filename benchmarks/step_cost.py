@@ -13,7 +13,7 @@ Contenders (``secant.bench.registry``, with the committed tuned ``lr`` / knob of
 else the registry default): SGD-momentum (``torch.optim.SGD``, momentum 0.9), Adam, K-FAC (the
 harness configuration: Cholesky inverses, factors every 10 steps, inverses every 100),
 K-BFGS and K-BFGS(L) (``A`` warm-started on the 8 batches, as the harness does; from the label
-``final`` on also K-BFGS(L) with ``dense_hg=True``, which keeps K-BFGS's dense ``H_g`` in every
+``dense_hg`` on also K-BFGS(L) with ``dense_hg=True``, which keeps K-BFGS's dense ``H_g`` in every
 layer with ``d_out ≤ 2·history_size`` instead of rebuilding the L-BFGS one from its ring each
 step), MomentumLBFGS and Neumann. Every contender has its own copy of the model (same seed)
 and is driven as ``loss = opt.step(closure)``, the closure being the harness's
