@@ -84,7 +84,7 @@ from secant import MomentumLBFGS
 from secant.bench import tuned_table
 from secant.bench.problems import Problem, get_problem, seeded_model
 from secant.bench.registry import get_optimizer, register_variant
-from secant.linalg.kron import gram
+from secant.optim.kbfgs import input_statistics
 
 # "kbfgsl-dense": K-BFGS(L) with dense_hg=True (K-BFGS's dense H_g where d_out <= 2m)
 EAGER = ("sgd", "adam", "kfac", "kbfgs", "kbfgsl", "kbfgsl-dense", "mlbfgs", "neumann")
@@ -189,7 +189,7 @@ def cuda_clock() -> int:
 class GemmFloor:
     """Not an optimizer: the matrix products of one K-BFGS step and nothing else, a yardstick
     for what the step must cost on this machine. Pass 1 (forward and backward); every layer's
-    input Gram ``mean ā āᵀ`` (:func:`secant.linalg.kron.gram`, as K-BFGS computes it); pass 2
+    input Gram ``mean ā āᵀ`` (:func:`secant.optim.kbfgs.input_statistics`, K-BFGS's own); pass 2
     with the weights frozen (only the first layer's bias trainable, so backward reaches every
     pre-activation and computes no weight gradient); the direction ``H_g [∇W, ∇b] H_a`` (two
     GEMMs per layer, identity ``H_g``, ``H_a``) added to the parameters. No capture hooks,
@@ -219,9 +219,7 @@ class GemmFloor:
     def step(self, closure: Callable[[], Tensor]) -> Tensor:
         loss = closure()
         for m in self.layers:
-            x = self.inputs[m].detach()
-            rows = x.reshape(-1, x.shape[-1])
-            gram(rows, 1.0 / rows.shape[0], ones=True)
+            input_statistics(m, self.inputs[m].detach())
         grads = [p.grad for p in self.params]
         first_bias = self.layers[0].bias
         for p in self.params:
